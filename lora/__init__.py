@@ -1,0 +1,1 @@
+"""LoRA adapters: inspection, validation against a base checkpoint, and streaming merges."""

@@ -1,0 +1,208 @@
+"""ABI 1.2.1: librkllmrt 1.2.1 and 1.2.2 (the 1.2.2 header differs only by ``#include <cstdint>``).
+
+Changes from 1.2.0 (``shared/rkllm-abi/ABI.md``; runtime-anchors section 3.1): ``RKLLMInput`` gains a leading
+``role`` and ``enable_thinking`` (``input_type`` moves 0 -> 12, the union 8 -> 16); ``RKLLMExtendParam``
+gains ``n_batch`` and ``use_cross_attn``; ``RKLLMResult`` gains ``perf``; **the callback returns int**
+(0 continue, 1 pause); ``rkllm_clear_kv_cache`` takes start/end ranges; new ``rkllm_get_kv_cache_size``,
+``rkllm_set_function_tools`` and ``rkllm_set_cross_attn_params``.
+"""
+
+from __future__ import annotations
+
+from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p  # noqa: E501
+from enum import IntEnum
+
+from ._common import (
+    AbiFeatures,
+    Func,
+    LLMCallState,
+    LLMHandle,
+    RKLLMCrossAttnParam,
+    RKLLMEmbedInput,
+    RKLLMInputType,
+    RKLLMLoraAdapter,
+    RKLLMLoraParam,
+    RKLLMPerfStat,
+    RKLLMPromptCacheParam,
+    RKLLMResultLastHiddenLayer,
+    RKLLMResultLogits,
+    RKLLMTokenInput,
+)
+
+ABI = "1.2.1"
+RUNTIME_RELEASES = ("1.2.1", "1.2.2")
+
+
+class RKLLMInferMode(IntEnum):
+    RKLLM_INFER_GENERATE = 0
+    RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1
+    RKLLM_INFER_GET_LOGITS = 2
+
+
+# typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;
+#   uint32_t enabled_cpus_mask; uint8_t n_batch; int8_t use_cross_attn; uint8_t reserved[104]; } RKLLMExtendParam;
+class RKLLMExtendParam(Structure):
+    _fields_ = [
+        ("base_domain_id", c_int32),
+        ("embed_flash", c_int8),
+        ("enabled_cpus_num", c_int8),
+        ("enabled_cpus_mask", c_uint32),
+        ("n_batch", c_uint8),
+        ("use_cross_attn", c_int8),
+        ("reserved", c_uint8 * 104),
+    ]
+
+
+# typedef struct { const char* model_path; int32_t max_context_len; int32_t max_new_tokens; int32_t top_k;
+#   int32_t n_keep; float top_p; float temperature; float repeat_penalty; float frequency_penalty;
+#   float presence_penalty; int32_t mirostat; float mirostat_tau; float mirostat_eta; bool skip_special_token;
+#   bool is_async; const char* img_start; const char* img_end; const char* img_content;
+#   RKLLMExtendParam extend_param; } RKLLMParam;
+class RKLLMParam(Structure):
+    _fields_ = [
+        ("model_path", c_char_p),
+        ("max_context_len", c_int32),
+        ("max_new_tokens", c_int32),
+        ("top_k", c_int32),
+        ("n_keep", c_int32),
+        ("top_p", c_float),
+        ("temperature", c_float),
+        ("repeat_penalty", c_float),
+        ("frequency_penalty", c_float),
+        ("presence_penalty", c_float),
+        ("mirostat", c_int32),
+        ("mirostat_tau", c_float),
+        ("mirostat_eta", c_float),
+        ("skip_special_token", c_bool),
+        ("is_async", c_bool),
+        ("img_start", c_char_p),
+        ("img_end", c_char_p),
+        ("img_content", c_char_p),
+        ("extend_param", RKLLMExtendParam),
+    ]
+
+
+# typedef struct { char* prompt; float* image_embed; size_t n_image_tokens; size_t n_image; size_t image_width;
+#                  size_t image_height; } RKLLMMultiModelInput;
+class RKLLMMultiModelInput(Structure):
+    _fields_ = [
+        ("prompt", c_char_p),
+        ("image_embed", POINTER(c_float)),
+        ("n_image_tokens", c_size_t),
+        ("n_image", c_size_t),
+        ("image_width", c_size_t),
+        ("image_height", c_size_t),
+    ]
+
+
+class _RKLLMInputUnion(Union):
+    _fields_ = [
+        ("prompt_input", c_char_p),
+        ("embed_input", RKLLMEmbedInput),
+        ("token_input", RKLLMTokenInput),
+        ("multimodal_input", RKLLMMultiModelInput),
+    ]
+
+
+# typedef struct { const char* role; bool enable_thinking; RKLLMInputType input_type; union { ... }; } RKLLMInput;
+class RKLLMInput(Structure):
+    _anonymous_ = ("_input",)
+    _fields_ = [
+        ("role", c_char_p),
+        ("enable_thinking", c_bool),
+        ("input_type", c_int),
+        ("_input", _RKLLMInputUnion),
+    ]
+
+
+# typedef struct { RKLLMInferMode mode; RKLLMLoraParam* lora_params; RKLLMPromptCacheParam* prompt_cache_params;
+#                  int keep_history; } RKLLMInferParam;
+class RKLLMInferParam(Structure):
+    _fields_ = [
+        ("mode", c_int),
+        ("lora_params", POINTER(RKLLMLoraParam)),
+        ("prompt_cache_params", POINTER(RKLLMPromptCacheParam)),
+        ("keep_history", c_int),
+    ]
+
+
+# typedef struct { const char* text; int32_t token_id; RKLLMResultLastHiddenLayer last_hidden_layer;
+#                  RKLLMResultLogits logits; RKLLMPerfStat perf; } RKLLMResult;
+class RKLLMResult(Structure):
+    _fields_ = [
+        ("text", c_char_p),
+        ("token_id", c_int32),
+        ("last_hidden_layer", RKLLMResultLastHiddenLayer),
+        ("logits", RKLLMResultLogits),
+        ("perf", RKLLMPerfStat),
+    ]
+
+
+# typedef int (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state);
+LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, c_int)
+
+FUNCTIONS = (
+    Func("rkllm_createDefaultParam", (), RKLLMParam),
+    Func("rkllm_init", (POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback), c_int),
+    Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
+    Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
+    Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
+    Func("rkllm_destroy", (LLMHandle,), c_int),
+    Func("rkllm_run", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
+    Func("rkllm_run_async", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
+    Func("rkllm_abort", (LLMHandle,), c_int),
+    Func("rkllm_is_running", (LLMHandle,), c_int),
+    # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
+    Func("rkllm_clear_kv_cache", (LLMHandle, c_int, POINTER(c_int), POINTER(c_int)), c_int),
+    # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
+    Func("rkllm_get_kv_cache_size", (LLMHandle, POINTER(c_int)), c_int),
+    Func("rkllm_set_chat_template", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
+    # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools,
+    #                              const char* tool_response_str);
+    Func("rkllm_set_function_tools", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
+    # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
+    Func("rkllm_set_cross_attn_params", (LLMHandle, POINTER(RKLLMCrossAttnParam)), c_int),
+)
+
+FEATURES = AbiFeatures(
+    callback_returns_int=True,
+    init_takes_callback_struct=False,
+    is_running_value_when_running=0,
+    clear_kv_cache_arity=4,
+    has_keep_history=True,
+    has_logits_mode=True,
+    has_perf_stats=True,
+    has_role=True,
+    has_sampling_params=False,
+    has_chat_template=True,
+    has_function_tools=True,
+    has_kv_cache_size=True,
+    supports_release=False,
+    hidden_layer_state=None,
+)
+
+STRUCTS = (
+    RKLLMExtendParam,
+    RKLLMParam,
+    RKLLMLoraAdapter,
+    RKLLMEmbedInput,
+    RKLLMTokenInput,
+    RKLLMMultiModelInput,
+    RKLLMInput,
+    RKLLMLoraParam,
+    RKLLMPromptCacheParam,
+    RKLLMCrossAttnParam,
+    RKLLMInferParam,
+    RKLLMResultLastHiddenLayer,
+    RKLLMResultLogits,
+    RKLLMPerfStat,
+    RKLLMResult,
+)
+
+__all__ = [
+    "ABI", "RUNTIME_RELEASES", "LLMHandle", "LLMCallState", "RKLLMInputType", "RKLLMInferMode",
+    "RKLLMExtendParam", "RKLLMParam", "RKLLMLoraAdapter", "RKLLMEmbedInput", "RKLLMTokenInput",
+    "RKLLMMultiModelInput", "RKLLMInput", "RKLLMLoraParam", "RKLLMPromptCacheParam", "RKLLMCrossAttnParam",
+    "RKLLMInferParam", "RKLLMResultLastHiddenLayer", "RKLLMResultLogits", "RKLLMPerfStat", "RKLLMResult",
+    "LLMResultCallback", "FUNCTIONS", "FEATURES", "STRUCTS",
+]

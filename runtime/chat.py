@@ -1,0 +1,97 @@
+"""Multi-turn chat with real KV-cache reuse.
+
+With a known template family, the session renders the whole conversation once per turn and sends the
+runtime only what its KV cache does not hold yet: the rendering minus the text already prefilled (the
+previous prompt plus the reply). If the rendering no longer extends what is cached (another caller used the
+model, the template rewrote history), the cache is cleared and the whole conversation is sent. ABI 1.1 has
+no ``keep_history``: every turn sends the whole conversation.
+
+Without a template family (a vendor ``.rkllm`` with no rkedge manifest), the runtime's embedded template
+wraps each user turn (ABI >= 1.2.0) and only the new user text is sent.
+
+Assumption (UNKNOWN for librkllmrt, true of llama.cpp-style loops): the EOS token that ends a reply is not
+evaluated into the KV cache, so the next turn's delta starts with the end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rkedge.errors import InputError
+from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
+from rkedge.runtime.types import RunRequest
+
+
+class ChatSession:
+    """A conversation with one :class:`LLM`."""
+
+    def __init__(self, llm: LLM, system: str | None = None) -> None:
+        self.llm = llm
+        self.system = system
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self._cached_text: str | None = None  # what the runtime's KV cache holds for this session
+        if system and llm.template is None:
+            raise InputError(
+                "a system prompt needs the model's chat template, and this model has none in a manifest.",
+                fix="pass --template FAMILY (gemma, llama3, qwen2, qwen2.5, chatml, phi3)")
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.llm.features.has_keep_history
+
+    def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: tuple[str, ...] = (),
+             enable_thinking: bool = False, **sampling: Any) -> GenerationStream | GenerationResult:
+        """Adds a user turn and generates the reply (appended to :attr:`messages` when it ends)."""
+        if not content:
+            raise InputError("empty message")
+        conversation = [*self.messages, {"role": "user", "content": content}]
+        prompt, full = self._prompt_for(conversation, content)
+        keep = self.uses_kv_cache
+
+        def record(result: GenerationResult) -> None:
+            if result.finish_reason == "error":
+                self.messages = conversation[:-1]
+                self._cached_text = None
+                return
+            self.messages = [*conversation, {"role": "assistant", "content": result.text}]
+            self._cached_text = (full + result.text) if (keep and full is not None) else None
+
+        request = RunRequest(prompt=prompt.encode("utf-8"), keep_history=keep, lora_name=lora,
+                             enable_thinking=enable_thinking, max_new_tokens=sampling.pop("max_new_tokens", None))
+        if sampling:
+            from rkedge.runtime.types import Sampling
+
+            request.sampling = Sampling(**sampling)
+        result = self.llm._start(request, stop=stop, owner=self, on_done=record)
+        return result if stream else result.collect()
+
+    def _prompt_for(self, conversation: list[dict[str, str]], content: str) -> tuple[str, str | None]:
+        template = self.llm.template
+        if template is None:
+            # The runtime's own template wraps this turn; its KV cache holds the earlier ones.
+            if not self.uses_kv_cache and len(conversation) > 1:
+                raise InputError("multi-turn chat on ABI 1.1 needs the model's chat template.",
+                                 fix="pass --template FAMILY")
+            if self.llm._kv_owner is not self:
+                self.messages, conversation[:] = [], [{"role": "user", "content": content}]
+            return content, None
+        full = template.render(conversation, add_generation_prompt=True)
+        cached = self._cached_text
+        if self.uses_kv_cache and cached is not None and self.llm._kv_owner is self and full.startswith(cached):
+            return full[len(cached):], full
+        if self.llm._kv_owner is self:
+            self.llm.clear_kv_cache()
+        return full, full
+
+    def reset(self) -> None:
+        """Forgets the conversation (keeps the system prompt) and clears the KV cache."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        if self.llm._kv_owner is self:
+            self.llm.clear_kv_cache()
+        self._cached_text = None
+
+    def set_system(self, system: str | None) -> None:
+        if system and self.llm.template is None:
+            raise InputError("a system prompt needs the model's chat template.", fix="pass --template FAMILY")
+        self.system = system or None
+        self.reset()

@@ -1,0 +1,1355 @@
+/*
+ * rkedge simulated NPU: a stand-in for Rockchip's librkllmrt.so with the exact C ABI of one version
+ * (compile with -DRKEDGE_ABI=110|120|121|123|130, see rkllm_abi.h).
+ *
+ * What it simulates, and where each behaviour comes from (shared/rkllm-abi/SEMANTICS.md unless noted):
+ *  - rkllm_init reads model_path. It loads only rkedge *simulated* models (our own first line, then a JSON
+ *    manifest); any other file gets the real runtime's text for a file it cannot read. Version skew
+ *    (failure mode F-3), the context limit (F-7), NPU memory failures (F-1) and the old-driver warning
+ *    (F-5) print the texts recorded in knowledge/converter-anchors-and-failure-modes.md section 4.
+ *  - Generation runs on a runtime pthread and calls the result callback once per token: NORMAL, WAITING for
+ *    a token that ends inside a multi-byte UTF-8 character, FINISH (with perf stats from ABI 1.2.1), ERROR.
+ *  - Callback return values (ABI >= 1.2.1): 1 pauses, 2 (1.3.0) releases the output buffer.
+ *  - keep_history, KV cache size and clearing, abort, is_running (its meaning flips in 1.3.0), run_async,
+ *    logits / last-hidden-layer modes, 1.3.0 per-run sampling and max_new_tokens.
+ *
+ * Where public sources do not settle a behaviour, the choice made here is marked "UNKNOWN (stand-in choice)".
+ * Those choices are ours, never claims about the vendor library.
+ *
+ * Diagnostics go to stderr in the runtime's format; nothing is written to stdout. Tests can read what the
+ * library received from a JSON-lines call log ($RKEDGE_MOCK_CALL_LOG): the exported symbol set stays
+ * exactly that of the ABI.
+ */
+#define _GNU_SOURCE
+#include "rkllm_abi.h"
+#include "json_mini.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- per-ABI identity ---------------------------------------------------------------------------- */
+
+#if RKEDGE_ABI == 110
+#define ABI_NAME "1.1"
+#define DEFAULT_RUNTIME_VERSION "1.1.4"
+#define EXPECT_SIZES(e, p, i, f, r) e == 116 && p == 200 && i == 32 && f == 24 && r == 32
+#elif RKEDGE_ABI == 120
+#define ABI_NAME "1.2.0"
+#define DEFAULT_RUNTIME_VERSION "1.2.0"
+#define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 32 && f == 32 && r == 48
+#elif RKEDGE_ABI == 121
+#define ABI_NAME "1.2.1"
+#define DEFAULT_RUNTIME_VERSION "1.2.2"
+#define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 64 && f == 32 && r == 72
+#elif RKEDGE_ABI == 123
+#define ABI_NAME "1.2.3"
+#define DEFAULT_RUNTIME_VERSION "1.2.3"
+#define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 64 && f == 32 && r == 72
+#elif RKEDGE_ABI == 130
+#define ABI_NAME "1.3.0"
+#define DEFAULT_RUNTIME_VERSION "1.3.0"
+#define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 184 && i == 160 && f == 40 && r == 72
+#else
+#error "unsupported RKEDGE_ABI"
+#endif
+
+#ifndef RKEDGE_RUNTIME_VERSION
+#define RKEDGE_RUNTIME_VERSION DEFAULT_RUNTIME_VERSION
+#endif
+
+/* The struct sizes of shared/rkllm-abi/ABI.md for this ABI: a layout slip fails the build. */
+_Static_assert(EXPECT_SIZES(sizeof(RKLLMExtendParam), sizeof(RKLLMParam), sizeof(RKLLMInput),
+                            sizeof(RKLLMInferParam), sizeof(RKLLMResult)),
+               "struct sizes differ from ABI.md");
+_Static_assert(sizeof(RKLLMResultLastHiddenLayer) == 16, "RKLLMResultLastHiddenLayer layout");
+_Static_assert(sizeof(RKLLMLoraAdapter) == 24, "RKLLMLoraAdapter layout");
+
+#ifndef RKEDGE_NO_VERSION_STRING
+/* A version string inside the file lets tools tell 1.2.1 from 1.2.3 and 1.3.0 without loading it.
+ * Builds with -DRKEDGE_NO_VERSION_STRING leave it out, like a library that carries none. */
+__attribute__((used)) static const char runtime_version_tag[] = "rkllm-runtime version: " RKEDGE_RUNTIME_VERSION;
+#endif
+
+#define SIM_MODEL_MAGIC "RKEDGE-SIMULATED-RKLLM-MODEL/1\n"
+#define SIM_LORA_MAGIC "RKEDGE-SIMULATED-RKLLM-LORA/1\n"
+#define SIM_CACHE_MAGIC "RKEDGE-SIMULATED-PROMPT-CACHE/1\n"
+#define HANDLE_MAGIC 0x524b4544u
+
+/* ---- small helpers -------------------------------------------------------------------------------- */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} strbuf;
+
+static void sb_reserve(strbuf *b, size_t extra) {
+    if (b->len + extra + 1 <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 256;
+    while (b->len + extra + 1 > cap) cap *= 2;
+    b->data = realloc(b->data, cap);
+    b->cap = cap;
+}
+
+static void sb_append(strbuf *b, const char *s, size_t n) {
+    sb_reserve(b, n);
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+static void sb_puts(strbuf *b, const char *s) { sb_append(b, s, strlen(s)); }
+
+static void sb_printf(strbuf *b, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    char tmp[512];
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if ((size_t)n < sizeof tmp) {
+        sb_append(b, tmp, (size_t)n);
+        return;
+    }
+    sb_reserve(b, (size_t)n);
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+/* Appends s (n bytes) as a JSON string; bytes that are not valid UTF-8 become U+FFFD. */
+static void sb_json_string(strbuf *b, const char *s, size_t n) {
+    if (!s) {
+        sb_puts(b, "null");
+        return;
+    }
+    sb_puts(b, "\"");
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = p[i];
+        if (c == '"' || c == '\\') {
+            char esc[3] = {'\\', (char)c, 0};
+            sb_puts(b, esc);
+            i++;
+        } else if (c < 0x20) {
+            sb_printf(b, "\\u%04x", c);
+            i++;
+        } else if (c < 0x80) {
+            sb_append(b, (const char *)&p[i], 1);
+            i++;
+        } else {
+            int len = (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+            int ok = len > 0 && i + (size_t)len <= n;
+            for (int k = 1; ok && k < len; k++) ok = (p[i + k] & 0xC0) == 0x80;
+            if (ok) {
+                sb_append(b, (const char *)&p[i], (size_t)len);
+                i += (size_t)len;
+            } else {
+                sb_puts(b, "\\ufffd");
+                i++;
+            }
+        }
+    }
+    sb_puts(b, "\"");
+}
+
+static void sb_hex(strbuf *b, const char *s, size_t n) {
+    static const char digits[] = "0123456789abcdef";
+    sb_puts(b, "\"");
+    for (size_t i = 0; i < n; i++) {
+        char pair[2] = {digits[((unsigned char)s[i]) >> 4], digits[((unsigned char)s[i]) & 15]};
+        sb_append(b, pair, 2);
+    }
+    sb_puts(b, "\"");
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+static uint64_t fnv1a(const void *data, size_t n, uint64_t h) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static uint64_t xorshift(uint64_t *s) {
+    uint64_t x = *s ? *s : 88172645463325252ull;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+static char *xstrdup(const char *s) { return s ? strdup(s) : NULL; }
+
+static char *read_file(const char *path, size_t *size_out) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    strbuf b = {0};
+    char chunk[65536];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) sb_append(&b, chunk, n);
+    fclose(f);
+    if (!b.data) sb_append(&b, "", 0);
+    if (size_out) *size_out = b.len;
+    return b.data;
+}
+
+/* "1.2.10" -> comparable integer; missing parts count as 0. */
+static long version_key(const char *v) {
+    long parts[3] = {0, 0, 0};
+    for (int i = 0; i < 3 && v && *v; i++) {
+        parts[i] = strtol(v, (char **)&v, 10);
+        while (*v && *v != '.') v++;
+        if (*v == '.') v++;
+    }
+    return parts[0] * 1000000 + parts[1] * 1000 + parts[2];
+}
+
+static long generation_key(const char *v) { return version_key(v) / 1000; }
+
+/* ---- diagnostics ---------------------------------------------------------------------------------- */
+
+static void diag(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    strbuf b = {0};
+    char tmp[1024];
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    sb_puts(&b, tmp);
+    sb_puts(&b, "\n");
+    fputs(b.data, stderr);
+    fflush(stderr);
+    free(b.data);
+}
+
+/* RKNN lines carry a wall-clock stamp: "E RKNN: [08:23:51.447] ...". */
+static void rknn_error(const char *fmt, ...) {
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    struct tm tm;
+    localtime_r(&tv.tv_sec, &tm);
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    diag("E RKNN: [%02d:%02d:%02d.%03d] %s", tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(tv.tv_usec / 1000), msg);
+}
+
+static pthread_mutex_t call_log_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Appends one JSON object (body without braces) to $RKEDGE_MOCK_CALL_LOG. */
+static void call_log(const char *fn, strbuf *body) {
+    const char *path = getenv("RKEDGE_MOCK_CALL_LOG");
+    if (!path || !*path) return;
+    strbuf line = {0};
+    sb_printf(&line, "{\"fn\":\"%s\",\"abi\":\"%s\"", fn, ABI_NAME);
+    if (body && body->len) {
+        sb_puts(&line, ",");
+        sb_append(&line, body->data, body->len);
+    }
+    sb_puts(&line, "}\n");
+    pthread_mutex_lock(&call_log_lock);
+    FILE *f = fopen(path, "ab");
+    if (f) {
+        fwrite(line.data, 1, line.len, f);
+        fclose(f);
+    }
+    pthread_mutex_unlock(&call_log_lock);
+    free(line.data);
+}
+
+static void call_log_simple(const char *fn, const char *key, const char *value) {
+    strbuf b = {0};
+    if (key) {
+        sb_printf(&b, "\"%s\":", key);
+        sb_json_string(&b, value, value ? strlen(value) : 0);
+    }
+    call_log(fn, &b);
+    free(b.data);
+}
+
+/* ---- the handle ----------------------------------------------------------------------------------- */
+
+typedef struct {
+    char *bytes;
+    int len;
+    int incomplete; /* ends inside a multi-byte character: delivered as WAITING */
+} token_piece;
+
+typedef struct {
+    char *name;
+    char *path;
+    float scale;
+} lora_slot;
+
+typedef struct {
+    strbuf prompt; /* the text the model sees, after the runtime's own chat template */
+    int has_text;
+    int prompt_tokens;
+    int mode;
+    char *lora_name;
+    int save_prompt_cache;
+    char *prompt_cache_path;
+    int keep_history;
+    int max_new_tokens;
+    void *userdata;
+} run_job;
+
+typedef struct {
+    uint32_t magic;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    json_value *manifest;
+    char *model_path;
+    const char *model_id, *toolkit_version, *platform, *dtype;
+    int max_context_limit, vocab_size, hidden_size, npu_cores;
+    double prefill_tps, decode_tps, memory_mb;
+    int error_after_tokens, stall_after_tokens, stall_ms;
+    int broken;  /* init "failed" but returned 0, as 1.1.x runtimes do: every run ends in ERROR */
+    int garbage; /* a model the runtime misreads (F-3 on 1.1): it generates gibberish */
+    RKLLMParam param;
+    LLMResultCallback callback;
+    void *callback_userdata;
+    char *tpl_system, *tpl_prefix, *tpl_postfix;
+    int kv_tokens;
+    int paused;
+    lora_slot loras[16];
+    int n_loras;
+    pthread_t thread;
+    int thread_joinable;
+    int running;
+    volatile int abort_requested;
+    run_job job;
+    char text[64];
+    float *output_buffer;
+} mock_handle;
+
+static mock_handle *as_handle(LLMHandle h) {
+    mock_handle *m = (mock_handle *)h;
+    return (m && m->magic == HANDLE_MAGIC) ? m : NULL;
+}
+
+/* Sleeps up to ms, waking early on abort. Returns 1 when an abort was requested. */
+static int sleep_unless_aborted(mock_handle *h, double ms) {
+    if (h->abort_requested) return 1;
+    if (ms <= 0) return 0;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    long long ns = (long long)deadline.tv_nsec + (long long)(ms * 1e6);
+    deadline.tv_sec += (time_t)(ns / 1000000000LL);
+    deadline.tv_nsec = (long)(ns % 1000000000LL);
+    pthread_mutex_lock(&h->lock);
+    while (!h->abort_requested) {
+        if (pthread_cond_timedwait(&h->wake, &h->lock, &deadline) == ETIMEDOUT) break;
+    }
+    int aborted = h->abort_requested;
+    pthread_mutex_unlock(&h->lock);
+    return aborted;
+}
+
+/* The simulator's tokenizer: one token per 4 bytes of text (rounded up). Documented in the README. */
+static int count_tokens(size_t bytes) { return (int)((bytes + 3) / 4); }
+
+#if ABI_AT_LEAST(120)
+static int system_prompt_tokens(mock_handle *h) {
+    return h->tpl_system ? count_tokens(strlen(h->tpl_system)) : 0;
+}
+#endif
+
+/* ---- text ----------------------------------------------------------------------------------------- */
+
+static const char *const WORDS[] = {
+    "the", "NPU", "runs", "a", "small", "model", "on", "Rockchip", "RK3588", "board", "with", "int8",
+    "weights", "and", "fast", "decode", "tokens", "per", "second", "über", "naïve", "Größe", "日本語",
+    "模型", "推理", "café", "→", "🚀", "✓", "memory", "bandwidth", "bound", "prefill", "cache", "context",
+};
+#define N_WORDS (sizeof WORDS / sizeof WORDS[0])
+
+static void generated_text(strbuf *out, uint64_t seed, int garbage) {
+    uint64_t s = seed | 1;
+    if (garbage) {
+        static const char junk[] = "#@%&*~^|qxzvj";
+        int n = 12 + (int)(xorshift(&s) % 24);
+        for (int i = 0; i < n; i++) {
+            char c = junk[xorshift(&s) % (sizeof junk - 1)];
+            sb_append(out, &c, 1);
+        }
+        return;
+    }
+    int n = 6 + (int)(xorshift(&s) % 26);
+    for (int i = 0; i < n; i++) {
+        if (i) sb_puts(out, " ");
+        sb_puts(out, WORDS[xorshift(&s) % N_WORDS]);
+    }
+    sb_puts(out, ".");
+}
+
+static int utf8_length(unsigned char c) {
+    if (c < 0x80) return 1;
+    if ((c >> 5) == 6) return 2;
+    if ((c >> 4) == 14) return 3;
+    if ((c >> 3) == 30) return 4;
+    return 1;
+}
+
+/*
+ * Splits a response into tokens: an ASCII word with its leading space, a punctuation mark, or a multi-byte
+ * character. A character of 3 or 4 bytes arrives as two tokens, the first of which does not complete it:
+ * the runtime reports it with RKLLM_RUN_WAITING.
+ * UNKNOWN (stand-in choice): whether the WAITING callback's text carries the partial bytes, and what the
+ * following NORMAL callback carries. Here WAITING carries the partial bytes and NORMAL the whole
+ * character, so a client that ignores WAITING (as every official demo does) still sees every character.
+ */
+static int split_tokens(const char *text, size_t n, token_piece **out) {
+    int cap = 16, count = 0;
+    token_piece *pieces = malloc(sizeof(token_piece) * (size_t)cap);
+    size_t i = 0;
+#define PUSH(ptr, length, inc)                                                 \
+    do {                                                                       \
+        if (count + 2 >= cap) {                                                \
+            cap *= 2;                                                          \
+            pieces = realloc(pieces, sizeof(token_piece) * (size_t)cap);       \
+        }                                                                      \
+        pieces[count].bytes = malloc((size_t)(length) + 1);                    \
+        memcpy(pieces[count].bytes, (ptr), (size_t)(length));                  \
+        pieces[count].bytes[(length)] = 0;                                     \
+        pieces[count].len = (int)(length);                                     \
+        pieces[count].incomplete = (inc);                                      \
+        count++;                                                               \
+    } while (0)
+    while (i < n) {
+        unsigned char c = (unsigned char)text[i];
+        int len = utf8_length(c);
+        if (i + (size_t)len > n) len = (int)(n - i);
+        if (len >= 3) {
+            PUSH(text + i, 1, 1);
+            PUSH(text + i, len, 0);
+            i += (size_t)len;
+        } else if (len == 2) {
+            PUSH(text + i, 2, 0);
+            i += 2;
+        } else {
+            size_t start = i++;
+            int word = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+            if (c == ' ' && i < n) word = ((unsigned char)text[i] < 0x80) && text[i] != ' ';
+            while (word && i < n && ((text[i] >= 'a' && text[i] <= 'z') || (text[i] >= 'A' && text[i] <= 'Z') ||
+                                     (text[i] >= '0' && text[i] <= '9')))
+                i++;
+            PUSH(text + start, i - start, 0);
+        }
+    }
+#undef PUSH
+    *out = pieces;
+    return count;
+}
+
+/* A scripted response from the manifest: the first rule whose "match" occurs in the prompt and whose
+ * "lora" (if given) is the adapter selected for this run. */
+static const char *scripted_response(mock_handle *h, run_job *job) {
+    json_value *rules = json_get(h->manifest, "responses");
+    if (!rules || rules->type != JSON_ARRAY) return NULL;
+    for (int i = 0; i < rules->length; i++) {
+        json_value *rule = rules->items[i];
+        const char *text = json_get_string(rule, "text", NULL);
+        if (!text) continue;
+        const char *match = json_get_string(rule, "match", NULL);
+        const char *lora = json_get_string(rule, "lora", NULL);
+        if (match && (!job->prompt.data || !strstr(job->prompt.data, match))) continue;
+        if (lora && (!job->lora_name || strcmp(lora, job->lora_name) != 0)) continue;
+        return text;
+    }
+    return NULL;
+}
+
+/* ---- callbacks ------------------------------------------------------------------------------------ */
+
+static int deliver(mock_handle *h, RKLLMResult *result, LLMCallState state) {
+    if (!h->callback) return 0;
+#if ABI_AT_LEAST(121)
+    return h->callback(result, h->job.userdata, state);
+#else
+    h->callback(result, h->job.userdata, state);
+    return 0;
+#endif
+}
+
+static void log_callback_return(const char *event, int value) {
+    strbuf b = {0};
+    sb_printf(&b, "\"event\":\"%s\",\"value\":%d", event, value);
+    call_log("callback_return", &b);
+    free(b.data);
+}
+
+static void write_prompt_cache(mock_handle *h, const char *path) {
+    strbuf b = {0};
+    sb_puts(&b, SIM_CACHE_MAGIC);
+    sb_puts(&b, "{\"model_id\":");
+    sb_json_string(&b, h->model_id, strlen(h->model_id));
+    sb_printf(&b, ",\"tokens\":%d}\n", h->kv_tokens);
+    strbuf tmp = {0};
+    sb_printf(&tmp, "%s.part", path);
+    FILE *f = fopen(tmp.data, "wb");
+    if (f) {
+        fwrite(b.data, 1, b.len, f);
+        fclose(f);
+        rename(tmp.data, path);
+    } else {
+        diag("E rkllm: failed to save prompt cache to %s", path);
+    }
+    free(tmp.data);
+    free(b.data);
+}
+
+static void fill_buffer_mode(mock_handle *h, RKLLMResult *result, run_job *job, LLMCallState *state) {
+    int num_tokens = job->prompt_tokens > 0 ? job->prompt_tokens : 1;
+    int width = job->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER ? h->hidden_size : h->vocab_size;
+    size_t count = (size_t)num_tokens * (size_t)width;
+    free(h->output_buffer);
+    h->output_buffer = malloc(sizeof(float) * count);
+    uint64_t seed = fnv1a(job->prompt.data ? job->prompt.data : "", job->prompt.len, 1469598103934665603ull);
+    for (size_t i = 0; i < count; i++) h->output_buffer[i] = (float)sin((double)(seed % 1000) + (double)i * 0.01);
+    *state = RKLLM_RUN_NORMAL;
+    if (job->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) {
+        result->last_hidden_layer.hidden_states = h->output_buffer;
+        result->last_hidden_layer.embd_size = width;
+        result->last_hidden_layer.num_tokens = num_tokens;
+#if RKEDGE_ABI == 110
+        *state = RKLLM_RUN_GET_LAST_HIDDEN_LAYER;
+#endif
+    }
+#if ABI_AT_LEAST(120)
+    else {
+        result->logits.logits = h->output_buffer;
+        result->logits.vocab_size = width;
+        result->logits.num_tokens = num_tokens;
+    }
+#endif
+}
+
+static void *generation_main(void *arg) {
+    mock_handle *h = arg;
+    run_job *job = &h->job;
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    double t_start = now_ms();
+    int generated = 0, ended_in_error = 0, paused = 0;
+    double t_first = t_start;
+    (void)t_first; /* perf stats exist from ABI 1.2.1 */
+
+    if (h->broken) {
+        ended_in_error = 1;
+        deliver(h, &result, RKLLM_RUN_ERROR);
+        goto done;
+    }
+    int limit = h->param.max_context_len;
+    if (h->kv_tokens + job->prompt_tokens > limit) {
+        /* UNKNOWN (stand-in choice): the runtime's text and state for a prompt beyond the context. */
+        diag("E rkllm: the input of %d tokens plus %d cached tokens exceeds max_context_len %d",
+             job->prompt_tokens, h->kv_tokens, limit);
+        ended_in_error = 1;
+        deliver(h, &result, RKLLM_RUN_ERROR);
+        goto done;
+    }
+    if (h->prefill_tps > 0 && sleep_unless_aborted(h, 1000.0 * job->prompt_tokens / h->prefill_tps)) goto finish;
+    if (h->abort_requested) goto finish;
+    h->kv_tokens += job->prompt_tokens;
+    t_first = now_ms();
+    if (job->save_prompt_cache && job->prompt_cache_path) write_prompt_cache(h, job->prompt_cache_path);
+
+    if (job->mode != RKLLM_INFER_GENERATE) {
+        LLMCallState state;
+        fill_buffer_mode(h, &result, job, &state);
+        int ret = deliver(h, &result, state);
+        if (ret == 2 && ABI_AT_LEAST(130)) {
+            log_callback_return("release", ret);
+            free(h->output_buffer);
+            h->output_buffer = NULL;
+        }
+        memset(&result, 0, sizeof result);
+        goto finish;
+    }
+
+    {
+        strbuf text = {0};
+        const char *scripted = h->garbage ? NULL : scripted_response(h, job);
+        if (scripted) {
+            sb_puts(&text, scripted);
+        } else {
+            uint64_t seed = fnv1a(job->prompt.data ? job->prompt.data : "", job->prompt.len, 1469598103934665603ull);
+            if (job->lora_name) seed = fnv1a(job->lora_name, strlen(job->lora_name), seed);
+            generated_text(&text, seed, h->garbage);
+        }
+        token_piece *pieces = NULL;
+        int n_pieces = split_tokens(text.data ? text.data : "", text.len, &pieces);
+        double per_token_ms = h->decode_tps > 0 ? 1000.0 / h->decode_tps : 0;
+        for (int i = 0; i < n_pieces; i++) {
+            if (generated >= job->max_new_tokens) break;
+            if (h->kv_tokens >= limit) break;
+            if (sleep_unless_aborted(h, per_token_ms)) break;
+            if (h->error_after_tokens >= 0 && generated == h->error_after_tokens) {
+                /* The text a runtime prints when an NPU op fails mid-run (F-5, driver 0.8.2 reports). */
+                diag("E rkllm: matmul(w8a8) run failed");
+                ended_in_error = 1;
+                deliver(h, &result, RKLLM_RUN_ERROR);
+                break;
+            }
+            if (h->stall_after_tokens >= 0 && generated == h->stall_after_tokens &&
+                sleep_unless_aborted(h, h->stall_ms))
+                break;
+            int n = pieces[i].len < (int)sizeof h->text - 1 ? pieces[i].len : (int)sizeof h->text - 1;
+            memcpy(h->text, pieces[i].bytes, (size_t)n);
+            h->text[n] = 0;
+            result.text = h->text;
+            result.token_id = (int32_t)(fnv1a(h->text, (size_t)n, 7) % (uint64_t)(h->vocab_size > 3 ? h->vocab_size - 3 : 1)) + 3;
+            int ret = deliver(h, &result, pieces[i].incomplete ? RKLLM_RUN_WAITING : RKLLM_RUN_NORMAL);
+            generated++;
+            h->kv_tokens++;
+            if (ABI_AT_LEAST(121) && ret == 1) {
+                log_callback_return("pause", ret);
+                paused = 1;
+                break;
+            }
+            if (ABI_AT_LEAST(130) && ret == 2) log_callback_return("release", ret);
+        }
+        for (int i = 0; i < n_pieces; i++) free(pieces[i].bytes);
+        free(pieces);
+        free(text.data);
+    }
+    if (ended_in_error || paused) goto done;
+
+finish:
+    memset(&result, 0, sizeof result);
+#if ABI_AT_LEAST(121)
+    {
+        double t_end = now_ms();
+        result.perf.prefill_time_ms = (float)(t_first - t_start);
+        result.perf.prefill_tokens = job->prompt_tokens;
+        result.perf.generate_time_ms = (float)(t_end - t_first);
+        result.perf.generate_tokens = generated;
+        result.perf.memory_usage_mb = (float)(h->memory_mb + h->kv_tokens * 0.05);
+    }
+#endif
+    /* UNKNOWN (stand-in choice): after rkllm_abort the stand-in still ends the run with FINISH. */
+    deliver(h, &result, RKLLM_RUN_FINISH);
+
+done:
+    {
+        strbuf b = {0};
+        sb_printf(&b, "\"generated_tokens\":%d,\"aborted\":%s,\"paused\":%s,\"error\":%s", generated,
+                  h->abort_requested ? "true" : "false", paused ? "true" : "false",
+                  ended_in_error ? "true" : "false");
+        call_log("run_end", &b);
+        free(b.data);
+    }
+    pthread_mutex_lock(&h->lock);
+    h->paused = paused;
+    /* ABI 1.1 has no keep_history: nothing survives a run. Paused runs keep their cache for the resume. */
+    if (!paused && !job->keep_history) h->kv_tokens = 0;
+    h->running = 0;
+    pthread_mutex_unlock(&h->lock);
+    return (void *)(intptr_t)(ended_in_error ? -1 : 0);
+}
+
+/* ---- model file ------------------------------------------------------------------------------------ */
+
+static const char *simulated_driver_version(json_value *faults) {
+    const char *env = getenv("RKEDGE_MOCK_DRIVER_VERSION");
+    if (env && *env) return env;
+    return json_get_string(faults, "driver_version", "0.9.8");
+}
+
+static json_value *effective_faults(json_value *manifest, json_value **owned) {
+    *owned = NULL;
+    const char *env = getenv("RKEDGE_MOCK_FAULT");
+    if (env && *env) {
+        *owned = json_parse(env);
+        if (*owned && (*owned)->type == JSON_OBJECT) return *owned;
+        diag("W rkllm: [rkedge simulator] RKEDGE_MOCK_FAULT is not a JSON object; ignored");
+    }
+    return json_get(manifest, "faults");
+}
+
+/* Faults that act during runs; $RKEDGE_MOCK_FAULT is read again at every run so tests can inject them. */
+static void load_run_faults(mock_handle *h, json_value *faults) {
+    h->error_after_tokens = (int)json_get_number(faults, "error_after_tokens", -1);
+    h->stall_after_tokens = (int)json_get_number(faults, "stall_after_tokens", -1);
+    h->stall_ms = (int)json_get_number(faults, "stall_ms", 60000);
+}
+
+static void foreign_model_error(const char *path) {
+#if RKEDGE_ABI == 110
+    (void)path;
+    rknn_error("invalid rknn llm model magic");
+    rknn_error("load model file error!");
+    diag("rknn_init fail! ret=-1");
+#else
+    (void)path;
+    diag("E rkllm: invalid rkllm model!");
+    diag("E rkllm: rkllm_init failed");
+#endif
+}
+
+static void apply_pace(mock_handle *h) {
+    json_value *pace = json_get(h->manifest, "pace");
+    h->prefill_tps = json_get_number(pace, "prefill_tokens_per_s", 0);
+    h->decode_tps = json_get_number(pace, "decode_tokens_per_s", 0);
+    const char *env = getenv("RKEDGE_MOCK_PACE");
+    if (env && *env) {
+        if (strcmp(env, "unlimited") == 0) {
+            h->prefill_tps = h->decode_tps = 0;
+        } else {
+            double p = 0, d = 0;
+            if (sscanf(env, "%lf,%lf", &p, &d) == 2) {
+                h->prefill_tps = p;
+                h->decode_tps = d;
+            } else {
+                diag("W rkllm: [rkedge simulator] RKEDGE_MOCK_PACE must be 'unlimited' or 'PREFILL_TPS,DECODE_TPS'");
+            }
+        }
+    }
+}
+
+static void log_init_params(RKLLMParam *p) {
+    strbuf b = {0};
+    sb_puts(&b, "\"model_path\":");
+    sb_json_string(&b, p->model_path, p->model_path ? strlen(p->model_path) : 0);
+    sb_printf(&b, ",\"max_context_len\":%d,\"max_new_tokens\":%d,\"top_k\":%d,\"top_p\":%g,\"temperature\":%g",
+              p->max_context_len, p->max_new_tokens, p->top_k, p->top_p, p->temperature);
+    sb_printf(&b, ",\"repeat_penalty\":%g,\"frequency_penalty\":%g,\"presence_penalty\":%g,\"mirostat\":%d",
+              p->repeat_penalty, p->frequency_penalty, p->presence_penalty, p->mirostat);
+    sb_printf(&b, ",\"mirostat_tau\":%g,\"mirostat_eta\":%g,\"skip_special_token\":%s,\"is_async\":%s",
+              p->mirostat_tau, p->mirostat_eta, p->skip_special_token ? "true" : "false",
+              p->is_async ? "true" : "false");
+#if ABI_AT_LEAST(120)
+    sb_printf(&b, ",\"n_keep\":%d,\"embed_flash\":%d,\"enabled_cpus_num\":%d,\"enabled_cpus_mask\":%u", p->n_keep,
+              p->extend_param.embed_flash, p->extend_param.enabled_cpus_num, p->extend_param.enabled_cpus_mask);
+#endif
+#if ABI_AT_LEAST(121)
+    sb_printf(&b, ",\"n_batch\":%d,\"use_cross_attn\":%d", p->extend_param.n_batch, p->extend_param.use_cross_attn);
+#endif
+#if ABI_AT_LEAST(130)
+    sb_printf(&b, ",\"ignore_eos_token\":%s", p->ignore_eos_token ? "true" : "false");
+#endif
+    sb_printf(&b, ",\"base_domain_id\":%d", p->extend_param.base_domain_id);
+    sb_printf(&b, ",\"struct_sizes\":[%zu,%zu,%zu,%zu,%zu]", sizeof(RKLLMExtendParam), sizeof(RKLLMParam),
+              sizeof(RKLLMInput), sizeof(RKLLMInferParam), sizeof(RKLLMResult));
+    call_log("rkllm_init", &b);
+    free(b.data);
+}
+
+static void upper(char *dst, const char *src, size_t cap) {
+    size_t i = 0;
+    for (; src && src[i] && i + 1 < cap; i++) dst[i] = (char)((src[i] >= 'a' && src[i] <= 'z') ? src[i] - 32 : src[i]);
+    dst[i] = 0;
+}
+
+/* ---- the API ---------------------------------------------------------------------------------------- */
+
+RKLLM_API RKLLMParam rkllm_createDefaultParam(void) {
+    /* UNKNOWN (stand-in choice): the vendor defaults are not public. These are the values Rockchip's 1.3.0
+     * server example sets explicitly (SEMANTICS.md, call flow 1). */
+    RKLLMParam p;
+    memset(&p, 0, sizeof p);
+    p.model_path = NULL;
+    p.max_context_len = 4096;
+    p.max_new_tokens = 4096;
+    p.top_k = 1;
+    p.top_p = 0.9f;
+    p.temperature = 0.8f;
+    p.repeat_penalty = 1.1f;
+    p.frequency_penalty = 0.0f;
+    p.presence_penalty = 0.0f;
+    p.mirostat = 0;
+    p.mirostat_tau = 5.0f;
+    p.mirostat_eta = 0.1f;
+    p.skip_special_token = true;
+    p.is_async = false;
+#if ABI_AT_LEAST(120)
+    p.n_keep = -1;
+    p.extend_param.embed_flash = 1;
+    p.extend_param.enabled_cpus_num = 4;
+    p.extend_param.enabled_cpus_mask = (1u << 4) | (1u << 5) | (1u << 6) | (1u << 7);
+#endif
+#if ABI_AT_LEAST(121)
+    p.extend_param.n_batch = 1;
+#endif
+    return p;
+}
+
+RKLLM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLM_INIT_CALLBACK_T callback) {
+    if (!handle || !param) return -1;
+    *handle = NULL;
+    log_init_params(param);
+    if (!param->model_path) {
+        diag("E rkllm: model_path is NULL");
+        return -1;
+    }
+    size_t size = 0;
+    char *data = read_file(param->model_path, &size);
+    if (!data) {
+        /* UNKNOWN (stand-in choice): the text for a missing file; this is the llama.cpp-lineage load error. */
+        diag("E rkllm: failed to load model '%s'", param->model_path);
+        return -1;
+    }
+    size_t magic_len = strlen(SIM_MODEL_MAGIC);
+    if (size < magic_len || memcmp(data, SIM_MODEL_MAGIC, magic_len) != 0) {
+        free(data);
+        foreign_model_error(param->model_path);
+        return -1;
+    }
+    json_value *manifest = json_parse(data + magic_len);
+    free(data);
+    if (!manifest || manifest->type != JSON_OBJECT) {
+        json_free(manifest);
+        foreign_model_error(param->model_path);
+        return -1;
+    }
+    json_value *owned_faults = NULL;
+    json_value *faults = effective_faults(manifest, &owned_faults);
+    const char *toolkit = json_get_string(manifest, "toolkit_version", "0");
+    const char *platform = json_get_string(manifest, "platform", "rk3588");
+    int result = 0, broken = 0, garbage = 0;
+
+    char soc[32], model_platform[32], dtype[32];
+    const char *env_soc = getenv("RKEDGE_MOCK_PLATFORM");
+    upper(soc, env_soc && *env_soc ? env_soc : "RK3588", sizeof soc);
+    upper(model_platform, platform, sizeof model_platform);
+    upper(dtype, json_get_string(manifest, "dtype", "w8a8"), sizeof dtype);
+    const char *driver = simulated_driver_version(faults);
+    int max_context_limit = (int)json_get_number(manifest, "max_context_limit", 4096);
+    if (generation_key(toolkit) < 1002) max_context_limit = 4096; /* 1.1.x models report 4096 (#290) */
+
+#if ABI_AT_LEAST(120)
+    diag("I rkllm: rkllm-runtime version: %s, rknpu driver version: %s, platform: %s", RKEDGE_RUNTIME_VERSION,
+         driver, soc);
+    diag("I rkllm: loading rkllm model from %s", param->model_path);
+#endif
+    if (version_key(driver) < version_key("0.9.7"))
+        diag("W rkllm: Warning: Your rknpu driver version is too low, please upgrade to 0.9.7.");
+
+    long model_gen = generation_key(toolkit), runtime_gen = generation_key(RKEDGE_RUNTIME_VERSION);
+    if (model_gen < 1001) {
+        /* F-3 (b): a 1.0.x model on a >= 1.1 runtime. 1.1.x runtimes then still return 0 (#129, #156). */
+        rknn_error("invalid rknn llm model magic");
+        rknn_error("load model file error!");
+#if RKEDGE_ABI == 110
+        diag("rknn_init fail! ret=-1");
+        garbage = 1;
+#else
+        diag("E rkllm: rkllm_init failed");
+        result = -1;
+#endif
+    } else if (model_gen > runtime_gen) {
+        /* F-3 (c): a model from a newer toolkit generation than the runtime (#235). */
+        diag(": invalid magic characters '\xef\xbf\xbd\xcc\x94'");
+        diag(": error: failed to load model '%s'", param->model_path);
+        result = -1;
+    } else if (strcmp(model_platform, soc) != 0) {
+        /* F-3 (a) / F-6: the text a runtime printed for a model built for another platform. */
+        diag("E rkllm: The model target_platform does not match!");
+        result = -1;
+    }
+#if ABI_AT_LEAST(120)
+    else if (param->max_context_len > max_context_limit) {
+        /* F-7 (rkllama#60, #64). */
+        diag("E rkllm: max_context[%d] must be less than the model's max_context_limit[%d]", param->max_context_len,
+             max_context_limit);
+        diag("E rkllm: rkllm_init failed");
+        result = -1;
+    }
+#endif
+    else if (strcmp(json_get_string(faults, "init", ""), "npu_malloc") == 0 &&
+             !(json_get(faults, "fixed_by_base_domain_id") &&
+               param->extend_param.base_domain_id == (int)json_get_number(faults, "fixed_by_base_domain_id", -1))) {
+        /* F-1: the IOMMU mapping of a weight buffer fails (gemma-2-9b-it model card, rknn-llm#139, #232). */
+        long long bytes = (long long)json_get_number(faults, "npu_malloc_size", 232128512);
+        rknn_error("failed to allocate handle, ret: -1, errno: 14, errstr: Bad address");
+        rknn_error("failed to malloc npu memory, size: %lld, flags: 0x2", bytes);
+        rknn_error("load model file error!");
+#if RKEDGE_ABI == 110
+        diag("rknn_init fail! ret=-1");
+        broken = 1; /* 1.1.x returns 0 here; the handle cannot run */
+#else
+        diag("E rkllm: rkllm_init failed");
+        result = -1;
+#endif
+    }
+
+    if (result != 0) {
+        json_free(owned_faults);
+        json_free(manifest);
+        return result;
+    }
+
+    mock_handle *h = calloc(1, sizeof(mock_handle));
+    h->magic = HANDLE_MAGIC;
+    pthread_mutex_init(&h->lock, NULL);
+    pthread_cond_init(&h->wake, NULL);
+    h->manifest = manifest;
+    h->model_path = strdup(param->model_path);
+    h->model_id = json_get_string(manifest, "model_id", "unknown");
+    h->toolkit_version = toolkit;
+    h->platform = platform;
+    h->dtype = json_get_string(manifest, "dtype", "w8a8");
+    h->max_context_limit = max_context_limit;
+    h->vocab_size = (int)json_get_number(manifest, "vocab_size", 32000);
+    h->hidden_size = (int)json_get_number(manifest, "hidden_size", 64);
+    h->npu_cores = (int)json_get_number(manifest, "npu_cores", 3);
+    h->memory_mb = json_get_number(manifest, "memory_mb", 512);
+    load_run_faults(h, faults);
+    h->broken = broken;
+    h->garbage = garbage;
+    json_free(owned_faults);
+    apply_pace(h);
+    h->param = *param;
+    h->param.model_path = h->model_path;
+    json_value *tpl = json_get(manifest, "chat_template");
+    h->tpl_system = xstrdup(json_get_string(tpl, "system_prompt", ""));
+    h->tpl_prefix = xstrdup(json_get_string(tpl, "prompt_prefix", ""));
+    h->tpl_postfix = xstrdup(json_get_string(tpl, "prompt_postfix", ""));
+#if ABI_AT_LEAST(130)
+    if (callback) {
+        h->callback = callback->result_callback;
+        h->callback_userdata = callback->result_userdata;
+        strbuf b = {0};
+        sb_printf(&b, "\"tokenizer_callback\":%s,\"embed_callback\":%s",
+                  callback->tokenizer_callback ? "true" : "false", callback->embed_callback ? "true" : "false");
+        call_log("rkllm_init.callbacks", &b);
+        free(b.data);
+    }
+#else
+    h->callback = callback;
+#endif
+#if ABI_AT_LEAST(120)
+    diag("I rkllm: rkllm-toolkit version: %s, max_context_limit: %d, npu_core_num: %d, target_platform: %s, "
+         "model_dtype: %s",
+         toolkit, max_context_limit, h->npu_cores, model_platform, dtype);
+#endif
+    *handle = h;
+    return 0;
+}
+
+static void join_previous_run(mock_handle *h) {
+    if (h->thread_joinable) {
+        pthread_join(h->thread, NULL);
+        h->thread_joinable = 0;
+    }
+}
+
+static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, int sync) {
+    mock_handle *h = as_handle(handle);
+    if (!h || !input) return -1;
+    pthread_mutex_lock(&h->lock);
+    if (h->running) {
+        pthread_mutex_unlock(&h->lock);
+        /* UNKNOWN (stand-in choice): the vendor text for a second run on a busy handle. */
+        diag("E rkllm: a run is already in progress on this handle");
+        return -1;
+    }
+    pthread_mutex_unlock(&h->lock);
+    join_previous_run(h);
+
+    run_job *job = &h->job;
+    free(job->prompt.data);
+    free(job->lora_name);
+    free(job->prompt_cache_path);
+    memset(job, 0, sizeof *job);
+    job->mode = infer ? (int)infer->mode : RKLLM_INFER_GENERATE;
+    job->max_new_tokens = h->param.max_new_tokens;
+    job->userdata = userdata;
+#if ABI_AT_LEAST(130)
+    if (!job->userdata) job->userdata = h->callback_userdata;
+#endif
+#if ABI_AT_LEAST(120)
+    job->keep_history = infer ? infer->keep_history : 0;
+#endif
+    if (infer && infer->lora_params && infer->lora_params->lora_adapter_name)
+        job->lora_name = strdup(infer->lora_params->lora_adapter_name);
+    if (infer && infer->prompt_cache_params) {
+        job->save_prompt_cache = infer->prompt_cache_params->save_prompt_cache;
+        job->prompt_cache_path = xstrdup(infer->prompt_cache_params->prompt_cache_path);
+    }
+#if ABI_AT_LEAST(130)
+    if (infer && infer->max_new_tokens > 0) job->max_new_tokens = infer->max_new_tokens;
+#endif
+    if (job->lora_name) {
+        int found = 0;
+        for (int i = 0; i < h->n_loras; i++) found |= strcmp(h->loras[i].name, job->lora_name) == 0;
+        if (!found) {
+            /* UNKNOWN (stand-in choice): the vendor text for selecting an adapter that was never loaded. */
+            diag("E rkllm: lora adapter '%s' is not loaded", job->lora_name);
+            return -1;
+        }
+    }
+
+    const char *text = NULL;
+    int extra_tokens = 0;
+    switch (input->input_type) {
+    case RKLLM_INPUT_PROMPT: text = input->prompt_input; break;
+    case RKLLM_INPUT_TOKEN: extra_tokens = (int)input->token_input.n_tokens; break;
+    case RKLLM_INPUT_EMBED: extra_tokens = (int)input->embed_input.n_tokens; break;
+    case RKLLM_INPUT_MULTIMODAL:
+        text = input->multimodal_input.prompt;
+#if ABI_AT_LEAST(130)
+        extra_tokens = (int)input->multimodal_input.image.n_image_tokens;
+#else
+        extra_tokens = (int)input->multimodal_input.n_image_tokens;
+#endif
+        break;
+    default: diag("E rkllm: unsupported input_type %d", (int)input->input_type); return -1;
+    }
+    if ((input->input_type == RKLLM_INPUT_PROMPT || input->input_type == RKLLM_INPUT_MULTIMODAL) && !text) {
+        diag("E rkllm: prompt is NULL");
+        return -1;
+    }
+    if (h->paused) h->paused = 0; /* a run after a pause resumes on the kept cache */
+    {
+        json_value *owned = NULL;
+        load_run_faults(h, effective_faults(h->manifest, &owned));
+        json_free(owned);
+    }
+    if (text) {
+#if ABI_AT_LEAST(120)
+        /* From 1.2.0 the runtime wraps text input in the model's chat template (SEMANTICS.md); the system
+         * prompt goes only in front of an empty cache. */
+        if (input->input_type == RKLLM_INPUT_PROMPT) {
+            if (h->kv_tokens == 0 && h->tpl_system) sb_puts(&job->prompt, h->tpl_system);
+            if (h->tpl_prefix) sb_puts(&job->prompt, h->tpl_prefix);
+            sb_puts(&job->prompt, text);
+            if (h->tpl_postfix) sb_puts(&job->prompt, h->tpl_postfix);
+        } else {
+            sb_puts(&job->prompt, text);
+        }
+#else
+        sb_puts(&job->prompt, text);
+#endif
+        job->has_text = 1;
+    }
+    job->prompt_tokens = count_tokens(job->prompt.len) + extra_tokens;
+
+    strbuf b = {0};
+    sb_printf(&b, "\"sync\":%s,\"input_type\":%d,\"prompt\":", sync ? "true" : "false", (int)input->input_type);
+    sb_json_string(&b, job->has_text ? job->prompt.data : NULL, job->prompt.len);
+    sb_puts(&b, ",\"prompt_hex\":");
+    sb_hex(&b, job->prompt.data ? job->prompt.data : "", job->prompt.len);
+    sb_printf(&b, ",\"prompt_tokens\":%d,\"kv_tokens_before\":%d,\"mode\":%d,\"keep_history\":%d,\"max_new_tokens\":%d",
+              job->prompt_tokens, h->kv_tokens, job->mode, job->keep_history, job->max_new_tokens);
+    sb_puts(&b, ",\"lora\":");
+    sb_json_string(&b, job->lora_name, job->lora_name ? strlen(job->lora_name) : 0);
+    sb_printf(&b, ",\"save_prompt_cache\":%d,\"userdata\":%llu", job->save_prompt_cache,
+              (unsigned long long)(uintptr_t)job->userdata);
+    if (input->input_type == RKLLM_INPUT_TOKEN && input->token_input.input_ids) {
+        sb_puts(&b, ",\"token_ids\":[");
+        for (size_t i = 0; i < input->token_input.n_tokens; i++)
+            sb_printf(&b, "%s%d", i ? "," : "", input->token_input.input_ids[i]);
+        sb_puts(&b, "]");
+    }
+#if ABI_AT_LEAST(121)
+    sb_puts(&b, ",\"role\":");
+    sb_json_string(&b, input->role, input->role ? strlen(input->role) : 0);
+    sb_printf(&b, ",\"enable_thinking\":%s", input->enable_thinking ? "true" : "false");
+#endif
+#if ABI_AT_LEAST(130)
+    if (infer && infer->sampling_params) {
+        RKLLMSamplingParam *s = infer->sampling_params;
+        sb_printf(&b, ",\"sampling\":{\"top_k\":%d,\"top_p\":%g,\"temperature\":%g,\"repeat_penalty\":%g,"
+                      "\"frequency_penalty\":%g,\"presence_penalty\":%g,\"mirostat\":%d,\"mirostat_tau\":%g,"
+                      "\"mirostat_eta\":%g}",
+                  s->top_k, s->top_p, s->temperature, s->repeat_penalty, s->frequency_penalty, s->presence_penalty,
+                  s->mirostat, s->mirostat_tau, s->mirostat_eta);
+    } else {
+        sb_puts(&b, ",\"sampling\":null");
+    }
+#endif
+    call_log(sync ? "rkllm_run" : "rkllm_run_async", &b);
+    free(b.data);
+
+    pthread_mutex_lock(&h->lock);
+    h->abort_requested = 0;
+    h->running = 1;
+    pthread_mutex_unlock(&h->lock);
+    if (pthread_create(&h->thread, NULL, generation_main, h) != 0) {
+        h->running = 0;
+        return -1;
+    }
+    h->thread_joinable = 1;
+    if (!sync) return 0;
+    void *ret = NULL;
+    pthread_join(h->thread, &ret);
+    h->thread_joinable = 0;
+    return (int)(intptr_t)ret;
+}
+
+RKLLM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *rkllm_infer_params,
+                        void *userdata) {
+    return start_run(handle, rkllm_input, rkllm_infer_params, userdata, 1);
+}
+
+RKLLM_API int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *rkllm_infer_params,
+                              void *userdata) {
+    return start_run(handle, rkllm_input, rkllm_infer_params, userdata, 0);
+}
+
+static void request_abort(mock_handle *h) {
+    pthread_mutex_lock(&h->lock);
+    h->abort_requested = 1;
+    pthread_cond_broadcast(&h->wake);
+    pthread_mutex_unlock(&h->lock);
+}
+
+RKLLM_API int rkllm_abort(LLMHandle handle) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    call_log("rkllm_abort", NULL);
+    request_abort(h);
+    return 0;
+}
+
+RKLLM_API int rkllm_is_running(LLMHandle handle) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    pthread_mutex_lock(&h->lock);
+    int running = h->running;
+    pthread_mutex_unlock(&h->lock);
+#if ABI_AT_LEAST(130)
+    return running ? 1 : 0; /* 1.3.0 header: "1 if a task is running" */
+#else
+    return running ? 0 : 1; /* 1.1-1.2.3 headers: "0 if a task is running, non-zero otherwise" */
+#endif
+}
+
+RKLLM_API int rkllm_destroy(LLMHandle handle) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    call_log("rkllm_destroy", NULL);
+    request_abort(h);
+    join_previous_run(h);
+    h->magic = 0;
+    for (int i = 0; i < h->n_loras; i++) {
+        free(h->loras[i].name);
+        free(h->loras[i].path);
+    }
+    free(h->job.prompt.data);
+    free(h->job.lora_name);
+    free(h->job.prompt_cache_path);
+    free(h->tpl_system);
+    free(h->tpl_prefix);
+    free(h->tpl_postfix);
+    free(h->output_buffer);
+    free(h->model_path);
+    json_free(h->manifest);
+    pthread_mutex_destroy(&h->lock);
+    pthread_cond_destroy(&h->wake);
+    free(h);
+    return 0;
+}
+
+/* Reads a simulated side file (adapter or prompt cache) and checks it belongs to this model. */
+static json_value *read_side_file(mock_handle *h, const char *path, const char *magic, const char *what) {
+    if (!path) {
+        diag("E rkllm: %s path is NULL", what);
+        return NULL;
+    }
+    size_t size = 0;
+    char *data = read_file(path, &size);
+    if (!data) {
+        diag("E rkllm: failed to open %s file %s", what, path);
+        return NULL;
+    }
+    size_t n = strlen(magic);
+    json_value *doc = (size >= n && memcmp(data, magic, n) == 0) ? json_parse(data + n) : NULL;
+    free(data);
+    if (!doc) {
+        /* UNKNOWN (stand-in choice): the vendor text for an unreadable adapter or cache file. */
+        diag("E rkllm: invalid %s file %s", what, path);
+        return NULL;
+    }
+    const char *model = json_get_string(doc, "model_id", json_get_string(doc, "base_model_id", ""));
+    if (strcmp(model, h->model_id) != 0) {
+        diag("E rkllm: the %s %s was made for another model", what, path);
+        json_free(doc);
+        return NULL;
+    }
+    return doc;
+}
+
+RKLLM_API int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter *lora_adapter) {
+    mock_handle *h = as_handle(handle);
+    if (!h || !lora_adapter) return -1;
+    strbuf b = {0};
+    sb_puts(&b, "\"path\":");
+    sb_json_string(&b, lora_adapter->lora_adapter_path,
+                   lora_adapter->lora_adapter_path ? strlen(lora_adapter->lora_adapter_path) : 0);
+    sb_puts(&b, ",\"name\":");
+    sb_json_string(&b, lora_adapter->lora_adapter_name,
+                   lora_adapter->lora_adapter_name ? strlen(lora_adapter->lora_adapter_name) : 0);
+    sb_printf(&b, ",\"scale\":%g", lora_adapter->scale);
+    call_log("rkllm_load_lora", &b);
+    free(b.data);
+    json_value *doc = read_side_file(h, lora_adapter->lora_adapter_path, SIM_LORA_MAGIC, "lora adapter");
+    if (!doc) return -1;
+    json_free(doc);
+    if (!lora_adapter->lora_adapter_name || h->n_loras >= 16) return -1;
+    for (int i = 0; i < h->n_loras; i++) {
+        if (strcmp(h->loras[i].name, lora_adapter->lora_adapter_name) == 0) {
+            h->loras[i].scale = lora_adapter->scale;
+            return 0;
+        }
+    }
+    lora_slot *slot = &h->loras[h->n_loras++];
+    slot->name = strdup(lora_adapter->lora_adapter_name);
+    slot->path = strdup(lora_adapter->lora_adapter_path);
+    slot->scale = lora_adapter->scale;
+    return 0;
+}
+
+RKLLM_API int rkllm_load_prompt_cache(LLMHandle handle, const char *prompt_cache_path) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    call_log_simple("rkllm_load_prompt_cache", "path", prompt_cache_path);
+    json_value *doc = read_side_file(h, prompt_cache_path, SIM_CACHE_MAGIC, "prompt cache");
+    if (!doc) return -1;
+    pthread_mutex_lock(&h->lock);
+    h->kv_tokens = (int)json_get_number(doc, "tokens", 0);
+    pthread_mutex_unlock(&h->lock);
+    json_free(doc);
+    return 0;
+}
+
+RKLLM_API int rkllm_release_prompt_cache(LLMHandle handle) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    call_log("rkllm_release_prompt_cache", NULL);
+    pthread_mutex_lock(&h->lock);
+    h->kv_tokens = 0;
+    pthread_mutex_unlock(&h->lock);
+    return 0;
+}
+
+#if ABI_AT_LEAST(120)
+static int clear_cache(mock_handle *h, int keep_system_prompt, int *start_pos, int *end_pos) {
+    pthread_mutex_lock(&h->lock);
+    int rc = 0;
+    if (h->running) {
+        rc = -1;
+    } else if (start_pos && end_pos) {
+        /* Range clears are valid only while paused with keep_history == 0 (SEMANTICS.md). */
+        if (!h->paused || h->job.keep_history) {
+            rc = -1;
+        } else if (start_pos[0] < 0 || end_pos[0] < start_pos[0] || end_pos[0] > h->kv_tokens) {
+            rc = -1;
+        } else {
+            h->kv_tokens -= end_pos[0] - start_pos[0];
+        }
+    } else {
+        int system_tokens = system_prompt_tokens(h);
+        h->kv_tokens = (keep_system_prompt && h->kv_tokens >= system_tokens) ? system_tokens : 0;
+        h->paused = 0;
+    }
+    pthread_mutex_unlock(&h->lock);
+    strbuf b = {0};
+    sb_printf(&b, "\"keep_system_prompt\":%d,\"range\":%s,\"rc\":%d", keep_system_prompt,
+              (start_pos && end_pos) ? "true" : "false", rc);
+    call_log("rkllm_clear_kv_cache", &b);
+    free(b.data);
+    return rc;
+}
+#endif
+
+#if ABI_AT_LEAST(121)
+RKLLM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_pos, int *end_pos) {
+    mock_handle *h = as_handle(handle);
+    return h ? clear_cache(h, keep_system_prompt, start_pos, end_pos) : -1;
+}
+
+RKLLM_API int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
+    mock_handle *h = as_handle(handle);
+    if (!h || !cache_sizes) return -1;
+    pthread_mutex_lock(&h->lock);
+    int batches = h->param.extend_param.n_batch > 0 ? h->param.extend_param.n_batch : 1;
+    for (int i = 0; i < batches; i++) cache_sizes[i] = h->kv_tokens;
+    pthread_mutex_unlock(&h->lock);
+    return 0;
+}
+
+RKLLM_API int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt, const char *tools,
+                                       const char *tool_response_str) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    strbuf b = {0};
+    sb_puts(&b, "\"system_prompt\":");
+    sb_json_string(&b, system_prompt, system_prompt ? strlen(system_prompt) : 0);
+    sb_puts(&b, ",\"tools\":");
+    sb_json_string(&b, tools, tools ? strlen(tools) : 0);
+    sb_puts(&b, ",\"tool_response_str\":");
+    sb_json_string(&b, tool_response_str, tool_response_str ? strlen(tool_response_str) : 0);
+    call_log("rkllm_set_function_tools", &b);
+    free(b.data);
+    /* Reported: the tools' system prompt replaces the model's (rknn-llm#431). */
+    if (system_prompt) {
+        free(h->tpl_system);
+        h->tpl_system = strdup(system_prompt);
+    }
+    return 0;
+}
+
+RKLLM_API int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam *cross_attn_params) {
+    mock_handle *h = as_handle(handle);
+    if (!h || !cross_attn_params) return -1;
+    strbuf b = {0};
+    sb_printf(&b, "\"num_tokens\":%d", cross_attn_params->num_tokens);
+    call_log("rkllm_set_cross_attn_params", &b);
+    free(b.data);
+    return 0;
+}
+#elif ABI_AT_LEAST(120)
+RKLLM_API int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt) {
+    mock_handle *h = as_handle(handle);
+    return h ? clear_cache(h, keep_system_prompt, NULL, NULL) : -1;
+}
+#endif
+
+#if ABI_AT_LEAST(120)
+RKLLM_API int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt, const char *prompt_prefix,
+                                      const char *prompt_postfix) {
+    mock_handle *h = as_handle(handle);
+    if (!h) return -1;
+    strbuf b = {0};
+    sb_puts(&b, "\"system_prompt\":");
+    sb_json_string(&b, system_prompt, system_prompt ? strlen(system_prompt) : 0);
+    sb_puts(&b, ",\"prompt_prefix\":");
+    sb_json_string(&b, prompt_prefix, prompt_prefix ? strlen(prompt_prefix) : 0);
+    sb_puts(&b, ",\"prompt_postfix\":");
+    sb_json_string(&b, prompt_postfix, prompt_postfix ? strlen(prompt_postfix) : 0);
+    call_log("rkllm_set_chat_template", &b);
+    free(b.data);
+    pthread_mutex_lock(&h->lock);
+    free(h->tpl_system);
+    free(h->tpl_prefix);
+    free(h->tpl_postfix);
+    h->tpl_system = xstrdup(system_prompt ? system_prompt : "");
+    h->tpl_prefix = xstrdup(prompt_prefix ? prompt_prefix : "");
+    h->tpl_postfix = xstrdup(prompt_postfix ? prompt_postfix : "");
+    h->kv_tokens = 0; /* reported: setting a template clears the KV cache (rknn-llm#377) */
+    pthread_mutex_unlock(&h->lock);
+    return 0;
+}
+#endif

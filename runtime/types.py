@@ -1,0 +1,122 @@
+"""Plain-Python values that cross the library seam (no ctypes here).
+
+The ABI layer (:mod:`rkedge.runtime.abi._native`) copies everything out of C memory into these before
+the callback returns: ``result`` and ``result->text`` are only valid during the call (SEMANTICS.md).
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+
+class CallState(IntEnum):
+    """The runtime's ``LLMCallState``; ``HIDDEN_LAYER`` (4) exists in ABI 1.1 only."""
+
+    NORMAL = 0
+    WAITING = 1
+    FINISH = 2
+    ERROR = 3
+    HIDDEN_LAYER = 4
+
+
+class InferMode(IntEnum):
+    GENERATE = 0
+    GET_LAST_HIDDEN_LAYER = 1
+    GET_LOGITS = 2
+
+
+@dataclass(frozen=True)
+class PerfStats:
+    """``RKLLMPerfStat`` (ABI >= 1.2.1), reported with FINISH."""
+
+    prefill_time_ms: float
+    prefill_tokens: int
+    generate_time_ms: float
+    generate_tokens: int
+    memory_usage_mb: float
+
+
+class RunEvent(NamedTuple):
+    """One result callback, copied out of C memory."""
+
+    state: int
+    text: bytes | None
+    token_id: int
+    perf: PerfStats | None = None
+    values: array | None = None  # logits or hidden states, row-major num_tokens x width
+    num_tokens: int = 0
+    width: int = 0
+
+
+@dataclass
+class InitParams:
+    """Fields of ``RKLLMParam`` (and its ``extend_param``). ``None`` keeps ``rkllm_createDefaultParam``'s value.
+
+    Fields a given ABI lacks are refused when set (a value must never be silently dropped).
+    """
+
+    max_context_len: int | None = 4096
+    max_new_tokens: int | None = 1024
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    skip_special_token: bool | None = True
+    ignore_eos_token: bool | None = None
+    n_keep: int | None = None
+    base_domain_id: int | None = None
+    embed_flash: int | None = None
+    enabled_cpus_num: int | None = None
+    enabled_cpus_mask: int | None = None
+    n_batch: int | None = None
+
+    EXTEND_FIELDS = ("base_domain_id", "embed_flash", "enabled_cpus_num", "enabled_cpus_mask", "n_batch")
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-run ``RKLLMSamplingParam`` (ABI 1.3.0). Unset fields take the init-time value."""
+
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+@dataclass
+class RunRequest:
+    """One ``rkllm_run``: the input and ``RKLLMInferParam``."""
+
+    prompt: bytes | None = None
+    token_ids: list[int] | None = None
+    embeddings: array | None = None  # float32, n_tokens x hidden
+    embed_tokens: int = 0
+    role: str | None = "user"
+    enable_thinking: bool = False
+    mode: InferMode = InferMode.GENERATE
+    lora_name: str | None = None
+    prompt_cache_path: str | None = None
+    save_prompt_cache: bool = False
+    keep_history: bool = False
+    sampling: Sampling | None = None
+    max_new_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
