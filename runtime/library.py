@@ -137,3 +137,32 @@ def resolve_library(library: str | os.PathLike[str] | None = None, abi: str | No
             "the runtime prints it at init as 'rkllm-runtime version: X'",
         )
     return RuntimeLibrary(path, detection.abi, detection.runtime_version, detection.evidence, simulated)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m rkedge.runtime.library PATH``: what the file says about its ABI (used by install scripts)."""
+    import json
+    import sys
+
+    from rkedge.errors import RkedgeError
+    from rkedge.runtime._elf import elf_machine
+
+    if len(argv) != 1:
+        print("usage: python -m rkedge.runtime.library PATH", file=sys.stderr)
+        return 2
+    try:
+        detection = detect_abi(argv[0])
+        report = {"path": argv[0], "machine": elf_machine(argv[0]), "abi": detection.abi,
+                  "runtime_version": detection.runtime_version, "evidence": detection.evidence,
+                  "candidates": list(detection.candidates), "simulated": is_simulated_library(argv[0])}
+    except RkedgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -12,8 +12,9 @@ text leads the first user turn).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from rkedge.errors import InputError
@@ -31,6 +32,9 @@ class ChatTemplate:
     bos_token: str
     renderer: Callable[["ChatTemplate", Sequence[Message], bool], str]
     default_system: str | None = None
+    #: Llama 3.2 writes today's date into its system header (Hugging Face: strftime_now("%d %b %Y")).
+    #: Fixed when the template object is made, so the prompt prefix stays stable across a session's turns.
+    date_string: str = field(default_factory=lambda: time.strftime("%d %b %Y"))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
                include_bos: bool = False) -> str:
@@ -41,19 +45,27 @@ class ChatTemplate:
         text = self.renderer(self, messages, add_generation_prompt)
         return (self.bos_token + text) if include_bos else text
 
-    def runtime_parts(self, system: str = "") -> tuple[str, str, str]:
-        """``(system_prompt, prompt_prefix, prompt_postfix)`` for ``rkllm_set_chat_template``: one user turn."""
+    def with_date(self, date_string: str) -> "ChatTemplate":
+        from dataclasses import replace
+
+        return replace(self, date_string=date_string)
+
+    def runtime_parts(self) -> tuple[str, str, str]:
+        """``(system_prompt, prompt_prefix, prompt_postfix)`` around one user turn, as the runtime's embedded
+        template (``rkllm_set_chat_template``) expresses it. The system part is whatever precedes the turn
+        when no system message is given (a default system prompt, Llama 3.2's date header)."""
         probe = "\x00"
-        with_system = [{"role": "system", "content": system}] if system else []
-        text = self.render([*with_system, {"role": "user", "content": probe}], True)
-        before, after = text.split(probe)
-        if system and system in before:
-            cut = before.index(system) + len(system)
-            # The system part ends where the user turn begins.
-            bare = self.render([{"role": "user", "content": probe}], True).split(probe)[0]
-            prefix = bare if before.endswith(bare) else before[cut:]
-            return before[: len(before) - len(prefix)], prefix, after
-        return "", before, after
+        before, after = self.render([{"role": "user", "content": probe}], True).split(probe)
+        prefix_start = before.rfind(_turn_opening(before))
+        return before[:prefix_start], before[prefix_start:], after
+
+
+def _turn_opening(before: str) -> str:
+    """The opening marker of the user turn at the end of ``before`` (the text ahead of the user content)."""
+    for marker in ("<start_of_turn>user", "<|start_header_id|>user", "<|im_start|>user", "<|user|>"):
+        if marker in before:
+            return marker
+    return before
 
 
 def _trimmed(text: str) -> str:
@@ -83,6 +95,15 @@ def _render_llama3(template: ChatTemplate, messages: Sequence[Message], generate
     return "".join(out)
 
 
+def _render_llama32(template: ChatTemplate, messages: Sequence[Message], generate: bool) -> str:
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = _trimmed(messages[0]["content"]), messages[1:]
+    header = ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+              f"Today Date: {template.date_string}\n\n{system}<|eot_id|>")
+    return header + _render_llama3(template, messages, generate)
+
+
 def _render_chatml(template: ChatTemplate, messages: Sequence[Message], generate: bool) -> str:
     out = []
     if template.default_system is not None and (not messages or messages[0]["role"] != "system"):
@@ -104,12 +125,15 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "gemma": ChatTemplate("gemma", "<bos>", _render_gemma),
     # Meta-Llama-3-8B-Instruct.
     "llama3": ChatTemplate("llama3", "<|begin_of_text|>", _render_llama3),
+    # Llama 3.1 / 3.2 Instruct (system header with knowledge cutoff and date; no tools).
+    "llama3.2": ChatTemplate("llama3.2", "<|begin_of_text|>", _render_llama32),
     # Qwen2 / Qwen2.5 ChatML, with the default system prompt each inserts when none is given.
     "chatml": ChatTemplate("chatml", "", _render_chatml),
     "qwen2": ChatTemplate("qwen2", "", _render_chatml, QWEN2_DEFAULT_SYSTEM),
     "qwen2.5": ChatTemplate("qwen2.5", "", _render_chatml, QWEN25_DEFAULT_SYSTEM),
     # Phi-3-mini-4k-instruct.
-    "phi3": ChatTemplate("phi3", "<s>", _render_phi3),
+    # (Its template writes no BOS; the tokenizer config adds none either.)
+    "phi3": ChatTemplate("phi3", "", _render_phi3),
 }
 
 

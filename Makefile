@@ -1,0 +1,29 @@
+# Quick start: `make demo` (the main job end to end on the simulated NPU) and `make test` (the whole suite).
+# Each sets up its own virtual environment in .venv on a fresh machine (Python 3.10+, a C compiler).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rkedge-installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[convert,serve,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

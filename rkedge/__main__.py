@@ -1,0 +1,5 @@
+"""``python -m rkedge``: the same as the ``rkedge`` command."""
+
+from rkedge.cli import main
+
+main()
