@@ -56,13 +56,13 @@ need_root() {
 
 # read FILE: its content on one line, or "?" when unreadable.
 read_value() {
-    value=$(cat "$1" 2>/dev/null) || value="?"
-    printf '%s' "$value" | tr '\n' ' ' | sed 's/ *$//'
+    _rv=$(cat "$1" 2>/dev/null) || _rv="?"
+    printf '%s' "$_rv" | tr '\n' ' ' | sed 's/ *$//'
 }
 
 # max_freq FILE: the largest number in a space-separated frequency list (empty when none).
 max_freq() {
-    tr ' ' '\n' < "$1" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true
+    tr ' ' '\n' 2>/dev/null < "$1" | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true
 }
 
 # write_value VALUE FILE: 0 on success; sysfs rejects bad values with EINVAL, which is reported.

@@ -75,3 +75,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     import platform
 
     return f"rkedge tests on {platform.machine()} (python {platform.python_version()}, pid {os.getpid()})"
+
+
+import sys as _sys
+
+_sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules (model_factory, ...)

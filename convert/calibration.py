@@ -1,0 +1,171 @@
+"""Calibration data for quantization: ``[{"input": ..., "target": ...}]``.
+
+The SDK manual requires ``input`` to carry the prompt template ("input 为问题，需要加上提示词") and Rockchip's
+own generator renders the chat template and takes greedy replies of the float model as targets
+(``generate_data_quant.py``; F-15). rkedge does the same, from a small built-in multilingual set or the
+user's prompts, and lints the result (non-empty, template markers present, languages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rkedge.convert.findings import Finding
+from rkedge.errors import InputError
+
+SOURCE = "F-15; SDK manual (calibration input carries the prompt template); generate_data_quant.py"
+
+#: Built-in prompts: several languages and kinds (chat, reasoning, code), in the spirit of Rockchip's 21 fixed
+#: prompts; short so that generating targets stays cheap.
+BUILTIN_PROMPTS: tuple[str, ...] = (
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about a small computer board.",
+    "What is the capital of Australia? Answer briefly.",
+    "List three uses of a neural processing unit.",
+    "Write a Python function that returns the square of a number.",
+    "If a train travels 120 km in 1.5 hours, what is its average speed?",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+    "Give me a short tip for learning a new language.",
+    "请用一句话介绍一下你自己。",
+    "什么是人工智能？请简单回答。",
+    "Erkläre kurz, was ein Mikrocontroller ist.",
+    "Écris une phrase sur la mer.",
+    "¿Cuál es la diferencia entre un virus y una bacteria?",
+    "日本の首都はどこですか？",
+    "한국어로 인사말을 한 문장 써 주세요.",
+    "Как приготовить чай? Ответь коротко.",
+    "Translate 'good morning' into Italian.",
+    "What is 17 times 23?",
+    "Describe a sunset using three adjectives.",
+    "Why do computers use binary numbers?",
+)
+
+
+def load_prompts(source: str | Path | None) -> list[dict[str, Any]]:
+    """``auto``/None -> the built-in prompts; a file -> its items.
+
+    Accepted files: a JSON list of strings (prompts), a JSON list of ``{"input", "target"}`` (used as is when
+    every input is already templated), or JSON lines of either.
+    """
+    if source in (None, "auto"):
+        return [{"prompt": p} for p in BUILTIN_PROMPTS]
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"calibration file not found: {path}", fix="pass a JSON file, or --calibration auto")
+    text = path.read_text(encoding="utf-8")
+    try:
+        items = json.loads(text)
+    except ValueError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise InputError(f"{path} is neither JSON nor JSON lines ({exc}).",
+                             fix='use [{"input": "...", "target": "..."}] or a list of prompt strings') from exc
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{path} must hold a non-empty JSON list.")
+    out = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            out.append({"prompt": item})
+        elif isinstance(item, dict) and "input" in item:
+            out.append({"input": str(item["input"]), "target": item.get("target")})
+        elif isinstance(item, dict) and "prompt" in item:
+            out.append({"prompt": str(item["prompt"])})
+        else:
+            raise InputError(f"{path}: item {index} is not a prompt string or an {{input, target}} object.")
+    return out
+
+
+def build_calibration(
+    items: Sequence[dict[str, Any]],
+    render: Callable[[str], str],
+    generate: Callable[[list[str]], list[str]] | None,
+) -> list[dict[str, str]]:
+    """Renders prompts with the chat template and fills missing targets with the float model's replies."""
+    rendered = [dict(item) for item in items]
+    for item in rendered:
+        if "input" not in item:
+            item["input"] = render(item.pop("prompt"))
+    missing = [i for i, item in enumerate(rendered) if not item.get("target")]
+    if missing and generate is not None:
+        replies = generate([rendered[i]["input"] for i in missing])
+        for i, reply in zip(missing, replies):
+            rendered[i]["target"] = reply
+    return [{"input": item["input"], "target": item.get("target") or ""} for item in rendered]
+
+
+def lint(data: Sequence[dict[str, str]], turn_marker: str | None) -> list[Finding]:
+    """Checks the calibration set the way the toolkit cannot: it raises no error for a bad set (F-15)."""
+    findings: list[Finding] = []
+    empty_inputs = sum(1 for d in data if not d.get("input", "").strip())
+    empty_targets = sum(1 for d in data if not d.get("target", "").strip())
+    if empty_inputs:
+        findings.append(Finding("calibration.empty-input", "error", f"{empty_inputs} calibration items have no input.",
+                                "remove them or fill them in", SOURCE))
+    if empty_targets:
+        findings.append(Finding("calibration.empty-target", "warning",
+                                f"{empty_targets} of {len(data)} calibration items have an empty target.",
+                                "use --calibration auto to generate targets with the float model", SOURCE))
+    if turn_marker:
+        untemplated = sum(1 for d in data if turn_marker not in d.get("input", ""))
+        if untemplated:
+            findings.append(Finding("calibration.no-template", "warning",
+                                    f"{untemplated} of {len(data)} inputs lack the chat template ({turn_marker!r}); the "
+                                    "manual requires templated inputs and quality suffers without them.",
+                                    "give plain prompts (rkedge renders them) or templated inputs", SOURCE))
+    if len(data) < 8:
+        findings.append(Finding("calibration.small", "warning",
+                                f"only {len(data)} calibration items; 20 samples already broke MoE routing in one "
+                                "report (F-15).", "use 20 or more varied prompts", SOURCE))
+    scripts = language_mix(data)
+    if len(scripts) == 1:
+        findings.append(Finding("calibration.one-language", "info",
+                                f"every input is in {next(iter(scripts))} script; languages missing from calibration "
+                                "degrade after quantization (F-15).", None, SOURCE))
+    return findings
+
+
+def language_mix(data: Sequence[dict[str, str]]) -> Counter:
+    """Counts items by the dominant Unicode script of their input (a cheap language-coverage signal)."""
+    counts: Counter = Counter()
+    for item in data:
+        letters = Counter()
+        for char in item.get("input", ""):
+            if char.isalpha():
+                name = unicodedata.name(char, "UNKNOWN").split()[0]
+                letters[{"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul"}.get(name, name.title())] += 1
+        if letters:
+            counts[letters.most_common(1)[0][0]] += 1
+    return counts
+
+
+def digest(data: Sequence[dict[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(list(data), ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def greedy_generator(model_dir: Path, max_new_tokens: int = 32) -> Callable[[list[str]], list[str]]:
+    """Greedy replies of the float model (the official generator's method), on the host CPU."""
+
+    def generate(inputs: list[str]) -> list[str]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.eval()
+        replies = []
+        with torch.no_grad():
+            for text in inputs:
+                encoded = tokenizer(text, return_tensors="pt", add_special_tokens=True)
+                output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                replies.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+        return replies
+
+    return generate

@@ -1,0 +1,65 @@
+"""Which of rkedge's template families reproduces a checkpoint's own chat template.
+
+The board has no Jinja, so the runtime renders with a family (``rkedge.runtime.templates``). On the host the
+checkpoint's real template is rendered with Jinja (as transformers does) for probe conversations, and the
+family whose rendering is identical is recorded in the manifest. No match means the runtime relies on the
+template the toolkit embeds in the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rkedge.runtime.templates import TEMPLATES, ChatTemplate
+
+PROBES = (
+    [{"role": "user", "content": "Hello there"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "What is an NPU?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+)
+
+
+def render_jinja(template: str, messages: list[dict[str, str]], *, bos_token: str = "", eos_token: str = "",
+                 add_generation_prompt: bool = True, **extra: Any) -> str:
+    """Renders a Hugging Face chat template the way transformers does (sandboxed Jinja, same globals)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None, **_: __import__("json").dumps(value, indent=indent,
+                                                                                    ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                            add_generation_prompt=add_generation_prompt, **extra)
+
+
+def detect_family(template: str | None, *, bos_token: str = "", eos_token: str = "") -> str | None:
+    """The first family that renders every probe exactly like ``template`` (probes the template refuses are
+    skipped; at least one must render)."""
+    if not template:
+        return None
+    for name, family in TEMPLATES.items():
+        if _matches(family, template, bos_token, eos_token):
+            return name
+    return None
+
+
+def _matches(family: ChatTemplate, template: str, bos: str, eos: str) -> bool:
+    compared = 0
+    fixed_date = family.with_date("01 Jan 2026")
+    for probe in PROBES:
+        for generate in (True, False):
+            try:
+                expected = render_jinja(template, probe, bos_token=bos, eos_token=eos, add_generation_prompt=generate,
+                                        date_string="01 Jan 2026")
+            except Exception:  # noqa: BLE001 - a template may refuse a probe (e.g. system role)
+                continue
+            actual = fixed_date.render(probe, generate, include_bos=bool(bos))
+            if actual != expected:
+                return False
+            compared += 1
+    return compared > 0

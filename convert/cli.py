@@ -1,0 +1,183 @@
+"""Host-side commands: ``inspect``, ``convert``, ``toolkit install|list`` (and ``plan``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rkedge.errors import CheckFailed
+
+
+class StderrReporter:
+    """Step lines and progress bars on stderr; stdout stays for the summary (or --json)."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._bar: Any = None
+        self._label = ""
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+            self._bar = None
+
+    def step(self, name: str, detail: str = "") -> None:
+        self._close_bar()
+        click.echo(f"[..] {name}: {detail}", err=True)
+
+    def progress(self, done: int, total: int, label: str) -> None:
+        if self._bar is None or label != self._label and total != 100:
+            self._close_bar()
+            self._bar = click.progressbar(length=max(total, 1), label=f"     {label or 'working'}", file=sys.stderr,
+                                          show_pos=True)
+            self._label = label
+        self._bar.pos = min(done, self._bar.length)
+        self._bar.render_progress()
+
+    def log(self, line: str) -> None:
+        if self.verbose and line.strip():
+            self._close_bar()
+            click.echo(f"     {line}", err=True)
+
+    def done(self) -> None:
+        self._close_bar()
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect_command(path: Path, as_json: bool) -> None:
+    """Show what a checkpoint folder, config.json, adapter, .gguf or .rkllm holds (no weights are loaded)."""
+    from rkedge.convert.inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1, default=str, ensure_ascii=False))
+        return
+    for key, value in info.items():
+        if isinstance(value, (dict, list)) and value:
+            value = json.dumps(value, default=str, ensure_ascii=False)
+            value = value if len(value) < 160 else value[:157] + "..."
+        click.echo(f"{key:>24}: {value}")
+
+
+@click.command("convert")
+@click.argument("model_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder for the .rkllm, its manifest and model card.")
+@click.option("--platform", default="rk3588", show_default=True, help="Target SoC (rk3588, rk3576, rk3562, rv1126b).")
+@click.option("--dtype", default="w8a8", show_default=True,
+              help="quantized_dtype (rk3588: w8a8, w8a8_g128, w8a8_g256, w8a8_g512).")
+@click.option("--toolkit-version", default=None,
+              help="rkllm-toolkit version to plan for (default: the toolkit environment in use; 1.3.0 for mock).")
+@click.option("--max-context", type=int, default=None, help="max_context baked into the model (<= 16384, multiple of 32).")
+@click.option("--npu-cores", type=int, default=None, help="num_npu_core (rk3588: 1-3; default: all).")
+@click.option("--algorithm", default="normal", show_default=True, help="quantized_algorithm (normal, grq, gdq, normal_rN...).")
+@click.option("--hybrid-rate", type=float, default=0.0, show_default=True, help="hybrid_rate in [0, 1).")
+@click.option("--optimization-level", type=int, default=0, show_default=True, help="0 (fast runtime) or 1.")
+@click.option("--calibration", default="auto", show_default=True,
+              help="auto (built-in multilingual prompts) or a JSON file of prompts / {input, target} items.")
+@click.option("--lora", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A PEFT LoRA adapter folder.")
+@click.option("--lora-mode", type=click.Choice(["merge", "runtime"]), default="merge", show_default=True,
+              help="merge: into the weights before converting; runtime: a separate <name>_lora.rkllm.")
+@click.option("--board", default=None, help="Board profile id (boards/*.json) for the fit check.")
+@click.option("--toolkit", default=None,
+              help="mock (the simulated toolkit) or the python of an rkllm-toolkit environment "
+                   "(default: the newest one installed with `rkedge toolkit install`).")
+@click.option("--load-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="dtype the checkpoint is exported and loaded in (toolkit 1.2.0+; float16 halves host memory).")
+@click.option("--name", default=None, help="Base name of the output (default: the model's name).")
+@click.option("--allow-known-failure", is_flag=True,
+              help="Convert even when the combination is known to fail on the board (e.g. to reproduce it).")
+@click.option("--dry-run", is_flag=True, help="Plan and check only; exit 2 on any error finding.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the toolkit's log lines.")
+def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, toolkit_version: str | None,
+                    max_context: int | None, npu_cores: int | None, algorithm: str, hybrid_rate: float,
+                    optimization_level: int, calibration: str, lora: Path | None, lora_mode: str, board: str | None,
+                    toolkit: str | None, load_dtype: str | None, name: str | None, allow_known_failure: bool,
+                    dry_run: bool, as_json: bool, verbose: bool) -> None:
+    """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first."""
+    from rkedge.convert.pipeline import convert
+    from rkedge.convert.planner import ConversionRequest
+
+    request = ConversionRequest(
+        model=model_dir, out=out_dir, platform=platform, dtype=dtype, toolkit_version=toolkit_version,
+        max_context=max_context, npu_cores=npu_cores, algorithm=algorithm, hybrid_rate=hybrid_rate,
+        optimization_level=optimization_level, calibration=calibration, lora=lora, lora_mode=lora_mode,  # type: ignore[arg-type]
+        board=board, toolkit=toolkit, load_dtype=load_dtype, name=name, allow_known_failure=allow_known_failure)
+    reporter = StderrReporter(verbose)
+    try:
+        result = convert(request, dry_run=dry_run, reporter=reporter)
+    finally:
+        reporter.done()
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, default=str, ensure_ascii=False))
+    else:
+        for finding in result.plan.findings:
+            click.echo(finding.render(), err=not dry_run)
+        if dry_run:
+            click.echo(f"plan: {result.plan.output_name} with rkllm-toolkit {result.plan.toolkit_version}; "
+                       f"build({', '.join(f'{k}={v!r}' for k, v in result.plan.build_kwargs.items())})")
+        else:
+            for step in result.steps:
+                click.echo(f"[ok] {step.name}: {step.status} ({step.seconds:.1f} s)", err=True)
+            click.echo(f"wrote {result.model_file}")
+            if result.lora_file:
+                click.echo(f"wrote {result.lora_file}")
+            click.echo(f"wrote {result.manifest_file}")
+            click.echo(f"wrote {result.card_file}")
+    if dry_run and not result.plan.ok:
+        errors = [f for f in result.plan.findings if f.severity == "error"]
+        raise CheckFailed(f"{len(errors)} error finding(s): " + "; ".join(f.id for f in errors),
+                          fix="see the findings above")
+
+
+@click.group("toolkit")
+def toolkit_group() -> None:
+    """rkllm-toolkit environments (one virtual environment per toolkit version)."""
+
+
+@toolkit_group.command("install")
+@click.argument("wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--python", "python", default=None, help="Python interpreter for the venv (must match the wheel's cp tag).")
+def toolkit_install(wheel: Path, python: str | None) -> None:
+    """Make a virtual environment for a downloaded rkllm_toolkit WHEEL, with that version's pins."""
+    from rkedge.convert.toolkit.environments import install_toolkit
+
+    record = install_toolkit(wheel, python=python)
+    click.echo(json.dumps(_record_dict(record), indent=1, default=str))
+
+
+@toolkit_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def toolkit_list(as_json: bool) -> None:
+    """List the toolkit environments rkedge installed."""
+    from rkedge.convert.toolkit.environments import list_toolkits
+
+    records = [_record_dict(r) for r in list_toolkits()]
+    if as_json:
+        click.echo(json.dumps(records, indent=1, default=str))
+    elif not records:
+        click.echo("no toolkit environments; install one with `rkedge toolkit install WHEEL`, or use --toolkit mock")
+    else:
+        for record in records:
+            click.echo(f"{record.get('version'):8} {record.get('python')}")
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(record) if is_dataclass(record) else dict(record)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(inspect_command)
+    group.add_command(convert_command)
+    group.add_command(toolkit_group)

@@ -1,0 +1,93 @@
+"""Weight and KV-cache sizes of a converted model (first-order, from the checkpoint's shapes).
+
+``rkedge plan`` refines the runtime overhead with a model fitted to Rockchip's published figures; this
+module gives the parts that follow from shapes alone, used by the planner's board-fit and IOMMU checks.
+Bytes per weight per dtype: int8 = 1, int4 = 0.5; grouped dtypes add one fp16 scale per group
+(converter-anchors section 3.1 and F-1: "grouped types add per-group scales and raise the footprint").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rkedge.convert.rules import group_size
+
+WEIGHT_BYTES = {"w8a8": 1.0, "w4a16": 0.5, "w4a8": 0.5}
+SCALE_BYTES = 2.0  # one fp16 scale per group
+EMBEDDING_BYTES = 2.0  # the embedding table stays fp16 (looked up, not multiplied on the NPU)
+KV_BYTES = 2.0  # fp16 keys and values
+GIB = 1 << 30
+IOMMU_DOMAIN_BYTES = 4 * GIB  # rknpu: dma_limit = 1 << 32 per domain (F-1)
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    linear_params: int
+    embedding_params: int
+    lm_head_params: int  # 0 when tied to the embedding
+    weight_bytes: int  # what the NPU maps: quantized linears + lm head (+ scales)
+    embedding_bytes: int
+    kv_cache_bytes: int
+    max_context: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.embedding_bytes + self.kv_cache_bytes
+
+
+def bytes_per_param(dtype: str) -> float:
+    base = WEIGHT_BYTES[dtype.split("_")[0]]
+    group = group_size(dtype)
+    return base + (SCALE_BYTES / group if group else 0.0)
+
+
+def model_shape(config: dict[str, Any]) -> dict[str, int]:
+    """The shape numbers an estimate needs, from a (text) config; handles ChatGLM's field names."""
+    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden = int(c.get("hidden_size") or c.get("n_embd") or 0)
+    layers = int(c.get("num_hidden_layers") or c.get("num_layers") or c.get("n_layer") or 0)
+    heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)
+    kv_heads = int(c.get("num_key_value_heads") or c.get("multi_query_group_num") or heads)
+    head_dim = int(c.get("head_dim") or c.get("kv_channels") or (hidden // heads if heads else 0))
+    vocab = int(c.get("vocab_size") or c.get("padded_vocab_size") or 0)
+    intermediate = int(c.get("intermediate_size") or c.get("ffn_hidden_size") or 4 * hidden)
+    return {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "vocab": vocab, "intermediate": intermediate}
+
+
+def kv_cache_bytes(config: dict[str, Any], max_context: int) -> int:
+    shape = model_shape(config)
+    return int(2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * max_context * KV_BYTES)
+
+
+def estimate(params: dict[str, int], config: dict[str, Any], dtype: str, max_context: int) -> SizeEstimate:
+    """``params`` splits the parameter count: {"linear": n, "embedding": n, "lm_head": n}."""
+    per_param = bytes_per_param(dtype)
+    weight = int((params["linear"] + params["lm_head"]) * per_param)
+    embedding = int(params["embedding"] * EMBEDDING_BYTES)
+    return SizeEstimate(params["linear"], params["embedding"], params["lm_head"], weight, embedding,
+                        kv_cache_bytes(config, max_context), max_context)
+
+
+def split_params_from_tensors(tensors: dict[str, Any], tied: bool) -> dict[str, int]:
+    embedding = lm_head = linear = 0
+    for name, tensor in tensors.items():
+        if "embed" in name or name.endswith("wte.weight"):
+            embedding += tensor.numel
+        elif "lm_head" in name or name.endswith("output.weight"):
+            lm_head += tensor.numel
+        else:
+            linear += tensor.numel
+    if tied:
+        lm_head = 0
+    return {"linear": linear, "embedding": embedding, "lm_head": lm_head}
+
+
+def split_params_from_config(config: dict[str, Any], tied: bool) -> dict[str, int]:
+    """Parameter split of a dense decoder from its config alone (``rkedge plan`` on a bare config.json)."""
+    s = model_shape(config)
+    attention = s["hidden"] * s["heads"] * s["head_dim"] * 2 + s["hidden"] * s["kv_heads"] * s["head_dim"] * 2
+    mlp = 3 * s["hidden"] * s["intermediate"]
+    embedding = s["vocab"] * s["hidden"]
+    return {"linear": s["layers"] * (attention + mlp), "embedding": embedding, "lm_head": 0 if tied else embedding}

@@ -1,0 +1,79 @@
+"""Export: the (merged or original) checkpoint as sharded safetensors, in the dtype chosen for the toolkit.
+
+Shard by shard: one shard's tensors are in memory at a time. When the dtype does not change, shards are
+hard-linked (or copied) instead of rewritten. Config, tokenizer and chat-template files are copied; the
+config loses any ``quantization_config`` only when the weights really are plain floats (a bitsandbytes or
+GPTQ checkpoint is refused by the planner before this step). ``rkedge_export.json`` records what the simulated
+toolkit and the manifest need: chat family and template parts, BOS/EOS ids, the source's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rkedge.convert.inspect import TOKENIZER_FILES, CheckpointInfo
+from rkedge.errors import InputError
+
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+EXPORT_META = "rkedge_export.json"
+
+
+def export_checkpoint(info: CheckpointInfo, out_dir: Path, *, dtype: str | None, meta: dict[str, Any],
+                      progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Writes ``out_dir`` (which must not exist yet; the caller renames it into place when done)."""
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise InputError(f"unknown export dtype {dtype!r}.", fix=f"use one of: {', '.join(TORCH_DTYPES)}")
+    out_dir.mkdir(parents=True)
+    files = info.weight_files
+    target = TORCH_DTYPES.get(dtype) if dtype else None
+    for index, source in enumerate(files):
+        if progress:
+            progress(index, len(files), source.name)
+        dtypes = {t.dtype for t in info.tensors.values() if t.file == source}
+        if target is None or dtypes <= {target} or not (dtypes & set(TORCH_DTYPES.values())):
+            _link_or_copy(source, out_dir / source.name)
+        else:
+            _convert_shard(source, out_dir / source.name, dtype)  # type: ignore[arg-type]
+    if progress:
+        progress(len(files), len(files), "done")
+    index_file = info.path / "model.safetensors.index.json"
+    if index_file.is_file():
+        shutil.copyfile(index_file, out_dir / index_file.name)
+    config = dict(info.config)
+    if dtype:
+        config["torch_dtype"] = dtype
+        if "dtype" in config:
+            config["dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (info.path / name).is_file():
+            shutil.copyfile(info.path / name, out_dir / name)
+    (out_dir / EXPORT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _convert_shard(source: Path, target: Path, dtype: str) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, dtype)
+    tensors = {}
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        for name in handle.keys():
+            tensor = handle.get_tensor(name)
+            tensors[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+    save_file(tensors, str(target), metadata={**metadata, "format": "pt"})

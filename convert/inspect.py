@@ -1,0 +1,287 @@
+"""Inspection without loading weights: checkpoints, GGUF files, adapters and ``.rkllm`` files.
+
+Everything here reads JSON files and safetensors/GGUF headers only, so it runs on any machine in
+milliseconds whatever the model's size, and ``rkedge inspect`` needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rkedge.convert.safetensors_index import DTYPE_BYTES, TensorInfo, checkpoint_files, read_checkpoint
+from rkedge.errors import InputError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
+#: The trailer observed at the end of a vendor .rkllm (one 1.1.4 file; charsiu provenance notes).
+VENDOR_TRAILER = re.compile(rb"rkllm-toolkit version: ?v?(\d+\.\d+\.\d+\w*)")
+
+
+@dataclass
+class CheckpointInfo:
+    """A Hugging Face checkpoint folder, as far as its files tell without loading weights."""
+
+    path: Path
+    config: dict[str, Any]
+    text_config: dict[str, Any]  # the language model's config (nested text_config, else the top level)
+    architecture: str | None
+    model_type: str | None
+    tensors: dict[str, TensorInfo]
+    tokenizer_files: list[str]
+    chat_template: str | None
+    tokenizer_config: dict[str, Any]
+    quantization_config: dict[str, Any] | None
+    source_name: str | None  # _name_or_path or the HF repo id
+    source_revision: str | None  # the snapshot commit when the folder sits in a HF cache
+    weight_files: list[Path] = field(default_factory=list)
+
+    @property
+    def param_count(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(Counter(t.dtype for t in self.tensors.values()))
+
+    @property
+    def main_dtype(self) -> str | None:
+        counts = Counter()
+        for tensor in self.tensors.values():
+            counts[tensor.dtype] += tensor.numel
+        return counts.most_common(1)[0][0] if counts else None
+
+    def token_id(self, which: str) -> int | list[int] | None:
+        for source in (self.text_config, self.config):
+            value = source.get(f"{which}_token_id")
+            if value is not None:
+                return value
+        return None
+
+    def linear_weights(self) -> list[TensorInfo]:
+        """2-D weights of the transformer blocks (what the toolkit quantizes with group sizes)."""
+        skip = ("embed", "wte", "norm", "lm_head", "output.weight", "vision", "visual", "audio")
+        return [t for t in self.tensors.values()
+                if len(t.shape) == 2 and t.name.endswith(".weight") and not any(s in t.name for s in skip)]
+
+    def summary(self) -> dict[str, Any]:
+        tc = self.text_config
+        return {
+            "kind": "checkpoint",
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "source": self.source_name,
+            "revision": self.source_revision,
+            "parameters": self.param_count,
+            "weight_bytes": self.weight_bytes,
+            "dtypes": self.dtypes,
+            "tensors": len(self.tensors),
+            "weight_files": [p.name for p in self.weight_files],
+            "hidden_size": tc.get("hidden_size"),
+            "num_hidden_layers": tc.get("num_hidden_layers"),
+            "vocab_size": tc.get("vocab_size"),
+            "tie_word_embeddings": tie_word_embeddings(self.config),
+            "max_position_embeddings": tc.get("max_position_embeddings"),
+            "quantization_config": self.quantization_config,
+            "tokenizer_files": self.tokenizer_files,
+            "chat_template": bool(self.chat_template),
+            "bos_token_id": self.token_id("bos"),
+            "eos_token_id": self.token_id("eos"),
+        }
+
+
+def tie_word_embeddings(config: dict[str, Any]) -> bool:
+    """Gemma/Gemma2/Gemma3/RecurrentGemma configs omit the key and default to True (model-configs.md)."""
+    text = config.get("text_config") or {}
+    for source in (config, text):
+        if "tie_word_embeddings" in source:
+            return bool(source["tie_word_embeddings"])
+    return True
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}).", fix="re-download the file") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a JSON object.")
+    return data
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Reads ``config.json``, safetensors headers, tokenizer files and the chat template of a folder."""
+    folder = Path(path)
+    config_path = folder / "config.json" if folder.is_dir() else folder
+    if not config_path.is_file():
+        raise InputError(f"{folder} has no config.json: it is not a Hugging Face checkpoint folder.",
+                         fix="pass the folder that holds config.json and the *.safetensors files")
+    config = read_json(config_path)
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    architectures = config.get("architectures") or text_config.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    model_type = config.get("model_type") or text_config.get("model_type")
+    tensors: dict[str, TensorInfo] = {}
+    weight_files: list[Path] = []
+    if folder.is_dir():
+        weight_files = checkpoint_files(folder)
+        if not weight_files and list(folder.glob("*.bin")):
+            raise InputError(f"{folder} holds PyTorch pickle weights (*.bin) and no safetensors.",
+                             fix="save it again with safe_serialization=True (model.save_pretrained(..., "
+                                 "safe_serialization=True)); pickles are not read by rkedge")
+        tensors = read_checkpoint(folder)
+    tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    return CheckpointInfo(
+        path=folder,
+        config=config,
+        text_config=text_config,
+        architecture=architecture,
+        model_type=model_type,
+        tensors=tensors,
+        tokenizer_files=[name for name in TOKENIZER_FILES if (folder / name).is_file()],
+        chat_template=read_chat_template(folder, tokenizer_config),
+        tokenizer_config=tokenizer_config,
+        quantization_config=config.get("quantization_config") or text_config.get("quantization_config"),
+        source_name=config.get("_name_or_path") or None,
+        source_revision=_snapshot_revision(folder),
+        weight_files=weight_files,
+    )
+
+
+def read_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """``chat_template.jinja`` / ``chat_template.json`` / ``tokenizer_config.json`` (newest layout first)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        template = read_json(folder / "chat_template.json").get("chat_template")
+        if isinstance(template, str):
+            return template
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _snapshot_revision(folder: Path) -> str | None:
+    """A Hugging Face cache snapshot folder is named by its commit (``.../snapshots/<40 hex>``)."""
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return None
+
+
+# --- GGUF -----------------------------------------------------------------------------------------------
+
+GGUF_FILE_TYPES = {0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 7: "MOSTLY_Q8_0",
+                   8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 15: "MOSTLY_Q4_K_M",
+                   17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16"}
+
+
+def inspect_gguf(path: str | Path) -> dict[str, Any]:
+    """``general.architecture``, ``general.name`` and ``general.file_type`` of a GGUF file (header only)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise InputError(f"{path} is not a GGUF file.")
+        version, _tensors, kv_count = struct.unpack("<IQQ", handle.read(20))
+        wanted = {"general.architecture", "general.name", "general.file_type"}
+        found: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = _gguf_string(handle)
+            (value_type,) = struct.unpack("<I", handle.read(4))
+            value = _gguf_value(handle, value_type)
+            if key in wanted:
+                found[key] = value
+            if wanted <= set(found):
+                break
+    file_type = found.get("general.file_type")
+    return {"kind": "gguf", "path": str(path), "gguf_version": version,
+            "architecture": found.get("general.architecture"), "name": found.get("general.name"),
+            "file_type": GGUF_FILE_TYPES.get(file_type, f"type {file_type}") if file_type is not None else None}
+
+
+def _gguf_string(handle: Any) -> str:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    return handle.read(length).decode("utf-8", "replace")
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_value(handle: Any, value_type: int) -> Any:
+    if value_type in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[value_type]
+        return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+    if value_type == 8:
+        return _gguf_string(handle)
+    if value_type == 9:
+        (item_type,) = struct.unpack("<I", handle.read(4))
+        (count,) = struct.unpack("<Q", handle.read(8))
+        return [_gguf_value(handle, item_type) for _ in range(count)]
+    raise InputError(f"unknown GGUF metadata type {value_type}; the file may be corrupt.")
+
+
+# --- .rkllm files ----------------------------------------------------------------------------------------
+
+def inspect_rkllm(path: str | Path) -> dict[str, Any]:
+    """A ``.rkllm``: simulated (our header + manifest) or vendor (trailer, sidecar manifest)."""
+    from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
+
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    manifest = read_json(sidecar) if sidecar.is_file() else None
+    if is_simulated_model(path):
+        return {"kind": "simulated-rkllm", "path": str(path), "size": path.stat().st_size,
+                "note": "rkedge simulated model: runs on the simulated NPU only (no weights)",
+                "simulated_manifest": read_simulated_model(path), "manifest": manifest}
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+        handle.seek(max(size - 128, 0))
+        tail = handle.read()
+    trailer = VENDOR_TRAILER.search(tail)
+    info: dict[str, Any] = {"kind": "rkllm", "path": str(path), "size": size,
+                            "toolkit_version_trailer": trailer.group(1).decode() if trailer else None,
+                            "manifest": manifest}
+    if head.startswith(b"RKLL") and struct.unpack_from("<I", head, 4)[0] == 1:
+        info["problem"] = ("F-13: this looks like rkllama's fabricated layout ('RKLL' + version 1), which the runtime "
+                           "rejects with 'E rkllm: invalid rkllm model!'; convert with rkllm-toolkit instead")
+    return info
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """What ``rkedge inspect PATH`` shows, for any kind of input."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist.")
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from rkedge.lora.adapter import inspect_adapter
+
+        adapter = inspect_adapter(path)
+        return {"kind": "adapter", **_as_dict(adapter)}
+    if path.is_dir() or path.name == "config.json":
+        return inspect_checkpoint(path).summary()
+    if path.suffix == ".gguf":
+        return inspect_gguf(path)
+    if path.suffix == ".rkllm" or path.read_bytes()[:8] == b"RKEDGE-S":
+        return inspect_rkllm(path)
+    raise InputError(f"don't know how to inspect {path}.",
+                     fix="pass a checkpoint folder, a config.json, an adapter folder, a .gguf or a .rkllm file")
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(value):
+        return json.loads(json.dumps(asdict(value), default=str))
+    return dict(value)

@@ -1,0 +1,77 @@
+"""The model card (``README.md``) beside a converted model, with Hugging Face front matter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+
+def source_card_license(model_dir: Path) -> str | None:
+    """The ``license:`` of the source model card's front matter, carried to ours."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"^---\n(.*?)\n---", text, re.DOTALL)
+    if not match:
+        return None
+    found = re.search(r"^license:\s*(.+)$", match.group(1), re.MULTILINE)
+    return found.group(1).strip().strip("'\"") if found else None
+
+
+def render_card(manifest: dict[str, Any], *, license_id: str | None) -> str:
+    build = manifest["toolkit_calls"]["build"]
+    source = manifest["inputs"]["model"]
+    adapter = manifest["inputs"].get("adapter")
+    simulated = manifest.get("simulated", False)
+    tags = ["rkllm", "rockchip", "npu", manifest["platform"], manifest["dtype"]]
+    if simulated:
+        tags.append("rkedge-simulated")
+    front = ["---"]
+    if source.get("source"):
+        front.append(f"base_model: {source['source']}")
+    if license_id:
+        front.append(f"license: {license_id}")
+    front.append("pipeline_tag: text-generation")
+    front.append("tags:")
+    front += [f"- {tag}" for tag in tags]
+    front.append("---")
+    name = manifest["name"]
+    lines = [*front, "", f"# {name} for {manifest['platform'].upper()} ({manifest['dtype']})", ""]
+    if simulated:
+        lines += ["> **Simulated model.** This file was written by rkedge's simulated toolkit, not by Rockchip's",
+                  "> rkllm-toolkit. It holds no weights and only runs on rkedge's simulated NPU (`--mock`); a board's",
+                  "> librkllmrt refuses it. Convert with the real toolkit (`--toolkit PYTHON`) for a board.", ""]
+    lines += [f"`{manifest['model_file']}` was converted by [rkedge](https://example.invalid/rkedge) "
+              f"{manifest['rkedge_version']} with rkllm-toolkit {manifest['toolkit']['version']}.", "",
+              "| | |", "|---|---|",
+              f"| base model | {source.get('source') or source.get('path')} |",
+              f"| revision | {source.get('revision') or 'not recorded'} |",
+              f"| platform | {manifest['platform']} ({build.get('num_npu_core', '?')} NPU cores) |",
+              f"| quantization | {manifest['dtype']}, algorithm {build.get('quantized_algorithm', 'normal')}, "
+              f"hybrid_rate {build.get('hybrid_rate', 0)}, optimization_level {build.get('optimization_level')} |",
+              f"| context | {manifest['max_context_limit']} tokens (max_context_limit) |",
+              f"| toolkit | rkllm-toolkit {manifest['toolkit']['version']} |",
+              f"| chat template | {manifest.get('chat_family') or 'embedded by the toolkit'} |",
+              f"| sha256 | `{manifest['sha256']}` |"]
+    if adapter:
+        lines.append(f"| LoRA | {adapter.get('source') or adapter.get('path')} ({adapter['mode']}) |")
+    recommended = manifest.get("runtime", {}).get("recommended", {})
+    abi = recommended.get("runtime_version", manifest["toolkit"]["version"])
+    lines += ["", "## Run it", "", "On the board, with a runtime of the same generation as the toolkit "
+              f"(librkllmrt {abi}; older runtimes cannot read newer models, F-3):", "", "```sh",
+              f"rkedge doctor --model {manifest['model_file']}",
+              f"rkedge chat {manifest['model_file']} --abi {abi}"
+              + (f" --base-domain-id {recommended['base_domain_id']}" if recommended.get("base_domain_id") else "")]
+    if manifest.get("lora_file"):
+        lines.append(f"rkedge chat {manifest['model_file']} --abi {abi} --lora {manifest['lora_file']['file']}")
+    lines += [f"rkedge serve {manifest['model_file']} --abi {abi}", "```", "",
+              "The manifest beside the model (`" + manifest["model_file"] + ".json`) records every argument passed to "
+              "the toolkit, the inputs' hashes and the checks that ran.", ""]
+    findings = [f for f in manifest.get("findings", []) if f["severity"] in ("warning", "error")]
+    if findings:
+        lines += ["## Notes from the checks", ""]
+        lines += [f"- {f['id']}: {f['message']}" for f in findings]
+        lines.append("")
+    return "\n".join(lines)

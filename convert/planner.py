@@ -1,0 +1,464 @@
+"""The planner: a conversion request checked against everything known to fail, before any heavy work.
+
+``plan()`` reads the rules tables (``rules``), the architecture registry, the known-failure table, the
+checkpoint's headers and the board profile, and returns every finding plus the exact keyword arguments the
+toolkit will receive. The output file name and the manifest are derived from those arguments, so a
+parameter can only appear in a name if it reached ``build()``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as host_platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rkedge.convert import architectures, known_failures
+from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES, estimate, split_params_from_tensors
+from rkedge.convert.findings import Finding
+from rkedge.convert.inspect import CheckpointInfo, tie_word_embeddings
+from rkedge.convert.rules import (
+    DEFAULT_MAX_CONTEXT,
+    GPTQ,
+    MAX_CONTEXT_LIMIT,
+    MAX_CONTEXT_MULTIPLE,
+    OPTIMIZATION_LEVELS,
+    ToolkitRules,
+    algorithm_stem,
+    group_size,
+    rules_for,
+    version_key,
+)
+
+S3 = "converter-anchors-and-failure-modes.md section 3"
+
+
+@dataclass
+class ConversionRequest:
+    """What the user asked for (``rkedge convert`` options)."""
+
+    model: Path
+    out: Path
+    platform: str = "rk3588"
+    dtype: str = "w8a8"
+    toolkit_version: str | None = None
+    max_context: int | None = None
+    npu_cores: int | None = None
+    algorithm: str = "normal"
+    hybrid_rate: float = 0.0
+    optimization_level: int = 0
+    calibration: str | None = "auto"
+    lora: Path | None = None
+    lora_mode: Literal["merge", "runtime"] = "merge"
+    board: str | None = None
+    toolkit: str | None = None
+    load_dtype: str | None = None
+    device: str = "cpu"
+    allow_known_failure: bool = False
+    name: str | None = None
+    cuda_available: bool | None = None
+
+    def normalized(self) -> "ConversionRequest":
+        self.platform = self.platform.lower()
+        self.dtype = self.dtype.lower()
+        self.algorithm = self.algorithm.lower()
+        return self
+
+
+@dataclass
+class Plan:
+    request: ConversionRequest
+    toolkit_version: str
+    findings: list[Finding]
+    load_method: str
+    load_kwargs: dict[str, Any]
+    build_kwargs: dict[str, Any]
+    export_kwargs: dict[str, Any]
+    output_name: str
+    arch: architectures.ArchSpec | None
+    size: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def output_name(base: str, build_kwargs: dict[str, Any]) -> str:
+    """``<name>_<dtype>_<platform>.rkllm`` from the arguments build() actually receives."""
+    dtype = str(build_kwargs.get("quantized_dtype", "w8a8")).lower()
+    platform = str(build_kwargs.get("target_platform", "rk3588")).lower()
+    return f"{base}_{dtype}_{platform}.rkllm"
+
+
+def default_name(request: ConversionRequest, info: CheckpointInfo | None) -> str:
+    if request.name:
+        return request.name
+    source = (info.source_name if info else None) or request.model.name
+    return Path(source.rstrip("/")).name.replace(" ", "-") or "model"
+
+
+def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str, *,
+         toolkit_python: str | None = None, host_memory: tuple[int, int] | None = None,
+         adapter_findings: list[Finding] | None = None, calibration_findings: list[Finding] | None = None,
+         simulated_toolkit: bool = False) -> Plan:
+    """Checks ``request`` for ``info`` on ``toolkit_version``; returns findings and toolkit arguments."""
+    request.normalized()
+    findings: list[Finding] = []
+    try:
+        rules = rules_for(toolkit_version)
+    except Exception as exc:  # InputError: unknown version
+        findings.append(Finding("toolkit.version", "error", str(exc), getattr(exc, "fix", None), S3))
+        return Plan(request, toolkit_version, findings, "load_huggingface", {}, {}, {}, "", None)
+
+    spec, arch_findings = architectures.check_architecture(info.config, toolkit_version)
+    findings += arch_findings
+    findings += _check_platform_dtype(request, rules, toolkit_version)
+    findings += _check_algorithm(request, rules, toolkit_version)
+    findings += _check_cores_context_hybrid(request, rules, toolkit_version)
+    findings += _check_quantization_config(info, request, toolkit_version)
+    findings += _check_group_sizes(info, request)
+    findings += _check_known_failures(info, request, toolkit_version)
+    findings += _check_python(rules, spec, toolkit_python, toolkit_version)
+    findings += _check_lora_mode(request, rules, toolkit_version)
+    if not info.tokenizer_files:
+        findings.append(Finding("tokenizer.missing", "warning",
+                                f"{info.path} has no tokenizer files; the toolkit embeds the tokenizer in the .rkllm.",
+                                "copy tokenizer.json / tokenizer_config.json from the base model", S3))
+    elif not info.chat_template:
+        findings.append(Finding("tokenizer.no-chat-template", "warning",
+                                "the tokenizer has no chat template; the .rkllm gets none and chat output may be "
+                                "garbage (F-16, rknn-llm#240)", "add the base model's chat template", "F-16"))
+    findings += adapter_findings or []
+    findings += calibration_findings or []
+
+    load_kwargs = _load_kwargs(request, rules)
+    build_kwargs = _build_kwargs(request, rules)
+    export_kwargs: dict[str, Any] = {}
+    name = output_name(default_name(request, info), build_kwargs)
+    size = None
+    if info.tensors:
+        context = build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
+        size = estimate(split_params_from_tensors(info.tensors, tie_word_embeddings(info.config)), info.config,
+                        request.dtype if request.dtype.split("_")[0] in ("w8a8", "w4a16", "w4a8") else "w8a8",
+                        context)
+        findings += _check_board_fit(request, size)
+        if not simulated_toolkit:
+            findings += _check_host_memory(info, request, host_memory)
+    return Plan(request, toolkit_version, findings, "load_huggingface", load_kwargs, build_kwargs, export_kwargs,
+                name, spec, size)
+
+
+# --- individual checks --------------------------------------------------------------------------------------
+
+def _check_platform_dtype(request: ConversionRequest, rules: ToolkitRules, version: str) -> list[Finding]:
+    platform, dtype = request.platform, request.dtype
+    if platform not in rules.dtypes:
+        return [Finding("platform.unknown", "error",
+                        f"target platform {platform!r} is not supported by rkllm-toolkit {version} "
+                        f"(supported: {', '.join(rules.dtypes)}).", "use --platform rk3588 for RK3588/RK3588S boards",
+                        S3 + ".1")]
+    allowed = rules.dtypes[platform]
+    if dtype in allowed:
+        note = rules.notes.get(platform)
+        return [Finding("platform.dtype-list", "warning", note, None, S3 + ".1")] if note else []
+    if dtype.startswith("w4a16") and platform == "rk3588":
+        return [Finding("F-2", "error",
+                        f"{dtype} is not supported on RK3588 by any rkllm-toolkit version (toolkit 1.3.0 refuses it: "
+                        f"'ERROR: target_platform: rk3588 not support quantized_dtype: {dtype.split('_')[0]}!').",
+                        f"use --dtype w8a8 (or a grouped w8a8: {', '.join(allowed[1:])}); w4a16 exists on RK3576",
+                        "F-2: manuals 1.0.0-1.3.0; rknn-llm#107, #186, #535")]
+    return [Finding("dtype.platform", "error",
+                    f"quantized_dtype {dtype!r} is not available for {platform} in rkllm-toolkit {version}.",
+                    f"use one of: {', '.join(allowed)}", S3 + ".1")]
+
+
+def _check_algorithm(request: ConversionRequest, rules: ToolkitRules, version: str) -> list[Finding]:
+    stem, rank = algorithm_stem(request.algorithm)
+    if not rules.algorithms:
+        if request.algorithm != "normal":
+            return [Finding("algorithm.version", "error",
+                            f"rkllm-toolkit {version} has no quantized_algorithm argument.",
+                            "drop --algorithm, or use toolkit 1.1.0+", S3 + ".2")]
+        return []
+    if rank is not None and stem not in rules.accuracy_lora:
+        return [Finding("algorithm.unknown", "error",
+                        f"quantized_algorithm {request.algorithm!r} does not exist in rkllm-toolkit {version}"
+                        f" (accuracy-LoRA variants: {', '.join(s + '_rN' for s in rules.accuracy_lora) or 'none'}).",
+                        "use --algorithm normal", S3 + ".2")]
+    if rank is not None and not 1 <= rank <= 64:
+        return [Finding("algorithm.rank", "error", f"{request.algorithm}: the rank N of _rN must be 1..64.",
+                        "use e.g. normal_r16", S3 + ".2")]
+    rule = rules.algorithms.get(stem)
+    if rule is None:
+        return [Finding("algorithm.unknown", "error",
+                        f"quantized_algorithm {stem!r} does not exist in rkllm-toolkit {version} "
+                        f"(available: {', '.join(rules.algorithms)}).", "use --algorithm normal", S3 + ".2")]
+    findings: list[Finding] = []
+    if rule.dtypes is not None and request.dtype not in rule.dtypes:
+        findings.append(Finding("algorithm.dtype", "error",
+                                f"{stem} quantization only works with the w4a16 family, not {request.dtype}.",
+                                "use --algorithm normal", S3 + ".2"))
+    if rule.needs_cuda:
+        cuda = request.cuda_available if request.cuda_available is not None else _cuda_present()
+        if not cuda:
+            findings.append(Finding("algorithm.cuda", "error", f"{stem} quantization needs a CUDA GPU on the host.",
+                                    "use --algorithm normal, or run the conversion on a machine with an NVIDIA GPU",
+                                    S3 + ".2"))
+    if rank is not None:
+        findings.append(Finding("algorithm.accuracy-lora", "info",
+                                f"{request.algorithm} also exports an accuracy LoRA (<name>_lora.rkllm) that the runtime "
+                                "must load with the model", None, S3 + ".2"))
+    return findings
+
+
+def _check_cores_context_hybrid(request: ConversionRequest, rules: ToolkitRules, version: str) -> list[Finding]:
+    findings: list[Finding] = []
+    if request.npu_cores is not None:
+        if "num_npu_core" not in rules.build_args:
+            findings.append(Finding("npu_cores.version", "error",
+                                    f"num_npu_core is a runtime setting in toolkit {version}, not a build argument.",
+                                    "drop --npu-cores", S3 + ".2"))
+        elif request.npu_cores not in rules.npu_cores.get(request.platform, ()):
+            findings.append(Finding("npu_cores.range", "error",
+                                    f"{request.platform} takes num_npu_core in {rules.npu_cores.get(request.platform)}, "
+                                    f"not {request.npu_cores}.", "RK3588 has 3 NPU cores: use --npu-cores 3", S3 + ".2"))
+    if request.max_context is not None:
+        if not rules.max_context_settable:
+            findings.append(Finding("F-7", "error",
+                                    f"toolkit {version} cannot set max_context: its models carry max_context_limit "
+                                    f"4096, and a runtime asked for more fails with 'max_context[N] must be less than "
+                                    "the model's max_context_limit[4096]'.",
+                                    "drop --max-context (4096), or use toolkit 1.2.0+", "F-7; rkllama#60, #64"))
+        elif request.max_context > MAX_CONTEXT_LIMIT or request.max_context % MAX_CONTEXT_MULTIPLE or \
+                request.max_context <= 0:
+            nearest = min(MAX_CONTEXT_LIMIT, max(MAX_CONTEXT_MULTIPLE, -(-request.max_context // 32) * 32))
+            findings.append(Finding("F-7", "error",
+                                    f"max_context {request.max_context} is invalid: the toolkit allows at most "
+                                    f"{MAX_CONTEXT_LIMIT}, in multiples of {MAX_CONTEXT_MULTIPLE} (manual 1.2.0+).",
+                                    f"use --max-context {nearest}", "F-7; manual 1.2.0 section 3.1"))
+    if request.hybrid_rate:
+        if "hybrid_rate" not in rules.build_args:
+            findings.append(Finding("hybrid.version", "error", f"toolkit {version} has no hybrid_rate.",
+                                    "drop --hybrid-rate", S3 + ".2"))
+        elif not 0 <= request.hybrid_rate < 1:
+            findings.append(Finding("hybrid.range", "error",
+                                    f"hybrid_rate must be in [0, 1), not {request.hybrid_rate} (some converters accept "
+                                    "1.0 and drop it silently).", "use a value such as 0.25", S3 + ".2"))
+    elif request.hybrid_rate < 0:
+        findings.append(Finding("hybrid.range", "error", "hybrid_rate must be in [0, 1).", None, S3 + ".2"))
+    if request.optimization_level not in OPTIMIZATION_LEVELS:
+        findings.append(Finding("optimization.range", "error",
+                                f"optimization_level must be 0 or 1, not {request.optimization_level}.", None, S3 + ".2"))
+    elif request.optimization_level == 1 and version_key(version) >= version_key("1.2.1"):
+        findings.append(Finding("optimization.speed", "warning",
+                                "optimization_level 1 trades runtime speed for accuracy; Rockchip's benchmarks "
+                                "convert with 0 ('to enable optimized runtime performance').",
+                                "use --optimization-level 0 unless accuracy needs it", "benchmark.md (v1.2.1+)"))
+    return findings
+
+
+def _check_quantization_config(info: CheckpointInfo, request: ConversionRequest, version: str) -> list[Finding]:
+    qc = info.quantization_config
+    if not qc:
+        return []
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit") or "_load_in_4bit" in qc:
+        return [Finding("F-9", "error",
+                        "the checkpoint is quantized with bitsandbytes; rkllm-toolkit cannot load it "
+                        "('ERROR: Catch exception when loading model: bitsandbytes' / 'Load model failed!').",
+                        "convert from the original fp16/bf16 checkpoint, or dequantize first: load it with "
+                        "transformers, call model.dequantize(), save_pretrained() in float16 without "
+                        "quantization_config", "F-9: rknn-llm#212, ez-er#4")]
+    if method != "gptq":
+        return [Finding("F-9", "error", f"quantization method {method or '?'} is not readable by rkllm-toolkit "
+                        "(only GPTQ with the documented settings).", "convert from the fp16/bf16 checkpoint", "F-9")]
+    bits = int(qc.get("bits", 0))
+    rule = GPTQ.get(bits)
+    findings: list[Finding] = []
+    if rule is None or version_key(version) < version_key(str(rule["since"])):
+        findings.append(Finding("gptq.version", "error",
+                                f"GPTQ int{bits} needs toolkit {rule['since'] if rule else 'n/a'}+ (manual 3.1.5).",
+                                "use the fp16/bf16 checkpoint or a newer toolkit", S3 + ".1"))
+    else:
+        if int(qc.get("group_size", -1)) not in rule["group_sizes"] or not qc.get("sym", False) or qc.get("desc_act"):
+            findings.append(Finding("gptq.settings", "error",
+                                    f"GPTQ int{bits} must use sym=true, desc_act=false and group_size in "
+                                    f"{rule['group_sizes']} (found {qc.get('group_size')}, sym={qc.get('sym')}, "
+                                    f"desc_act={qc.get('desc_act')}).", "requantize with those settings", S3 + ".1"))
+    if bits == 4 and request.platform == "rk3588":
+        findings.append(Finding("F-2", "error", "GPTQ-Int4 means w4a16, which RK3588 does not run.",
+                                "use GPTQ-Int8 or the fp16 checkpoint on RK3588", "F-2"))
+    return findings
+
+
+def _check_group_sizes(info: CheckpointInfo, request: ConversionRequest) -> list[Finding]:
+    """The group size must divide the linear layers' input dimension (fail) and should divide the output one."""
+    group = group_size(request.dtype)
+    reason = f"dtype {request.dtype}"
+    if group is None and request.hybrid_rate > 0 and request.dtype == "w8a8":
+        group, reason = 512, "hybrid_rate > 0 with w8a8 (hybrid mixes in w8a8_g512)"
+    if group is None or not info.tensors:
+        return []
+    bad_in = sorted({(t.shape[1], t.name.split(".")[-2]) for t in info.linear_weights() if t.shape[1] % group})
+    bad_out = sorted({(t.shape[0], t.name.split(".")[-2]) for t in info.linear_weights() if t.shape[0] % group})
+    source = "converter-anchors section 3.1 (group size vs K dimension, inferred from Rockchip's benchmark picks)"
+    findings = []
+    if bad_in:
+        dims = ", ".join(f"{name} in={dim}" for dim, name in bad_in[:6])
+        findings.append(Finding("group-size.input", "error",
+                                f"group size {group} ({reason}) does not divide the input dimension of: {dims}; "
+                                "quantization fails.", "use a smaller group (or plain w8a8)", source))
+    if bad_out:
+        dims = ", ".join(f"{name} out={dim}" for dim, name in bad_out[:6])
+        findings.append(Finding("group-size.output", "warning",
+                                f"group size {group} ({reason}) does not divide the output dimension of: {dims}. The "
+                                "manual words the rule on the output dimension, Rockchip's own benchmarks show the "
+                                "input dimension is what matters.", None, source))
+    return findings
+
+
+def _check_known_failures(info: CheckpointInfo, request: ConversionRequest, version: str) -> list[Finding]:
+    found = []
+    for failure in known_failures.matching(architecture=info.architecture, platform=request.platform,
+                                           toolkit_version=version, dtype=request.dtype,
+                                           hybrid_rate=request.hybrid_rate):
+        severity = "warning" if request.allow_known_failure else "error"
+        fix = failure.fix + ("" if request.allow_known_failure else
+                             " (to convert anyway, e.g. to reproduce the failure, pass --allow-known-failure)")
+        found.append(Finding(failure.id, severity, failure.message + ".", fix, failure.source))
+    return found
+
+
+def _check_python(rules: ToolkitRules, spec: architectures.ArchSpec | None, python: str | None,
+                  version: str) -> list[Finding]:
+    if python is None:
+        return []
+    short = ".".join(python.split(".")[:2])
+    findings = []
+    if short not in rules.python:
+        findings.append(Finding("F-14", "error",
+                                f"rkllm-toolkit {version} ships wheels for Python {', '.join(rules.python)}, not {short}.",
+                                f"make the toolkit environment with Python {rules.python[-1]} "
+                                "(rkedge toolkit install WHEEL --python python3.X)", "F-14; section 3.4"))
+    if spec is not None and spec.python_only and short not in spec.python_only:
+        findings.append(Finding("F-14", "error", f"{spec.family} converts only on Python {', '.join(spec.python_only)}.",
+                                "use a Python 3.12 toolkit environment with requirements_rwkv7.txt", "section 3.4"))
+    return findings
+
+
+def _check_lora_mode(request: ConversionRequest, rules: ToolkitRules, version: str) -> list[Finding]:
+    if request.lora is None or request.lora_mode != "runtime":
+        return []
+    if "model_lora" not in rules.load_args:
+        return [Finding("F-10", "error", f"toolkit {version} cannot convert a LoRA for the runtime (no model_lora).",
+                        "use --lora-mode merge, or toolkit 1.1.0+", "F-10; section 3.2")]
+    if version == "1.2.0":
+        return [Finding("F-10", "warning", "LoRA conversion errors on 1.2.0 were answered with 'use 1.2.1' (#357).",
+                        "prefer toolkit 1.2.1+ for runtime LoRAs", "F-10; rknn-llm#357")]
+    return []
+
+
+def _check_board_fit(request: ConversionRequest, size: Any) -> list[Finding]:
+    findings: list[Finding] = []
+    if size.weight_bytes > IOMMU_DOMAIN_BYTES:
+        findings.append(Finding(
+            "F-1.domains", "warning",
+            f"the quantized weights (~{size.weight_bytes / GIB:.1f} GiB) span more than one 4 GiB NPU IOMMU domain; "
+            "large models have failed to load with 'failed to malloc npu memory'.",
+            "on the board use base_domain_id=1 and rknpu driver 0.9.8 (rkedge doctor checks it); prefer plain w8a8",
+            "F-1: rknpu_iommu.c dma_limit 1<<32; rknn-llm#139, #195, #232"))
+    if request.board:
+        from rkedge.boards import get_board
+
+        board = get_board(request.board)
+        need = size.total_bytes + 400 * 1024 * 1024  # the runtime's own buffers (refined by rkedge plan)
+        options = [gb for gb in (board.ram_gb or ()) if gb * GIB * 0.9 >= need]
+        if board.ram_gb and not options:
+            findings.append(Finding("board.ram", "error",
+                                    f"~{need / GIB:.1f} GiB needed (weights, embedding, KV cache at "
+                                    f"{size.max_context} tokens, runtime) does not fit any {board.name} "
+                                    f"({', '.join(f'{g} GB' for g in board.ram_gb)}).",
+                                    "use a smaller model or a smaller --max-context", "boards/" + board.id + ".json"))
+        elif board.ram_gb and options[0] != min(board.ram_gb):
+            findings.append(Finding("board.ram", "warning",
+                                    f"~{need / GIB:.1f} GiB needed: fits the {options[0]} GB and larger variants of "
+                                    f"{board.name}, not the {min(board.ram_gb)} GB one.", None,
+                                    "boards/" + board.id + ".json"))
+        if board.npu_platform != request.platform:
+            findings.append(Finding("F-6", "error",
+                                    f"{board.name} runs {board.npu_platform} models, not {request.platform}.",
+                                    f"use --platform {board.npu_platform}", "F-6"))
+    return findings
+
+
+def _check_host_memory(info: CheckpointInfo, request: ConversionRequest,
+                       host_memory: tuple[int, int] | None) -> list[Finding]:
+    """F-11: the toolkit holds the model at its load dtype plus calibration state (~4.2 bytes/param at fp32)."""
+    available, swap = host_memory if host_memory else _host_memory()
+    if not available:
+        return []
+    per_param = {"float16": 2.2, "bfloat16": 2.2}.get(request.load_dtype or "float32", 4.4)
+    need = info.param_count * per_param * 1.1
+    if need > available + swap:
+        return [Finding("F-11", "error",
+                        f"converting needs ~{need / GIB:.0f} GiB of host memory (RAM + swap: "
+                        f"{(available + swap) / GIB:.0f} GiB available); the toolkit would be OOM-killed after hours.",
+                        "add swap, use a bigger machine, or --load-dtype float16 (toolkit 1.2.0+, costs precision)",
+                        "F-11: rknn-llm#30, ez-er#2, BEG measurements")]
+    if need > available:
+        return [Finding("F-11", "warning",
+                        f"converting needs ~{need / GIB:.0f} GiB; only {available / GIB:.0f} GiB RAM is available, the "
+                        "rest would come from swap (slow).", "--load-dtype float16 halves it (1.2.0+)", "F-11")]
+    return []
+
+
+def _load_kwargs(request: ConversionRequest, rules: ToolkitRules) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"model": None}  # filled with the exported folder by the pipeline
+    if "device" in rules.load_args:
+        kwargs["device"] = request.device
+    if request.load_dtype and "dtype" in rules.load_args:
+        kwargs["dtype"] = request.load_dtype
+    if request.lora is not None and request.lora_mode == "runtime" and "model_lora" in rules.load_args:
+        kwargs["model_lora"] = None  # filled with the adapter folder by the pipeline
+    return kwargs
+
+
+def _build_kwargs(request: ConversionRequest, rules: ToolkitRules) -> dict[str, Any]:
+    wanted: dict[str, Any] = {
+        "do_quantization": True,
+        "optimization_level": request.optimization_level,
+        "quantized_dtype": request.dtype,
+        "target_platform": request.platform,
+        "quantized_algorithm": request.algorithm,
+        "num_npu_core": request.npu_cores if request.npu_cores is not None else
+        max(rules.npu_cores.get(request.platform, (1,))),
+        "extra_qparams": None,
+        "dataset": None,  # filled with the calibration file by the pipeline
+        "hybrid_rate": request.hybrid_rate,
+        "max_context": request.max_context if request.max_context is not None else DEFAULT_MAX_CONTEXT,
+    }
+    return {key: value for key, value in wanted.items() if key in rules.build_args}
+
+
+def _cuda_present() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def _host_memory() -> tuple[int, int]:
+    try:
+        values = {}
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                key, _, rest = line.partition(":")
+                values[key] = int(rest.split()[0]) * 1024
+        return values.get("MemAvailable", 0), values.get("SwapFree", 0)
+    except OSError:
+        return 0, 0
+
+
+def host_description() -> dict[str, Any]:
+    available, swap = _host_memory()
+    return {"machine": host_platform.machine(), "python": host_platform.python_version(),
+            "memory_available": available, "swap_free": swap, "cpus": os.cpu_count()}

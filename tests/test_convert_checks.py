@@ -1,0 +1,193 @@
+"""The planner: every known failure is caught on the host, with a finding that says why and what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rkedge.convert.inspect import inspect_checkpoint
+from rkedge.convert.planner import ConversionRequest, plan
+from rkedge.convert.rules import TOOLKIT_VERSIONS, rules_for
+
+pytest.importorskip("transformers")
+from model_factory import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: make_checkpoint(root / kind, kind)
+            for kind in ("llama", "qwen2", "gemma", "gemma2", "gemma3", "recurrent_gemma")}
+
+
+def check(model: Path, version: str = "1.3.0", **options):
+    request = ConversionRequest(model=model, out=model.parent / "out", **options)
+    return plan(request, inspect_checkpoint(model), version, simulated_toolkit=True)
+
+
+def ids(the_plan, severity="error"):
+    return {f.id for f in the_plan.findings if f.severity == severity}
+
+
+def test_a_valid_request_has_no_error(tiny):
+    for kind in ("llama", "qwen2", "gemma", "gemma2", "gemma3"):
+        result = check(tiny[kind])
+        assert ids(result) == set(), [f.render() for f in result.findings]
+        assert result.output_name == f"{kind}_w8a8_rk3588.rkllm"
+        assert result.build_kwargs == {"do_quantization": True, "optimization_level": 0, "quantized_dtype": "w8a8",
+                                       "target_platform": "rk3588", "quantized_algorithm": "normal",
+                                       "num_npu_core": 3, "extra_qparams": None, "dataset": None, "hybrid_rate": 0.0,
+                                       "max_context": 4096}
+
+
+def test_gemma2_grouped_dtype_on_toolkit_1_1_is_the_known_npu_malloc_failure(tiny):
+    result = check(tiny["gemma2"], "1.1.1", dtype="w8a8_g128")
+    finding = next(f for f in result.findings if f.id == "F-1.gemma2-rk3588-1.1")
+    assert finding.severity == "error"
+    assert "failed to malloc npu memory, size: 232128512" in finding.message
+    assert "--dtype w8a8" in finding.fix
+    assert "gemma-2-9b-it" in finding.source
+    # plain w8a8 is the fix; hybrid mixes grouped types in, so it is not plain
+    assert "F-1.gemma2-rk3588-1.1" not in ids(check(tiny["gemma2"], "1.1.1"))
+    assert "F-1.gemma2-rk3588-1.1" in ids(check(tiny["gemma2"], "1.1.1", hybrid_rate=0.5))
+    # newer toolkits and other architectures are not affected
+    assert "F-1.gemma2-rk3588-1.1" not in ids(check(tiny["gemma2"], "1.2.1", dtype="w8a8_g128"))
+    assert "F-1.gemma2-rk3588-1.1" not in ids(check(tiny["llama"], "1.1.1", dtype="w8a8_g128"))
+    overridden = check(tiny["gemma2"], "1.1.1", dtype="w8a8_g128", allow_known_failure=True)
+    assert "F-1.gemma2-rk3588-1.1" in ids(overridden, "warning") and not ids(overridden)
+
+
+@pytest.mark.parametrize("dtype", ["w4a16", "w4a16_g32", "w4a16_g128"])
+def test_w4a16_on_rk3588(tiny, dtype):
+    result = check(tiny["llama"], dtype=dtype)
+    finding = next(f for f in result.findings if f.id == "F-2")
+    assert "not support quantized_dtype" in finding.message and "w8a8" in finding.fix
+    assert ids(check(tiny["llama"], platform="rk3576", dtype=dtype)) == set(), "w4a16 is fine on RK3576"
+
+
+@pytest.mark.parametrize(("value", "suggested"), [(5000, 5024), (20000, 16384), (100, 128)])
+def test_max_context_rules(tiny, value, suggested):
+    result = check(tiny["llama"], max_context=value)
+    finding = next(f for f in result.findings if f.id == "F-7")
+    assert "16384" in finding.message and f"--max-context {suggested}" in finding.fix
+    assert ids(check(tiny["llama"], max_context=8192)) == set()
+    assert "F-7" in ids(check(tiny["llama"], "1.1.4", max_context=8192)), "not settable before 1.2.0"
+
+
+def test_recurrent_gemma_is_refused_with_the_reason_and_the_alternatives(tiny):
+    result = check(tiny["recurrent_gemma"])
+    finding = next(f for f in result.findings if f.id == "F-8")
+    assert "RG-LRU" in finding.message and "no rkllm-toolkit version" in finding.message
+    assert "--backend rknn" in finding.fix and "Gemma2ForCausalLM" in finding.fix
+
+
+def test_an_unknown_architecture_lists_what_is_supported(tiny, tmp_path):
+    folder = tmp_path / "mamba"
+    shutil.copytree(tiny["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MambaForCausalLM"], model_type="mamba")
+    (folder / "config.json").write_text(json.dumps(config))
+    finding = next(f for f in check(folder).findings if f.id == "F-8")
+    assert "MambaForCausalLM" in finding.message and "Qwen2ForCausalLM" in finding.fix
+
+
+def test_gemma3_needs_toolkit_1_2(tiny):
+    finding = next(f for f in check(tiny["gemma3"], "1.1.4").findings if f.id == "F-8")
+    assert "1.2.0" in finding.message and "Not support Gemma3ForCausalLM" in finding.message
+    assert "F-8" not in ids(check(tiny["gemma3"], "1.2.0"))
+
+
+def with_quantization_config(tiny, tmp_path, qc):
+    folder = tmp_path / "quantized"
+    shutil.copytree(tiny["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bitsandbytes_checkpoints_are_refused_with_the_way_out(tiny, tmp_path):
+    folder = with_quantization_config(tiny, tmp_path, {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                                      "bnb_4bit_quant_type": "nf4"})
+    finding = next(f for f in check(folder).findings if f.id == "F-9")
+    assert "bitsandbytes" in finding.message and "dequantize" in finding.fix
+
+
+def test_gptq_rules(tiny, tmp_path):
+    good = {"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": True, "desc_act": False}
+    assert ids(check(with_quantization_config(tiny, tmp_path / "a", good))) == set()
+    bad = dict(good, desc_act=True)
+    assert "gptq.settings" in ids(check(with_quantization_config(tiny, tmp_path / "b", bad)))
+    int4 = dict(good, bits=4, group_size=32)
+    assert "F-2" in ids(check(with_quantization_config(tiny, tmp_path / "c", int4)))
+    assert "gptq.version" in ids(check(with_quantization_config(tiny, tmp_path / "d", good), "1.1.4"))
+
+
+def test_group_size_must_divide_the_input_dimension(tiny, tmp_path):
+    folder = make_checkpoint(tmp_path / "odd", "llama", config_overrides={"intermediate_size": 320})
+    result = check(folder, dtype="w8a8_g128")
+    error = next(f for f in result.findings if f.id == "group-size.input")
+    assert "down_proj in=320" in error.message
+    warning = next(f for f in result.findings if f.id == "group-size.output")
+    assert warning.severity == "warning" and "up_proj out=320" in warning.message
+    assert "group-size.input" not in ids(check(folder, dtype="w8a8"))
+    assert "group-size.input" in ids(check(folder, hybrid_rate=0.3)), "hybrid w8a8 mixes in w8a8_g512"
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"hybrid_rate": 1.0}, "hybrid.range"),
+    ({"npu_cores": 4}, "npu_cores.range"),
+    ({"optimization_level": 2}, "optimization.range"),
+    ({"algorithm": "grq", "dtype": "w8a8", "cuda_available": True}, "algorithm.dtype"),
+    ({"algorithm": "grq", "platform": "rk3576", "dtype": "w4a16", "cuda_available": False}, "algorithm.cuda"),
+    ({"algorithm": "normal_r99"}, "algorithm.rank"),
+    ({"platform": "rk3566"}, "platform.unknown"),
+])
+def test_argument_rules(tiny, options, expected):
+    assert expected in ids(check(tiny["llama"], **options))
+
+
+def test_version_specific_arguments(tiny):
+    old = check(tiny["llama"], "1.0.1")
+    assert "num_npu_core" not in old.build_kwargs and "max_context" not in old.build_kwargs
+    assert "hybrid.version" in ids(check(tiny["llama"], "1.0.1", hybrid_rate=0.2))
+    assert "algorithm.unknown" in ids(check(tiny["llama"], "1.3.0", algorithm="gdq"))
+    assert "algorithm.unknown" not in ids(check(tiny["llama"], "1.2.3", algorithm="normal_r16"))
+    for version in TOOLKIT_VERSIONS:
+        result = check(tiny["llama"], version)
+        assert set(result.build_kwargs) <= set(rules_for(version).build_args)
+
+
+def test_toolkit_python_version(tiny):
+    request = ConversionRequest(model=tiny["llama"], out=tiny["llama"].parent / "o")
+    found = plan(request, inspect_checkpoint(tiny["llama"]), "1.2.3", toolkit_python="3.8.10").findings
+    assert any(f.id == "F-14" and "3.8" in f.message for f in found)
+
+
+def test_board_fit_and_iommu_domains(tiny):
+    from rkedge.convert.estimate import SizeEstimate
+    from rkedge.convert.planner import _check_board_fit
+
+    request = ConversionRequest(model=tiny["llama"], out=Path("o"), board="orangepi-5")
+    big = SizeEstimate(15_000_000_000, 900_000_000, 0, 15 * (1 << 30), 2 * (1 << 30), 1 << 30, 4096)
+    findings = {f.id: f for f in _check_board_fit(request, big)}
+    assert findings["F-1.domains"].severity == "warning" and "base_domain_id=1" in findings["F-1.domains"].fix
+    assert findings["board.ram"].severity == "error" and "Orange Pi 5" in findings["board.ram"].message
+    small = SizeEstimate(1_000_000_000, 100_000_000, 0, 1 << 30, 1 << 28, 1 << 27, 4096)
+    assert [f.id for f in _check_board_fit(request, small)] == []
+    medium = SizeEstimate(5_000_000_000, 100_000_000, 0, 5 * (1 << 30) // 2, 1 << 28, 1 << 29, 4096)
+    warning = next(f for f in _check_board_fit(request, medium) if f.id == "board.ram")
+    assert warning.severity == "warning" and "not the 4 GB one" in warning.message
+
+
+def test_host_memory_check(tiny):
+    from rkedge.convert.planner import _check_host_memory
+
+    info = inspect_checkpoint(tiny["llama"])
+    request = ConversionRequest(model=tiny["llama"], out=Path("o"))
+    assert _check_host_memory(info, request, (10 << 30, 0)) == []
+    tight = _check_host_memory(info, request, (1 << 20, 0))
+    assert tight[0].id == "F-11" and tight[0].severity == "error" and "float16" in tight[0].fix
