@@ -19,7 +19,7 @@ from typing import Any
 
 from rkedge.errors import InputError
 from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
-from rkedge.runtime.types import RunRequest
+from rkedge.runtime.types import RunRequest, Sampling
 
 
 class ChatSession:
@@ -40,12 +40,23 @@ class ChatSession:
         return self.llm.features.has_keep_history
 
     def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: tuple[str, ...] = (),
-             enable_thinking: bool = False, **sampling: Any) -> GenerationStream | GenerationResult:
+             enable_thinking: bool = False, on_token: Any = None,
+             **sampling: Any) -> GenerationStream | GenerationResult:
         """Adds a user turn and generates the reply (appended to :attr:`messages` when it ends)."""
         if not content:
             raise InputError("empty message")
-        conversation = [*self.messages, {"role": "user", "content": content}]
-        prompt, full = self._prompt_for(conversation, content)
+        return self.respond([*self.messages, {"role": "user", "content": content}], stream=stream, lora=lora,
+                            stop=stop, enable_thinking=enable_thinking, on_token=on_token, **sampling)
+
+    def respond(self, messages: list[dict[str, str]], *, stream: bool = True, lora: str | None = None,
+                stop: tuple[str, ...] = (), enable_thinking: bool = False, on_token: Any = None,
+                **sampling: Any) -> GenerationStream | GenerationResult:
+        """Generates the reply to a whole conversation (ending with a user turn), reusing the KV cache for
+        whatever prefix of it the cache already holds (an OpenAI-style server sends the history each time)."""
+        if not messages or messages[-1].get("role") != "user":
+            raise InputError("the conversation must end with a user message")
+        conversation = [dict(m) for m in messages]
+        prompt, full = self._prompt_for(conversation, conversation[-1]["content"])
         keep = self.uses_kv_cache
 
         def record(result: GenerationResult) -> None:
@@ -58,11 +69,10 @@ class ChatSession:
 
         request = RunRequest(prompt=prompt.encode("utf-8"), keep_history=keep, lora_name=lora,
                              enable_thinking=enable_thinking, max_new_tokens=sampling.pop("max_new_tokens", None))
+        sampling = {k: v for k, v in sampling.items() if v is not None}
         if sampling:
-            from rkedge.runtime.types import Sampling
-
             request.sampling = Sampling(**sampling)
-        result = self.llm._start(request, stop=stop, owner=self, on_done=record)
+        result = self.llm._start(request, stop=stop, on_token=on_token, owner=self, on_done=record)
         return result if stream else result.collect()
 
     def _prompt_for(self, conversation: list[dict[str, str]], content: str) -> tuple[str, str | None]:
@@ -72,8 +82,11 @@ class ChatSession:
             if not self.uses_kv_cache and len(conversation) > 1:
                 raise InputError("multi-turn chat on ABI 1.1 needs the model's chat template.",
                                  fix="pass --template FAMILY")
-            if self.llm._kv_owner is not self:
-                self.messages, conversation[:] = [], [{"role": "user", "content": content}]
+            if self.llm._kv_owner is not self or conversation[:-1] != self.messages:
+                # The cache holds another conversation: start over from this turn alone.
+                if self.llm._kv_owner is self:
+                    self.llm.clear_kv_cache()
+                conversation[:] = [conversation[-1]]
             return content, None
         full = template.render(conversation, add_generation_prompt=True)
         cached = self._cached_text

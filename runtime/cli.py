@@ -68,6 +68,33 @@ def mock_model(out: Path, name: str, architecture: str, toolkit_version: str, pl
                            "platform": platform, "dtype": dtype}))
 
 
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@library_options
+@runtime_param_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="RKEDGE_API_KEY", help="Require this key (Bearer or x-api-key).")
+@click.option("--max-queue", type=click.IntRange(0, 1000), default=8, show_default=True,
+              help="Requests that may wait behind the running one; more get 429.")
+@click.option("--name", "model_name", default=None, help="Model id clients use (default: from the manifest).")
+def serve(model: Path, mock: bool, library: str | None, abi: str | None, max_context: int | None,
+          max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
+          base_domain_id: int | None, template: str | None, verbose: bool, host: str, port: int,
+          api_key: str | None, max_queue: int, model_name: str | None) -> None:
+    """Serve MODEL over an OpenAI- and Ollama-compatible HTTP API with a web chat page at /."""
+    from rkedge.runtime.server.run import run_server
+    from rkedge.runtime.server.settings import ServerSettings
+
+    settings = ServerSettings(model_path=model, library=resolve_library_choice(mock, library), abi=abi,
+                              model_name=model_name, api_key=api_key, max_queue=max_queue, host=host, port=port,
+                              template=template,
+                              llm_params=llm_kwargs(max_context, max_new_tokens, temperature, top_k, top_p,
+                                                    base_domain_id))
+    run_server(settings, verbose=verbose)
+
+
 def register(group: click.Group) -> None:
     group.add_command(chat)
     group.add_command(mock_model)
+    group.add_command(serve)

@@ -124,6 +124,7 @@ class GenerationStream(Iterator[str]):
         self._values: tuple[array | None, int, int] = (None, 0, 0)
         self._error: str | None = None
         self._stopped = False
+        self._delivered = 0  # token events taken before a stop (what the caller actually received)
         self._abort_sent = False
         self._hook_exc: BaseException | None = None
         self._raise_after: BaseException | None = None
@@ -154,6 +155,8 @@ class GenerationStream(Iterator[str]):
     def _handle(self, item: object) -> None:
         if isinstance(item, RunEvent):
             state = item.state
+            if state <= CallState.WAITING and not self._stopped:
+                self._delivered += 1
             if state == CallState.NORMAL:
                 if item.values is not None:
                     self._values = (item.values, item.num_tokens, item.width)
@@ -249,14 +252,18 @@ class GenerationStream(Iterator[str]):
         ttft = (run.first_token - run.started) * 1000 if run.first_token is not None else None
         if perf is not None:
             tps = perf.generate_tokens / (perf.generate_time_ms / 1000) if perf.generate_time_ms > 0 else None
-            return GenerationStats(perf.prefill_tokens, perf.generate_tokens, ttft, perf.prefill_time_ms,
+            # After a stop sequence or hook stop the runtime may have run on for a token or two before the
+            # abort landed; the completion is what the caller received.
+            completion = self._delivered if self._stopped else perf.generate_tokens
+            return GenerationStats(perf.prefill_tokens, completion, ttft, perf.prefill_time_ms,
                                    perf.generate_time_ms, tps, perf.memory_usage_mb, "runtime")
         decode_ms = None
         tps = None
         if run.first_token is not None and run.last_token is not None and run.tokens > 1:
             decode_ms = (run.last_token - run.first_token) * 1000
             tps = (run.tokens - 1) / (decode_ms / 1000) if decode_ms > 0 else None
-        return GenerationStats(None, run.tokens, ttft, ttft, decode_ms, tps, None, "measured")
+        return GenerationStats(None, self._delivered if self._stopped else run.tokens, ttft, ttft, decode_ms, tps,
+                               None, "measured")
 
     def abort(self) -> None:
         """Stops the generation on the NPU; the stream then ends with ``finish_reason == "abort"``."""

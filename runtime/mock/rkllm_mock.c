@@ -1025,6 +1025,7 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         json_value *owned = NULL;
         load_run_faults(h, effective_faults(h->manifest, &owned));
         json_free(owned);
+        apply_pace(h); /* $RKEDGE_MOCK_PACE, like the faults, is read again at every run */
     }
     if (text) {
 #if ABI_AT_LEAST(120)
