@@ -94,7 +94,31 @@ def serve(model: Path, mock: bool, library: str | None, abi: str | None, max_con
     run_server(settings, verbose=verbose)
 
 
+@click.command()
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also check this model against the board and runtime.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("/"),
+              show_default=True, help="Read the system below this folder (fixture roots for tests).")
+@library_options
+@click.option("--trial-init", is_flag=True, help="Initialise the model with a tiny context and read the runtime's log.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(model: Path | None, root: Path, mock: bool, library: str | None, abi: str | None, trial_init: bool,
+           as_json: bool) -> None:
+    """Check this board (SoC, RAM, NPU driver, runtime library, clocks) and optionally a model on it.
+
+    Exit code 1 when a check fails.
+    """
+    from rkedge.runtime.doctor import run_doctor
+
+    report = run_doctor(root, model=model, library=resolve_library_choice(mock, library), abi=abi,
+                        trial_init=trial_init)
+    click.echo(json.dumps(report.to_dict(), indent=1, default=str) if as_json else report.render())
+    if report.verdict == "fail":
+        raise SystemExit(1)
+
+
 def register(group: click.Group) -> None:
+    group.add_command(doctor)
     group.add_command(chat)
     group.add_command(mock_model)
     group.add_command(serve)

@@ -1,0 +1,413 @@
+"""``rkedge doctor``: can this board run this model, and if not, why and what to do.
+
+Reads only files (device tree, /proc/meminfo, sysfs, debugfs, the library and the model's manifest) under
+``root`` (``/`` on a board; a fixture folder in tests), so every verdict is testable. ``--trial-init``
+additionally initialises the model with a tiny context in a child process and scans its stderr for the known
+failure texts, because ``rkllm_init`` on 1.1.x returns 0 after some failures (SEMANTICS.md).
+Facts: shared/knowledge/boards.md sections 4-7, converter-anchors-and-failure-modes.md F-1, F-3..F-7, 3.5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rkedge.boards import SYSFS, match_board, soc_from_compatible
+from rkedge.errors import RkedgeError
+from rkedge.runtime import failures
+
+RKLLM_SOCS = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3588s2": "rk3588", "rk3582": "rk3588",
+              "rk3576": "rk3576", "rk3562": "rk3562", "rv1126b": "rv1126b"}  # SoC -> rkllm target_platform
+DRIVER_FAIL_BELOW = "0.9.6"
+DRIVER_WARN_BELOW = "0.9.8"
+RUNTIME_OVERHEAD_BYTES = 400 << 20
+GIB = 1 << 30
+DENIED = object()
+
+
+@dataclass
+class Check:
+    id: str
+    status: str  # ok | warn | fail | info | skip
+    title: str
+    detail: str
+    fix: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        statuses = {c.status for c in self.checks}
+        return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
+
+    def add(self, *args: Any, **kwargs: Any) -> Check:
+        check = Check(*args, **kwargs)
+        self.checks.append(check)
+        return check
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "facts": self.facts, "checks": [asdict(c) for c in self.checks]}
+
+    def render(self) -> str:
+        marks = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "info": "[info]", "skip": "[skip]"}
+        lines = []
+        for check in self.checks:
+            lines.append(f"{marks[check.status]} {check.title}: {check.detail}")
+            if check.fix and check.status in ("warn", "fail"):
+                lines.append(f"        fix: {check.fix}")
+        lines.append(f"verdict: {self.verdict.upper()}")
+        return "\n".join(lines)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+class Root:
+    """Reads files below a root folder; tells missing from unreadable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, absolute: str) -> Path:
+        return self.root / absolute.lstrip("/")
+
+    def read(self, absolute: str) -> str | None | object:
+        try:
+            return self.path(absolute).read_bytes().decode("utf-8", "replace")
+        except PermissionError:
+            return DENIED
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError:
+            return None
+
+
+def run_doctor(root: Path = Path("/"), *, model: Path | None = None, library: str | None = None,
+               abi: str | None = None, trial_init: bool = False) -> DoctorReport:
+    fs = Root(root)
+    report = DoctorReport()
+    soc = _check_board(fs, report)
+    memory = _check_memory(fs, report)
+    driver = _check_driver(fs, report)
+    runtime = _check_library(fs, report, library, abi)
+    _check_clocks(fs, report)
+    if model is not None:
+        _check_model(report, model, soc=soc, memory=memory, driver=driver, runtime=runtime)
+        if trial_init:
+            _trial_init(report, model, runtime, library, abi)
+    elif trial_init:
+        report.add("trial-init", "skip", "trial init", "needs --model FILE")
+    return report
+
+
+# --- the board -------------------------------------------------------------------------------------------
+
+def _check_board(fs: Root, report: DoctorReport) -> str | None:
+    raw_model = fs.read(SYSFS["dt_model"])
+    raw_compatible = fs.read(SYSFS["dt_compatible"])
+    model = raw_model.replace("\0", "").strip() if isinstance(raw_model, str) else None
+    compatible = [c for c in raw_compatible.split("\0") if c] if isinstance(raw_compatible, str) else []
+    soc = soc_from_compatible(compatible)
+    board = match_board(model, compatible)
+    report.facts.update({"dt_model": model, "dt_compatible": compatible, "soc": soc,
+                         "board": board.id if board else None})
+    if not compatible:
+        report.add("soc", "fail", "SoC", "no device tree at /proc/device-tree: this is not a Rockchip board",
+                   "run rkedge doctor on the board (rkedge convert runs on the PC)", "F-6")
+        return None
+    platform = RKLLM_SOCS.get(soc or "")
+    name = f"{board.name} ({model})" if board else (model or "unknown board")
+    if platform is None:
+        report.add("soc", "fail", "SoC", f"{(soc or 'unknown').upper()} on {name}: librkllmrt runs on RK3588, "
+                   "RK3576, RK3562 and RV1126B only (on other SoCs it stops with 'Platform error ... Your platform "
+                   "is lite')", "use an RK3588 board", "F-6: rknn-llm#416")
+    elif platform != "rk3588":
+        report.add("soc", "warn", "SoC", f"{soc.upper()} on {name}: an RKLLM platform, but rkedge's board profiles "  # type: ignore[union-attr]
+                   f"and speed figures are for RK3588", f"convert models with --platform {platform}", "F-6")
+    else:
+        detail = f"{soc.upper()} on {name}" if soc else name  # type: ignore[union-attr]
+        if board is None:
+            detail += " (board not in rkedge's profiles; the SoC is supported)"
+        report.add("soc", "ok", "SoC", detail, source="boards/*.json")
+    report.facts["platform"] = platform
+    return platform
+
+
+def _check_memory(fs: Root, report: DoctorReport) -> dict[str, int]:
+    text = fs.read("/proc/meminfo")
+    values: dict[str, int] = {}
+    if isinstance(text, str):
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            if rest.split():
+                values[key] = int(rest.split()[0]) * 1024
+    total, available, swap = values.get("MemTotal", 0), values.get("MemAvailable", 0), values.get("SwapTotal", 0)
+    report.facts.update({"mem_total": total, "mem_available": available, "swap_total": swap})
+    if not total:
+        report.add("memory", "warn", "RAM", "/proc/meminfo not readable")
+    else:
+        report.add("memory", "ok", "RAM", f"{total / GIB:.1f} GiB total, {available / GIB:.1f} GiB available, "
+                   f"swap {swap / GIB:.1f} GiB")
+    return {"total": total, "available": available, "swap": swap}
+
+
+def _check_driver(fs: Root, report: DoctorReport) -> str | None:
+    """boards.md section 6: debugfs (root), /sys/module/rknpu/version (no root), the boot log."""
+    version = None
+    where = None
+    debugfs = fs.read(SYSFS["rknpu_version_debugfs"])
+    if isinstance(debugfs, str):
+        match = re.search(r"v?(\d+\.\d+\.\d+)", debugfs)
+        version, where = (match.group(1), SYSFS["rknpu_version_debugfs"]) if match else (None, None)
+    if version is None:
+        module = fs.read(SYSFS["rknpu_version_module"])
+        if isinstance(module, str) and re.search(r"\d+\.\d+\.\d+", module):
+            version, where = re.search(r"\d+\.\d+\.\d+", module).group(0), SYSFS["rknpu_version_module"]  # type: ignore[union-attr]
+    if version is None:
+        for log in ("/var/log/kern.log", "/var/log/dmesg"):
+            text = fs.read(log)
+            if isinstance(text, str):
+                match = re.search(r"Initialized rknpu (\d+\.\d+\.\d+)|Initialized RKNPU driver: v(\d+\.\d+\.\d+)", text)
+                if match:
+                    version, where = match.group(1) or match.group(2), log
+                    break
+    report.facts["rknpu_driver"] = version
+    if version is None:
+        rocket = fs.path("/sys/module/rocket").exists()
+        if rocket:
+            report.add("driver", "fail", "NPU driver", "the mainline 'rocket' driver is loaded and no vendor rknpu "
+                       "driver: librkllmrt does not work with rocket", "boot a vendor kernel (5.10/6.1) with rknpu 0.9.8",
+                       "boards.md section 7; rknn-toolkit2#570, rkllama#97")
+            return None
+        debug_dir = fs.path(SYSFS["rknpu_debugfs"]).parent
+        hidden = debugfs is DENIED or (debug_dir.is_dir() and not any(debug_dir.iterdir()))
+        detail = ("/sys/kernel/debug is not readable (debugfs needs root, or is not mounted) and "
+                  "/sys/module/rknpu/version is missing" if hidden else "no rknpu driver found")
+        fix = ("sudo rkedge doctor (or: sudo cat /sys/kernel/debug/rknpu/version; mount -t debugfs none "
+               "/sys/kernel/debug)" if hidden else "use a vendor kernel image with the rknpu driver (0.9.8)")
+        report.add("driver", "warn" if hidden else "fail", "NPU driver", detail, fix, "boards.md section 6")
+        return None
+    if version_key(version) < version_key(DRIVER_FAIL_BELOW):
+        report.add("driver", "fail", "NPU driver", f"rknpu {version} (read from {where}) is older than 0.9.6; "
+                   "RKLLM runs fail ('matmul(w8a8) run failed', NPU malloc errors)",
+                   "update the board's kernel to one with rknpu 0.9.8", "F-5; SDK manual section 2.4")
+    elif version_key(version) < version_key(DRIVER_WARN_BELOW):
+        report.add("driver", "warn", "NPU driver", f"rknpu {version} (read from {where}); the runtime wants 0.9.8 "
+                   "and warns 'driver version is too low'; weight buffers over 2 GiB fail to map on 0.9.6",
+                   "update to rknpu 0.9.8 (Radxa: rsetup -> System Update; Armbian vendor rkr4.1+; Orange Pi 2025-04+)",
+                   "F-5, F-1 hypothesis; boards.md section 6")
+    else:
+        report.add("driver", "ok", "NPU driver", f"rknpu {version} (read from {where})", source="SDK manual 2.4")
+    return version
+
+
+def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str | None) -> dict[str, Any]:
+    from rkedge.runtime._elf import elf_machine
+    from rkedge.runtime.library import DEFAULT_SEARCH, detect_abi, is_simulated_library
+
+    info: dict[str, Any] = {"path": None, "abi": None, "version": None, "simulated": False}
+    if library == "mock":
+        from rkedge.runtime.library import resolve_library
+
+        chosen = resolve_library("mock", abi)
+        info.update(path=str(chosen.path), abi=chosen.abi, version=chosen.runtime_version, simulated=True)
+        report.add("library", "ok", "librkllmrt", f"simulated NPU, ABI {chosen.abi} (runtime {chosen.runtime_version})")
+        report.facts["library"] = info
+        return info
+    candidates = [Path(library)] if library else [fs.path(p) for p in DEFAULT_SEARCH]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        report.add("library", "fail", "librkllmrt", f"not found (looked in {', '.join(str(c) for c in candidates)})",
+                   "install it: scripts/install-runtime.sh librkllmrt.so --sha256 ...", "rknn-llm rkllm-runtime")
+        report.facts["library"] = info
+        return info
+    try:
+        detection = detect_abi(path)
+        machine = elf_machine(path)
+    except RkedgeError as exc:
+        report.add("library", "fail", "librkllmrt", f"{path}: {exc.message}", exc.fix)
+        report.facts["library"] = info
+        return info
+    simulated = is_simulated_library(path)
+    info.update(path=str(path), abi=abi or detection.abi, version=detection.runtime_version, simulated=simulated,
+                machine=machine)
+    if abi:
+        from rkedge.runtime.abi import normalize
+
+        info["abi"] = normalize(abi)
+        info["version"] = detection.runtime_version or abi
+    if machine not in ("aarch64",) and not simulated:
+        report.add("library", "warn", "librkllmrt", f"{path} is built for {machine}, not aarch64")
+    if info["abi"] is None:
+        report.add("library", "warn", "librkllmrt", f"{path}: {detection.evidence}; the version cannot be told "
+                   f"between {', '.join(detection.candidates)}", "pass --abi with the release you installed")
+    else:
+        report.add("library", "ok", "librkllmrt",
+                   f"{path}: runtime {info['version'] or '?'}, ABI {info['abi']} ({detection.evidence})"
+                   + (" [simulated NPU]" if simulated else ""))
+    report.facts["library"] = info
+    return info
+
+
+def _check_clocks(fs: Root, report: DoctorReport) -> None:
+    governors = {}
+    for policy, folder in SYSFS["cpufreq_policies"].items():
+        text = fs.read(f"{folder}/scaling_governor")
+        if isinstance(text, str):
+            governors[policy] = text.strip()
+    npu_governor = fs.read(f"{SYSFS['npu_devfreq']}/governor")
+    npu_freq = fs.read(f"{SYSFS['npu_devfreq']}/cur_freq")
+    report.facts.update({"cpu_governors": governors,
+                         "npu_governor": npu_governor.strip() if isinstance(npu_governor, str) else None,
+                         "npu_freq_hz": int(npu_freq) if isinstance(npu_freq, str) and npu_freq.strip().isdigit() else None})
+    if not governors:
+        report.add("clocks", "info", "CPU/NPU clocks", "cpufreq not readable")
+        return
+    pinned = all(g in ("performance", "userspace") for g in governors.values())
+    freq = report.facts["npu_freq_hz"]
+    detail = ", ".join(f"{p} {g}" for p, g in governors.items())
+    if freq:
+        detail += f"; NPU {freq / 1e6:.0f} MHz ({report.facts['npu_governor']})"
+    report.add("clocks", "ok" if pinned else "info", "CPU/NPU clocks", detail,
+               None if pinned else "for benchmark speeds pin the clocks: sudo scripts/rk3588-pin-freq.sh pin",
+               "boards.md sections 4-5")
+
+
+# --- the model -------------------------------------------------------------------------------------------
+
+def _model_metadata(model: Path) -> tuple[dict[str, Any], str]:
+    from rkedge.manifest import read_manifest
+    from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
+
+    if is_simulated_model(model):
+        return read_simulated_model(model), "simulated model"
+    manifest = read_manifest(model)
+    if manifest is not None:
+        return manifest, "manifest"
+    from rkedge.convert.inspect import inspect_rkllm
+
+    trailer = inspect_rkllm(model).get("toolkit_version_trailer")
+    return ({"toolkit_version": trailer} if trailer else {}), "file trailer" if trailer else "nothing"
+
+
+def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: dict[str, int], driver: str | None,
+                 runtime: dict[str, Any]) -> None:
+    if not model.is_file():
+        report.add("model", "fail", "model", f"{model} not found")
+        return
+    meta, source = _model_metadata(model)
+    toolkit = meta.get("toolkit_version") or (meta.get("toolkit") or {}).get("version")
+    platform = (meta.get("platform") or "").lower() or None
+    report.facts["model"] = {"path": str(model), "metadata_from": source, "toolkit_version": toolkit,
+                             "platform": platform, "dtype": meta.get("dtype"),
+                             "max_context_limit": meta.get("max_context_limit")}
+    simulated = bool(meta.get("simulated")) or source == "simulated model"
+    if simulated and not runtime.get("simulated"):
+        report.add("model.kind", "fail", "model", f"{model.name} is an rkedge simulated model (no weights); a real "
+                   "librkllmrt cannot load it", "convert with the real rkllm-toolkit for the board, or use --mock")
+    if platform and soc and platform != soc:
+        report.add("model.platform", "fail", "model platform", f"converted for {platform}, this board is {soc}",
+                   f"reconvert with --platform {soc}", "F-6")
+    elif platform:
+        report.add("model.platform", "ok", "model platform", platform)
+    version = runtime.get("version")
+    if toolkit and version:
+        model_gen, runtime_gen = version_key(toolkit)[:2], version_key(version)[:2]
+        if model_gen < (1, 1) <= runtime_gen:
+            report.add("model.skew", "fail", "model/runtime", f"model from toolkit {toolkit}, runtime {version}: "
+                       "1.0.x models do not load on 1.1+ runtimes ('invalid rknn llm model magic')",
+                       "reconvert with the toolkit version of the runtime", "F-3")
+        elif model_gen > runtime_gen:
+            report.add("model.skew", "fail", "model/runtime", f"model from toolkit {toolkit} is newer than runtime "
+                       f"{version} ('invalid magic characters')", f"install librkllmrt {toolkit} or reconvert with "
+                       f"toolkit {version}", "F-3: rknn-llm#235")
+        elif toolkit.split(".")[:2] != version.split(".")[:2] or toolkit != version:
+            report.add("model.skew", "warn", "model/runtime", f"model from toolkit {toolkit}, runtime {version}: "
+                       "loads, but behaviour can drift across versions (e.g. a different EOS token, rknn-llm#534; "
+                       "1.1.x models are capped at 4096 context)",
+                       "convert with the same version as the runtime", "F-4")
+        else:
+            report.add("model.skew", "ok", "model/runtime", f"toolkit {toolkit} = runtime {version}")
+    elif not toolkit:
+        report.add("model.skew", "warn", "model/runtime", f"the model's toolkit version is unknown ({source})",
+                   "keep the manifest (<model>.rkllm.json) beside the model", "F-3")
+    _check_model_memory(report, meta, memory, driver)
+
+
+def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict[str, int], driver: str | None) -> None:
+    estimate = meta.get("estimate") or {}
+    weight = int(estimate.get("weight_bytes") or 0)
+    total_model = weight + int(estimate.get("embedding_bytes") or 0) + int(estimate.get("kv_cache_bytes") or 0)
+    if not total_model:
+        size = int(meta.get("size") or 0)
+        weight, total_model = size, size
+    if not total_model:
+        return
+    need = total_model + RUNTIME_OVERHEAD_BYTES
+    ram = memory.get("total") or 0
+    if ram:
+        if need > ram:
+            report.add("model.memory", "fail", "model memory", f"~{need / GIB:.1f} GiB needed, {ram / GIB:.1f} GiB RAM",
+                       "use a smaller model or a smaller max_context", "rkedge plan")
+        elif need > 0.85 * ram:
+            report.add("model.memory", "warn", "model memory", f"~{need / GIB:.1f} GiB of {ram / GIB:.1f} GiB RAM",
+                       "close other programs; consider a smaller max_context", "rkedge plan")
+        else:
+            report.add("model.memory", "ok", "model memory", f"~{need / GIB:.1f} GiB of {ram / GIB:.1f} GiB RAM")
+    if weight > 4 * GIB:
+        report.add("model.iommu", "warn", "NPU IOMMU", f"~{weight / GIB:.1f} GiB of weights span more than one 4 GiB "
+                   "NPU IOMMU domain", "use --base-domain-id 1 if init fails with 'failed to malloc npu memory'",
+                   "F-1: rknpu_iommu.c dma_limit 1<<32")
+    if driver and version_key(driver) < version_key("0.9.8") and weight > 2 * GIB:
+        report.add("model.iommu-driver", "fail", "NPU IOMMU", f"rknpu {driver} cannot map weight buffers over 2 GiB "
+                   f"(this model has ~{weight / GIB:.1f} GiB; every reported >2 GiB failure was on 0.8.2/0.9.6)",
+                   "update rknpu to 0.9.8", "F-1 hypothesis (size-aligned IOVA allocator before 0.9.8)")
+
+
+def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], library: str | None,
+                abi: str | None) -> None:
+    """Initialises the model with a tiny context in a child process and reads its stderr."""
+    if runtime.get("path") is None:
+        report.add("trial-init", "skip", "trial init", "no runtime library")
+        return
+    argv = [sys.executable, "-m", "rkedge.runtime.trial_init", str(model), "--lib",
+            "mock" if library == "mock" else str(runtime["path"])]
+    if runtime.get("abi"):
+        argv += ["--abi", str(runtime["abi"])]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RKLLM_LOG_LEVEL": "1"})
+    except subprocess.TimeoutExpired:
+        report.add("trial-init", "fail", "trial init", "rkllm_init did not return within 300 s")
+        return
+    found = failures.scan(proc.stderr)
+    errors = [m for m in found if m.failure.severity == "error"]
+    result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    report.facts["trial_init"] = {"returncode": proc.returncode, "result": result,
+                                  "stderr_tail": proc.stderr.splitlines()[-12:]}
+    if proc.returncode < 0:
+        report.add("trial-init", "fail", "trial init", f"the runtime crashed (signal {-proc.returncode})",
+                   "1.3.0 segfaults when NPU memory runs out (rknn-llm#522): free memory, try --base-domain-id 1")
+    elif errors:
+        first = errors[0]
+        report.add("trial-init", "fail", "trial init", f"{first.failure.id}: {first.summary} (runtime said: {first.line})",
+                   failures.fix_for(first), first.failure.source)
+    elif result.get("ok"):
+        report.add("trial-init", "ok", "trial init", f"rkllm_init succeeded ({result.get('detail', '')})")
+    else:
+        report.add("trial-init", "fail", "trial init", result.get("error") or proc.stderr.strip()[-300:] or "failed")
+    for warning in (m for m in found if m.failure.severity == "warning"):
+        report.add("trial-init.warning", "warn", "runtime warning", f"{warning.failure.id}: {warning.summary}",
+                   failures.fix_for(warning))
