@@ -266,11 +266,12 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
         created = int(time.time())
         headers = {"X-Rkedge-Ignored-Params": ",".join(params.ignored)} if params.ignored else {}
         if not stream:
-            async with engine.slot():
+            async with engine.slot() as waited:
                 outcome = await _collect(engine.generate(start, params, prompt_tokens))
             if outcome.error is not None and not outcome.text:
                 raise to_api_error(outcome.error)
             engine.metrics.request(endpoint, 200)
+            headers["X-Rkedge-Queue-Wait-Ms"] = f"{waited * 1000:.1f}"
             choice: dict[str, Any] = {"index": 0, "finish_reason": _openai_reason(outcome.finish_reason)}
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": outcome.text}
@@ -280,7 +281,8 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
                                  "created": created, "model": name, "choices": [choice], "usage": _usage(outcome)},
                                 headers=headers)
         slot = engine.slot()
-        await slot.__aenter__()  # 429 / 503 are raised here, before the stream starts
+        waited = await slot.__aenter__()  # 429 / 503 are raised here, before the stream starts
+        headers["X-Rkedge-Queue-Wait-Ms"] = f"{waited * 1000:.1f}"
 
         async def events() -> AsyncIterator[str]:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
