@@ -76,7 +76,7 @@ def load_prompts(source: str | Path | None) -> list[dict[str, Any]]:
         elif isinstance(item, dict) and "input" in item:
             out.append({"input": str(item["input"]), "target": item.get("target")})
         elif isinstance(item, dict) and "prompt" in item:
-            out.append({"prompt": str(item["prompt"])})
+            out.append({"prompt": str(item["prompt"]), **({"target": str(item["target"])} if item.get("target") else {})})
         else:
             raise InputError(f"{path}: item {index} is not a prompt string or an {{input, target}} object.")
     return out
@@ -132,17 +132,22 @@ def lint(data: Sequence[dict[str, str]], turn_marker: str | None) -> list[Findin
 
 
 def language_mix(data: Sequence[dict[str, str]]) -> Counter:
-    """Counts items by the dominant Unicode script of their input (a cheap language-coverage signal)."""
+    """Counts items by script: the non-Latin script of an input when it has one (templates and code are Latin
+    text around the prompt), else Latin. A cheap signal of language coverage."""
     counts: Counter = Counter()
     for item in data:
-        letters = Counter()
+        letters: Counter = Counter()
         for char in item.get("input", ""):
             if char.isalpha():
                 name = unicodedata.name(char, "UNKNOWN").split()[0]
-                letters[{"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul"}.get(name, name.title())] += 1
+                letters[_SCRIPT_NAMES.get(name, name.title())] += 1
         if letters:
-            counts[letters.most_common(1)[0][0]] += 1
+            other = [script for script, _ in letters.most_common() if script != "Latin"]
+            counts[other[0] if other else "Latin"] += 1
     return counts
+
+
+_SCRIPT_NAMES = {"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul"}
 
 
 def digest(data: Sequence[dict[str, str]]) -> str:

@@ -18,7 +18,6 @@ class StderrReporter:
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
         self._bar: Any = None
-        self._label = ""
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -30,12 +29,11 @@ class StderrReporter:
         click.echo(f"[..] {name}: {detail}", err=True)
 
     def progress(self, done: int, total: int, label: str) -> None:
-        if self._bar is None or label != self._label and total != 100:
+        if self._bar is None or total != self._bar.length:
             self._close_bar()
-            self._bar = click.progressbar(length=max(total, 1), label=f"     {label or 'working'}", file=sys.stderr,
-                                          show_pos=True)
-            self._label = label
+            self._bar = click.progressbar(length=max(total, 1), label="     progress", file=sys.stderr, show_pos=True)
         self._bar.pos = min(done, self._bar.length)
+        self._bar.current_item = label
         self._bar.render_progress()
 
     def log(self, line: str) -> None:

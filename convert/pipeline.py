@@ -112,7 +112,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     marker = template_parts[1].strip() if template_parts else None
     calibration_findings = calib.lint([{**d, "target": d["target"] or "x"} for d in preview], marker)
 
-    the_plan = plan(request, info, env.version, toolkit_python=None if simulated else env.python_version,
+    the_plan = plan(request, info, env.version, toolkit_python=None if simulated else (env.probe or {}).get("python"),
                     adapter_findings=adapter_findings, calibration_findings=calibration_findings,
                     simulated_toolkit=simulated)
     result = ConversionResult(the_plan, dry_run)
@@ -170,7 +170,8 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
 
     result.steps.append(_cached_step("calibration", calibration_file, calibration_key, run_calibration))
     calibration_data = json.loads(calibration_file.read_text(encoding="utf-8"))
-    the_plan.findings += [f for f in calib.lint(calibration_data, marker) if f.id != "calibration.small"]
+    known = {f.id for f in the_plan.findings}
+    the_plan.findings += [f for f in calib.lint(calibration_data, marker) if f.id not in known]
 
     # -- quantize (the toolkit) -----------------------------------------------------------------------
     load_kwargs = {**the_plan.load_kwargs, "model": str(exported.resolve())}
@@ -266,10 +267,12 @@ def _run_toolkit(env: Any, job: dict[str, Any], reporter: Reporter) -> Any:
 
     run = run_job(env, job, on_event=on_event)
     if not run.ok:
-        details = "\n".join(f.render() for f in run.findings) or "\n".join(run.log_lines[-15:])
-        raise ToolkitError(f"rkllm-toolkit {env.version} failed: {run.error}\n{details}",
-                           fix=(run.findings[0].fix if run.findings and run.findings[0].fix else
-                                "see the toolkit's log above"))
+        said = [line for line in run.log_lines if "ERROR" in line or "Error" in line or "error:" in line][-3:]
+        details = "\n".join(f.render() for f in run.findings)
+        if said:
+            details += "\n  the toolkit said: " + "\n  the toolkit said: ".join(s.strip() for s in said)
+        raise ToolkitError(f"rkllm-toolkit {env.version} failed: {run.error}\n{details}".rstrip(),
+                           fix="rerun with -v to see the toolkit's whole log")
     return run
 
 
@@ -406,7 +409,8 @@ def _manifest(request: ConversionRequest, the_plan: Plan, env: Any, info: Checkp
         "bos_token_id": info.token_id("bos"),
         "eos_token_id": info.token_id("eos"),
         "toolkit": {"kind": env.kind, "version": env.version, "label": env.label,
-                    "python": getattr(env, "python_version", None), "reported_version": run.toolkit_version},
+                    "python": (env.probe or {}).get("python") or (host_description()["python"] if simulated else None),
+                    "reported_version": run.toolkit_version},
         "rkedge_version": __version__,
         "inputs": {
             "model": {"path": str(request.model.resolve()), "source": source_info.source_name,

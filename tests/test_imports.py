@@ -26,10 +26,14 @@ def all_modules() -> list[str]:
     return sorted(set(names))
 
 
+#: Modules that exist to drive a heavy package (the FastAPI app); nothing imports them at module level.
+HEAVY_BY_DESIGN = {"rkedge.runtime.server.app"}
+
+
 def test_every_module_imports_without_heavy_packages():
     code = (
         "import sys, importlib\n"
-        f"names = {all_modules()!r}\n"
+        f"names = {sorted(set(all_modules()) - HEAVY_BY_DESIGN)!r}\n"
         "for name in names:\n"
         "    if name.endswith('__main__'): continue\n"
         "    importlib.import_module(name)\n"

@@ -1,0 +1,1 @@
+"""A fake rkllm-toolkit package for tests (see tests/fake_toolkit/README.md)."""
