@@ -1,37 +1,55 @@
 #!/usr/bin/env python3
 """The main job end to end on the simulated NPU (run by `make demo`).
 
-Each step is the `rkedge` command a user would type; the commands are printed as they run.
+A tiny Gemma 2 checkpoint (random weights, a tiny tokenizer with Gemma 2's real chat template) and a LoRA
+trained a few steps with peft go through the whole host pipeline on the simulated toolkit, and the result is
+served to a chat on the simulated NPU. Each step is the `rkedge` command a user would type.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import make_checkpoint, train_lora  # noqa: E402
+
 OUT = Path("demo-out")
 
 
-def step(title: str, *args: str) -> None:
-    command = ["rkedge", *args]
-    print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
+def step(title: str, *args: str, expect: int = 0) -> None:
+    print(f"\n== {title}\n$ {shlex.join(['rkedge', *args])}", flush=True)
     result = subprocess.run([sys.executable, "-m", "rkedge", *args])
-    if result.returncode != 0:
-        sys.exit(result.returncode)
+    if result.returncode != expect:
+        print(f"demo: expected exit code {expect}, got {result.returncode}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
-    OUT.mkdir(exist_ok=True)
-    model = OUT / "demo-gemma.rkllm"
-    step("create a simulated model (rkedge's own header; no weights; the real runtime refuses it)",
-         "mock-model", "--out", str(model), "--name", "demo-gemma", "--arch", "Gemma2ForCausalLM",
-         "--template", "gemma", "--pace", "board",
-         "--response", "RK3588=>The RK3588 has a 6 TOPS NPU with three cores; I run on it through librkllmrt.")
-    step("chat one turn on the simulated NPU (ABI 1.3.0, board pace)",
-         "chat", str(model), "--mock", "--prompt", "What is the RK3588?")
-    print("\ndemo finished: outputs in", OUT.resolve())
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir()
+    base, adapter = OUT / "tiny-gemma2", OUT / "tiny-gemma2-lora"
+    print("== make a tiny Gemma 2 checkpoint (random weights, real chat template) and train a LoRA for 3 steps",
+          flush=True)
+    make_checkpoint(base, "gemma2")
+    train_lora(base, adapter, steps=3)
+
+    step("inspect the checkpoint (headers only; no weights are loaded)", "inspect", str(base))
+    step("the failure that brought us here, caught on the host: Gemma 2 + toolkit 1.1.1 + w8a8_g128 (exit 2)",
+         "convert", str(base), "--out", str(OUT / "refused"), "--toolkit", "mock", "--toolkit-version", "1.1.1",
+         "--dtype", "w8a8_g128", "--dry-run", expect=2)
+    step("convert with the LoRA merged in, on the simulated toolkit 1.2.3",
+         "convert", str(base), "--out", str(OUT / "rkllm"), "--toolkit", "mock", "--toolkit-version", "1.2.3",
+         "--lora", str(adapter), "--board", "orangepi-5")
+    model = OUT / "rkllm" / "tiny-gemma2_w8a8_rk3588.rkllm"
+    step("chat one turn on the simulated NPU (runtime ABI 1.2.3, KV cache reused across turns; the simulated NPU "
+         "answers with deterministic placeholder text)", "chat", str(model), "--mock", "--abi", "1.2.3",
+         "--prompt", "What is the RK3588?")
+    print(f"\ndemo finished: the .rkllm, its manifest and model card are in {(OUT / 'rkllm').resolve()}")
 
 
 if __name__ == "__main__":

@@ -79,4 +79,5 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 import sys as _sys
 
-_sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules (model_factory, ...)
+_sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules
+_sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # tiny_models (shared with the demo)

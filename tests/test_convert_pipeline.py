@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
-from model_factory import make_checkpoint, train_lora  # noqa: E402
+from tiny_models import make_checkpoint, train_lora  # noqa: E402
 
 from rkedge.cli import main  # noqa: E402
 from rkedge.convert.pipeline import convert  # noqa: E402
@@ -191,3 +191,48 @@ def test_inspect_command(tiny, tmp_path):
     fake = tmp_path / "fake.rkllm"
     fake.write_bytes(b"RKLL" + (1).to_bytes(4, "little") + bytes(64))
     assert "F-13" in json.loads(runner.invoke(main, ["inspect", str(fake), "--json"]).output)["problem"]
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny, tmp_path_factory) -> Path:
+    return train_lora(tiny["llama"], tmp_path_factory.mktemp("adapter") / "style-lora", steps=3)
+
+
+def test_convert_with_a_merged_lora(tiny, adapter, calibration_file, tmp_path):
+    result = convert(ConversionRequest(model=tiny["llama"], out=tmp_path / "o", toolkit="mock", lora=adapter,
+                                       lora_mode="merge", calibration=str(calibration_file)))
+    assert [s.name for s in result.steps] == ["merge", "export", "calibration", "quantize"]
+    manifest = result.manifest
+    assert manifest["inputs"]["adapter"]["mode"] == "merge" and manifest["inputs"]["adapter"]["sha256"]
+    assert manifest["lora_file"] is None
+    merged_config = json.loads((tmp_path / "o" / ".rkedge-work" / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config
+    assert "LoRA" in (tmp_path / "o" / "README.md").read_text()
+    with LLM(result.model_file, library="mock", abi="1.3.0") as llm:
+        assert llm.chat_session().send("hi", stream=False).text
+
+
+def test_convert_with_a_runtime_lora(tiny, adapter, calibration_file, tmp_path, monkeypatch):
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("RKEDGE_SIM_TOOLKIT_RECORD", str(record))
+    result = convert(ConversionRequest(model=tiny["llama"], out=tmp_path / "o", toolkit="mock", lora=adapter,
+                                       lora_mode="runtime", calibration=str(calibration_file)))
+    load = next(json.loads(l)["kwargs"] for l in record.read_text().splitlines() if "load_huggingface" in l)
+    assert load["model_lora"] == str(adapter.resolve())
+    lora_file = tmp_path / "o" / "llama_w8a8_rk3588_lora.rkllm"
+    assert result.lora_file == lora_file and lora_file.is_file()
+    assert result.manifest["lora_file"]["file"] == lora_file.name
+    with LLM(result.model_file, library="mock", abi="1.3.0") as llm:
+        name = llm.load_lora(lora_file)
+        assert llm.generate("hi", lora=name, stream=False).text
+    chat = run_cli("chat", str(result.model_file), "--mock", "--lora", str(lora_file), "--prompt", "hi")
+    assert chat.returncode == 0 and chat.stdout.strip()
+
+
+def test_lora_for_another_base_is_refused_before_converting(adapter, tmp_path):
+    other = make_checkpoint(tmp_path / "other", "llama", config_overrides={"num_key_value_heads": 4})
+    result = run_cli("convert", str(other), "--out", str(tmp_path / "o"), "--toolkit", "mock", "--lora",
+                     str(adapter), "--dry-run", "--json")
+    assert result.returncode == 2
+    ids = {f["id"] for f in json.loads(result.stdout)["findings"] if f["severity"] == "error"}
+    assert ids & {"lora.target-missing", "lora.shape", "lora.base-mismatch"}

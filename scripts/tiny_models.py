@@ -1,4 +1,4 @@
-"""Tiny Hugging Face checkpoints for tests: random weights from real configs, a tiny byte-level BPE tokenizer
+"""Tiny Hugging Face checkpoints for tests and the demo: random weights from real configs, a tiny byte-level BPE
 trained in memory, and the real chat template of the family. Nothing is downloaded.
 
 Dimensions are multiples of 128 so the grouped dtypes' divisibility rules hold unless a test breaks them.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "tests" / "data" / "chat_templates"
 
 SPECIAL_TOKENS = {
     "gemma": (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
