@@ -142,14 +142,23 @@ def toolkit_group() -> None:
     """rkllm-toolkit environments (one virtual environment per toolkit version)."""
 
 
+#: The CPU build of torch: the toolkit's normal quantization runs on the CPU, and the default (CUDA) build of a
+#: pinned torch is several GB. grq/gdq need CUDA (--torch cuda).
+CPU_TORCH_INDEX = ("--extra-index-url", "https://download.pytorch.org/whl/cpu")
+
+
 @toolkit_group.command("install")
 @click.argument("wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--python", "python", default=None, help="Python interpreter for the venv (must match the wheel's cp tag).")
-def toolkit_install(wheel: Path, python: str | None) -> None:
+@click.option("--torch", "torch_build", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Which build of the pinned torch to install (cuda is needed for grq/gdq).")
+@click.option("--force", is_flag=True, help="Replace an existing environment of the same version.")
+def toolkit_install(wheel: Path, python: str | None, torch_build: str, force: bool) -> None:
     """Make a virtual environment for a downloaded rkllm_toolkit WHEEL, with that version's pins."""
     from rkedge.convert.toolkit.environments import install_toolkit
 
-    record = install_toolkit(wheel, python=python)
+    record = install_toolkit(wheel, python=python, force=force, pip_args=CPU_TORCH_INDEX if torch_build == "cpu" else (),
+                             log=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(_record_dict(record), indent=1, default=str))
 
 
@@ -170,9 +179,7 @@ def toolkit_list(as_json: bool) -> None:
 
 
 def _record_dict(record: Any) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(record) if is_dataclass(record) else dict(record)
+    return record.to_dict() if hasattr(record, "to_dict") else dict(record)
 
 
 def register(group: click.Group) -> None:

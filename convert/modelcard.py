@@ -56,7 +56,8 @@ def render_card(manifest: dict[str, Any], *, license_id: str | None) -> str:
               f"| chat template | {manifest.get('chat_family') or 'embedded by the toolkit'} |",
               f"| sha256 | `{manifest['sha256']}` |"]
     if adapter:
-        lines.append(f"| LoRA | {adapter.get('source') or adapter.get('path')} ({adapter['mode']}) |")
+        how = "merged into the weights" if adapter["mode"] == "merge" else "a separate runtime adapter"
+        lines.append(f"| LoRA | {adapter['name']} ({how}; weights sha256 `{str(adapter['sha256'])[:16]}...`) |")
     recommended = manifest.get("runtime", {}).get("recommended", {})
     abi = recommended.get("runtime_version", manifest["toolkit"]["version"])
     lines += ["", "## Run it", "", "On the board, with a runtime of the same generation as the toolkit "

@@ -417,7 +417,9 @@ def _manifest(request: ConversionRequest, the_plan: Plan, env: Any, info: Checkp
                       "revision": source_info.source_revision, "sha256": weight_hashes,
                       "parameters": source_info.param_count},
             "adapter": ({"path": str(Path(request.lora).resolve()), "mode": request.lora_mode,  # type: ignore[arg-type]
-                         "source": adapter.base_model_name_or_path, "sha256": adapter.weights_sha256}
+                         "name": Path(request.lora).name,  # type: ignore[arg-type]
+                         "base_model_name_or_path": adapter.base_model_name_or_path,
+                         "sha256": adapter.weights_sha256}
                         if adapter is not None else None),
             "calibration": {"path": str(calibration_file), "sha256": calib.digest(calibration_data),
                             "items": len(calibration_data), "generator": "chat template + greedy float-model targets",

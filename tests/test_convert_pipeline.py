@@ -50,13 +50,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_convert_then_chat(tiny, calibration_file, tmp_path, kind, monkeypatch):
+def test_convert_with_a_lora_then_chat(tiny, calibration_file, tmp_path, kind, monkeypatch):
     record = tmp_path / "toolkit-calls.jsonl"
     monkeypatch.setenv("RKEDGE_SIM_TOOLKIT_RECORD", str(record))
     out = tmp_path / "out"
     version = "1.3.0"
+    lora = train_lora(tiny[kind], tmp_path / f"{kind}-lora", steps=2)
     result = convert(ConversionRequest(model=tiny[kind], out=out, toolkit="mock", toolkit_version=version,
-                                       calibration=str(calibration_file)))
+                                       calibration=str(calibration_file), lora=lora))
+    assert [s.name for s in result.steps] == ["merge", "export", "calibration", "quantize"]
     model = out / f"{kind}_w8a8_rk3588.rkllm"
     assert result.model_file == model and model.is_file()
     manifest = read_manifest(model)
@@ -66,7 +68,7 @@ def test_convert_then_chat(tiny, calibration_file, tmp_path, kind, monkeypatch):
     assert calls["build"] == manifest["toolkit_calls"]["build"], "the manifest records what reached build()"
     assert read_simulated_model(model)["build_kwargs"] == calls["build"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "Simulated model" in card and "LoRA" not in card
+    assert card.startswith("---\n") and "Simulated model" in card and f"| LoRA | {lora.name} (merged into the weights" in card
     if kind == "llama":
         assert "license: llama3" in card
     with LLM(model, library="mock", abi=version) as llm:
@@ -91,6 +93,24 @@ def test_every_parameter_in_the_name_and_manifest_reached_build(tiny, calibratio
     assert manifest["toolkit_calls"]["build"] == build
     assert manifest["dtype"] == build["quantized_dtype"] and manifest["max_context_limit"] == 8192
     assert read_simulated_model(result.model_file)["max_context_limit"] == 8192
+
+
+def test_no_lora_no_lora_line_in_the_card(tiny, calibration_file, tmp_path):
+    convert(ConversionRequest(model=tiny["qwen2"], out=tmp_path / "o", toolkit="mock", calibration=str(calibration_file)))
+    assert "LoRA" not in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_export_in_the_load_dtype(tiny, calibration_file, tmp_path, monkeypatch):
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("RKEDGE_SIM_TOOLKIT_RECORD", str(record))
+    convert(ConversionRequest(model=tiny["llama"], out=tmp_path / "o", toolkit="mock", toolkit_version="1.2.0",
+                              load_dtype="float16", calibration=str(calibration_file)))
+    from rkedge.convert.inspect import inspect_checkpoint
+
+    exported = inspect_checkpoint(tmp_path / "o" / ".rkedge-work" / "export")
+    assert set(exported.dtypes) == {"F16"} and exported.config["torch_dtype"] == "float16"
+    load = next(json.loads(l)["kwargs"] for l in record.read_text().splitlines() if "load_huggingface" in l)
+    assert load["dtype"] == "float16"
 
 
 def test_rerun_skips_finished_steps(tiny, calibration_file, tmp_path):
