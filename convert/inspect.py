@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rkedge.convert.safetensors_index import DTYPE_BYTES, TensorInfo, checkpoint_files, read_checkpoint
+from rkedge.convert.safetensors_index import TensorInfo, checkpoint_files, read_checkpoint
 from rkedge.errors import InputError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

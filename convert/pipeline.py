@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from rkedge import __version__
 from rkedge._fs import atomic_write_text, sha256_file
 from rkedge.convert import calibration as calib
-from rkedge.convert.export import EXPORT_META, export_checkpoint
+from rkedge.convert.export import export_checkpoint
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_gguf
 from rkedge.convert.modelcard import render_card, source_card_license

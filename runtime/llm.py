@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rkedge.errors import (
     BusyError,
@@ -37,6 +37,9 @@ from rkedge.runtime.library import RuntimeLibrary, resolve_library
 from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
 from rkedge.runtime.templates import ChatTemplate, get_template
 from rkedge.runtime.types import CallState, InferMode, InitParams, PerfStats, RunEvent, RunRequest, Sampling
+
+if TYPE_CHECKING:
+    from rkedge.runtime.chat import ChatSession
 
 log = logging.getLogger("rkedge.runtime")
 

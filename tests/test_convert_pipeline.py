@@ -189,7 +189,7 @@ def test_sigkill_mid_conversion_leaves_nothing_that_looks_finished(tiny, calibra
     proc.wait()
     assert not list(out.glob("*.rkllm")) and not list(out.glob("*.rkllm.json")) and not (out / "README.md").exists()
     time.sleep(2)  # the orphaned worker notices its parent is gone
-    leftover = subprocess.run(["pgrep", "-f", f"worker.py --job"], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["pgrep", "-f", "worker.py --job"], capture_output=True, text=True).stdout.split()
     assert not leftover, "no orphaned toolkit worker keeps running"
     rerun = run_cli(*argv[3:])
     assert rerun.returncode == 0, rerun.stderr

@@ -418,7 +418,7 @@ def _read_records(base: Path) -> list[ToolkitRecord]:
         return [ToolkitRecord.from_dict(item) for item in data.get("toolkits", [])]
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path} is not a valid toolkit record file ({exc}).",
-                         fix=f"repair or delete it, then run `rkedge toolkit install WHEEL` again") from exc
+                         fix="repair or delete it, then run `rkedge toolkit install WHEEL` again") from exc
 
 
 def _write_records(base: Path, records: list[ToolkitRecord]) -> None:

@@ -34,6 +34,14 @@ class RKLLMInputType(IntEnum):
     RKLLM_INPUT_MULTIMODAL = 3
 
 
+class RKLLMInferMode(IntEnum):
+    """``RKLLMInferMode`` from 1.2.0 (ABI 1.1 has no GET_LOGITS and declares its own)."""
+
+    RKLLM_INFER_GENERATE = 0
+    RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1
+    RKLLM_INFER_GET_LOGITS = 2
+
+
 # typedef struct { const char* lora_adapter_path; const char* lora_adapter_name; float scale; } RKLLMLoraAdapter;
 class RKLLMLoraAdapter(Structure):
     _fields_ = [
@@ -132,6 +140,54 @@ class AbiFeatures:
     has_kv_cache_size: bool
     supports_release: bool  # 1.3.0 callback return value 2
     hidden_layer_state: int | None  # ABI 1.1 reports hidden states with state 4
+
+
+def core_functions(param: Any, rkllm_input: Any, infer: Any, init_callback: Any) -> tuple[Func, ...]:
+    """The functions every ABI exports, typed with that ABI's structs.
+
+    RKLLMParam rkllm_createDefaultParam();
+    int rkllm_init(LLMHandle* handle, RKLLMParam* param, <callback>);
+    int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
+    int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
+    int rkllm_release_prompt_cache(LLMHandle handle);
+    int rkllm_destroy(LLMHandle handle);
+    int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
+    int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
+    int rkllm_abort(LLMHandle handle);
+    int rkllm_is_running(LLMHandle handle);
+    """
+    run_args = (LLMHandle, POINTER(rkllm_input), POINTER(infer), c_void_p)
+    return (
+        Func("rkllm_createDefaultParam", (), param),
+        Func("rkllm_init", (POINTER(LLMHandle), POINTER(param), init_callback), c_int),
+        Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
+        Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
+        Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
+        Func("rkllm_destroy", (LLMHandle,), c_int),
+        Func("rkllm_run", run_args, c_int),
+        Func("rkllm_run_async", run_args, c_int),
+        Func("rkllm_abort", (LLMHandle,), c_int),
+        Func("rkllm_is_running", (LLMHandle,), c_int),
+    )
+
+
+#: int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix,
+#:                             const char* prompt_postfix);   (>= 1.2.0)
+SET_CHAT_TEMPLATE = Func("rkllm_set_chat_template", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int)
+
+#: The functions ABI 1.2.1 added (also in 1.2.3 and 1.3.0):
+#: int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
+#: int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
+#: int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools,
+#:                              const char* tool_response_str);
+#: int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
+FUNCTIONS_ADDED_121 = (
+    Func("rkllm_clear_kv_cache", (LLMHandle, c_int, POINTER(c_int), POINTER(c_int)), c_int),
+    Func("rkllm_get_kv_cache_size", (LLMHandle, POINTER(c_int)), c_int),
+    SET_CHAT_TEMPLATE,
+    Func("rkllm_set_function_tools", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
+    Func("rkllm_set_cross_attn_params", (LLMHandle, POINTER(RKLLMCrossAttnParam)), c_int),
+)
 
 
 def bind(library: ctypes.CDLL, functions: Sequence[Func]) -> SimpleNamespace:

@@ -10,7 +10,7 @@ from enum import IntEnum
 
 from ._common import (
     AbiFeatures,
-    Func,
+    core_functions,
     LLMHandle,
     RKLLMEmbedInput,
     RKLLMInputType,
@@ -118,28 +118,8 @@ class RKLLMResult(Structure):
 # typedef void (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state);
 LLMResultCallback = CFUNCTYPE(None, POINTER(RKLLMResult), c_void_p, c_int)
 
-FUNCTIONS = (
-    # RKLLMParam rkllm_createDefaultParam();
-    Func("rkllm_createDefaultParam", (), RKLLMParam),
-    # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
-    Func("rkllm_init", (POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback), c_int),
-    # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
-    Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
-    # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
-    Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
-    # int rkllm_release_prompt_cache(LLMHandle handle);
-    Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
-    # int rkllm_destroy(LLMHandle handle);
-    Func("rkllm_destroy", (LLMHandle,), c_int),
-    # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
-    Func("rkllm_run", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params, void* userdata);
-    Func("rkllm_run_async", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    # int rkllm_abort(LLMHandle handle);
-    Func("rkllm_abort", (LLMHandle,), c_int),
-    # int rkllm_is_running(LLMHandle handle);
-    Func("rkllm_is_running", (LLMHandle,), c_int),
-)
+# int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
+FUNCTIONS = core_functions(RKLLMParam, RKLLMInput, RKLLMInferParam, LLMResultCallback)
 
 FEATURES = AbiFeatures(
     callback_returns_int=False,

@@ -9,11 +9,13 @@ and ``rkllm_set_chat_template``. The callback still returns ``void``.
 from __future__ import annotations
 
 from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p  # noqa: E501
-from enum import IntEnum
 
 from ._common import (
+    SET_CHAT_TEMPLATE,
     AbiFeatures,
     Func,
+    RKLLMInferMode,
+    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMEmbedInput,
@@ -28,12 +30,6 @@ from ._common import (
 
 ABI = "1.2.0"
 RUNTIME_RELEASES = ("1.2.0",)
-
-
-class RKLLMInferMode(IntEnum):
-    RKLLM_INFER_GENERATE = 0
-    RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1
-    RKLLM_INFER_GET_LOGITS = 2
 
 
 # typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;
@@ -126,22 +122,11 @@ class RKLLMResult(Structure):
 # typedef void (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state);
 LLMResultCallback = CFUNCTYPE(None, POINTER(RKLLMResult), c_void_p, c_int)
 
-FUNCTIONS = (
-    Func("rkllm_createDefaultParam", (), RKLLMParam),
-    Func("rkllm_init", (POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback), c_int),
-    Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
-    Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
-    Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
-    Func("rkllm_destroy", (LLMHandle,), c_int),
-    Func("rkllm_run", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_run_async", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_abort", (LLMHandle,), c_int),
-    Func("rkllm_is_running", (LLMHandle,), c_int),
+# int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
+FUNCTIONS = core_functions(RKLLMParam, RKLLMInput, RKLLMInferParam, LLMResultCallback) + (
     # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt);
     Func("rkllm_clear_kv_cache", (LLMHandle, c_int), c_int),
-    # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt, const char* prompt_prefix,
-    #                             const char* prompt_postfix);
-    Func("rkllm_set_chat_template", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
+    SET_CHAT_TEMPLATE,
 )
 
 FEATURES = AbiFeatures(

@@ -10,11 +10,12 @@ gains ``n_batch`` and ``use_cross_attn``; ``RKLLMResult`` gains ``perf``; **the 
 from __future__ import annotations
 
 from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p  # noqa: E501
-from enum import IntEnum
 
 from ._common import (
+    FUNCTIONS_ADDED_121,
     AbiFeatures,
-    Func,
+    RKLLMInferMode,
+    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMCrossAttnParam,
@@ -31,12 +32,6 @@ from ._common import (
 
 ABI = "1.2.1"
 RUNTIME_RELEASES = ("1.2.1", "1.2.2")
-
-
-class RKLLMInferMode(IntEnum):
-    RKLLM_INFER_GENERATE = 0
-    RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1
-    RKLLM_INFER_GET_LOGITS = 2
 
 
 # typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;
@@ -141,28 +136,8 @@ class RKLLMResult(Structure):
 # typedef int (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state);
 LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, c_int)
 
-FUNCTIONS = (
-    Func("rkllm_createDefaultParam", (), RKLLMParam),
-    Func("rkllm_init", (POINTER(LLMHandle), POINTER(RKLLMParam), LLMResultCallback), c_int),
-    Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
-    Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
-    Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
-    Func("rkllm_destroy", (LLMHandle,), c_int),
-    Func("rkllm_run", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_run_async", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_abort", (LLMHandle,), c_int),
-    Func("rkllm_is_running", (LLMHandle,), c_int),
-    # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int* start_pos, int* end_pos);
-    Func("rkllm_clear_kv_cache", (LLMHandle, c_int, POINTER(c_int), POINTER(c_int)), c_int),
-    # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
-    Func("rkllm_get_kv_cache_size", (LLMHandle, POINTER(c_int)), c_int),
-    Func("rkllm_set_chat_template", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
-    # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt, const char* tools,
-    #                              const char* tool_response_str);
-    Func("rkllm_set_function_tools", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
-    # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
-    Func("rkllm_set_cross_attn_params", (LLMHandle, POINTER(RKLLMCrossAttnParam)), c_int),
-)
+# int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
+FUNCTIONS = core_functions(RKLLMParam, RKLLMInput, RKLLMInferParam, LLMResultCallback) + FUNCTIONS_ADDED_121
 
 FEATURES = AbiFeatures(
     callback_returns_int=True,

@@ -10,12 +10,14 @@ returns 1 while running. The exported symbols equal 1.2.1's, so 1.3.0 cannot be 
 
 from __future__ import annotations
 
-from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p  # noqa: E501
-from enum import IntEnum
+from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t, c_uint64, c_void_p  # noqa: E501
 
+from . import v1_2_1 as _v1_2_1
 from ._common import (
+    FUNCTIONS_ADDED_121,
     AbiFeatures,
-    Func,
+    RKLLMInferMode,
+    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMCrossAttnParam,
@@ -34,24 +36,9 @@ ABI = "1.3.0"
 RUNTIME_RELEASES = ("1.3.0",)
 
 
-class RKLLMInferMode(IntEnum):
-    RKLLM_INFER_GENERATE = 0
-    RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1
-    RKLLM_INFER_GET_LOGITS = 2
-
-
-# typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;
-#   uint32_t enabled_cpus_mask; uint8_t n_batch; int8_t use_cross_attn; uint8_t reserved[104]; } RKLLMExtendParam;
-class RKLLMExtendParam(Structure):
-    _fields_ = [
-        ("base_domain_id", c_int32),
-        ("embed_flash", c_int8),
-        ("enabled_cpus_num", c_int8),
-        ("enabled_cpus_mask", c_uint32),
-        ("n_batch", c_uint8),
-        ("use_cross_attn", c_int8),
-        ("reserved", c_uint8 * 104),
-    ]
+# RKLLMExtendParam: unchanged from 1.2.1 (base_domain_id, embed_flash, enabled_cpus_num, enabled_cpus_mask,
+# n_batch, use_cross_attn, reserved[104]).
+RKLLMExtendParam = _v1_2_1.RKLLMExtendParam
 
 
 # typedef struct { const char* model_path; int32_t max_context_len; int32_t max_new_tokens; int32_t top_k;
@@ -201,24 +188,8 @@ class RKLLMCallback(Structure):
     ]
 
 
-FUNCTIONS = (
-    Func("rkllm_createDefaultParam", (), RKLLMParam),
-    # int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
-    Func("rkllm_init", (POINTER(LLMHandle), POINTER(RKLLMParam), POINTER(RKLLMCallback)), c_int),
-    Func("rkllm_load_lora", (LLMHandle, POINTER(RKLLMLoraAdapter)), c_int),
-    Func("rkllm_load_prompt_cache", (LLMHandle, c_char_p), c_int),
-    Func("rkllm_release_prompt_cache", (LLMHandle,), c_int),
-    Func("rkllm_destroy", (LLMHandle,), c_int),
-    Func("rkllm_run", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_run_async", (LLMHandle, POINTER(RKLLMInput), POINTER(RKLLMInferParam), c_void_p), c_int),
-    Func("rkllm_abort", (LLMHandle,), c_int),
-    Func("rkllm_is_running", (LLMHandle,), c_int),
-    Func("rkllm_clear_kv_cache", (LLMHandle, c_int, POINTER(c_int), POINTER(c_int)), c_int),
-    Func("rkllm_get_kv_cache_size", (LLMHandle, POINTER(c_int)), c_int),
-    Func("rkllm_set_chat_template", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
-    Func("rkllm_set_function_tools", (LLMHandle, c_char_p, c_char_p, c_char_p), c_int),
-    Func("rkllm_set_cross_attn_params", (LLMHandle, POINTER(RKLLMCrossAttnParam)), c_int),
-)
+# int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
+FUNCTIONS = core_functions(RKLLMParam, RKLLMInput, RKLLMInferParam, POINTER(RKLLMCallback)) + FUNCTIONS_ADDED_121
 
 FEATURES = AbiFeatures(
     callback_returns_int=True,

@@ -162,6 +162,13 @@ static void sb_json_string(strbuf *b, const char *s, size_t n) {
     sb_puts(b, "\"");
 }
 
+/* Appends ,"key":"value" (no comma before the first field); NULL values become null. */
+static void sb_field(strbuf *b, const char *key, const char *value) {
+    if (b->len) sb_puts(b, ",");
+    sb_printf(b, "\"%s\":", key);
+    sb_json_string(b, value, value ? strlen(value) : 0);
+}
+
 static void sb_hex(strbuf *b, const char *s, size_t n) {
     static const char digits[] = "0123456789abcdef";
     sb_puts(b, "\"");
@@ -278,10 +285,7 @@ static void call_log(const char *fn, strbuf *body) {
 
 static void call_log_simple(const char *fn, const char *key, const char *value) {
     strbuf b = {0};
-    if (key) {
-        sb_printf(&b, "\"%s\":", key);
-        sb_json_string(&b, value, value ? strlen(value) : 0);
-    }
+    sb_field(&b, key, value);
     call_log(fn, &b);
     free(b.data);
 }
@@ -1196,12 +1200,8 @@ RKLLM_API int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter *lora_adapter) 
     mock_handle *h = as_handle(handle);
     if (!h || !lora_adapter) return -1;
     strbuf b = {0};
-    sb_puts(&b, "\"path\":");
-    sb_json_string(&b, lora_adapter->lora_adapter_path,
-                   lora_adapter->lora_adapter_path ? strlen(lora_adapter->lora_adapter_path) : 0);
-    sb_puts(&b, ",\"name\":");
-    sb_json_string(&b, lora_adapter->lora_adapter_name,
-                   lora_adapter->lora_adapter_name ? strlen(lora_adapter->lora_adapter_name) : 0);
+    sb_field(&b, "path", lora_adapter->lora_adapter_path);
+    sb_field(&b, "name", lora_adapter->lora_adapter_name);
     sb_printf(&b, ",\"scale\":%g", lora_adapter->scale);
     call_log("rkllm_load_lora", &b);
     free(b.data);
@@ -1296,12 +1296,9 @@ RKLLM_API int rkllm_set_function_tools(LLMHandle handle, const char *system_prom
     mock_handle *h = as_handle(handle);
     if (!h) return -1;
     strbuf b = {0};
-    sb_puts(&b, "\"system_prompt\":");
-    sb_json_string(&b, system_prompt, system_prompt ? strlen(system_prompt) : 0);
-    sb_puts(&b, ",\"tools\":");
-    sb_json_string(&b, tools, tools ? strlen(tools) : 0);
-    sb_puts(&b, ",\"tool_response_str\":");
-    sb_json_string(&b, tool_response_str, tool_response_str ? strlen(tool_response_str) : 0);
+    sb_field(&b, "system_prompt", system_prompt);
+    sb_field(&b, "tools", tools);
+    sb_field(&b, "tool_response_str", tool_response_str);
     call_log("rkllm_set_function_tools", &b);
     free(b.data);
     /* Reported: the tools' system prompt replaces the model's (rknn-llm#431). */
@@ -1334,12 +1331,9 @@ RKLLM_API int rkllm_set_chat_template(LLMHandle handle, const char *system_promp
     mock_handle *h = as_handle(handle);
     if (!h) return -1;
     strbuf b = {0};
-    sb_puts(&b, "\"system_prompt\":");
-    sb_json_string(&b, system_prompt, system_prompt ? strlen(system_prompt) : 0);
-    sb_puts(&b, ",\"prompt_prefix\":");
-    sb_json_string(&b, prompt_prefix, prompt_prefix ? strlen(prompt_prefix) : 0);
-    sb_puts(&b, ",\"prompt_postfix\":");
-    sb_json_string(&b, prompt_postfix, prompt_postfix ? strlen(prompt_postfix) : 0);
+    sb_field(&b, "system_prompt", system_prompt);
+    sb_field(&b, "prompt_prefix", prompt_prefix);
+    sb_field(&b, "prompt_postfix", prompt_postfix);
     call_log("rkllm_set_chat_template", &b);
     free(b.data);
     pthread_mutex_lock(&h->lock);
