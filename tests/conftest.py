@@ -81,3 +81,12 @@ import sys as _sys
 
 _sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules
 _sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # tiny_models (shared with the demo)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under emulation the runner says which machine the suite must be on; a wrong one is an error, not a pass."""
+    import platform
+
+    expected = os.environ.get("RKEDGE_EXPECT_MACHINE")
+    if expected and platform.machine() != expected:
+        raise pytest.UsageError(f"this run must be on {expected}, but it is on {platform.machine()}")

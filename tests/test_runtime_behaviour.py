@@ -506,3 +506,30 @@ def test_run_async_and_is_running_per_abi(abi, make_model):
         assert events[-1] == 2 and events.count(0) + events.count(1) == 20
     finally:
         native.destroy()
+
+
+def test_a_callback_that_raises_returns_an_explicit_int_to_c(abi, make_model, call_log):
+    """The ABI-level hazard: a ctypes callback that raises returns an undefined value to C (0 on x86_64, 1 on
+    aarch64, where 1 means "pause" on ABI >= 1.2.1). The trampoline must catch and return 0 itself."""
+    from rkedge.runtime.abi._native import NativeLibrary, NativeModel
+    from rkedge.runtime.library import resolve_library
+    from rkedge.runtime.types import InitParams, RunRequest
+
+    calls = []
+
+    def raising_handler(run_id: int, event) -> int:
+        calls.append(event.state)
+        raise RuntimeError("a handler bug")
+
+    runtime = resolve_library("mock", abi)
+    model = make_model(abi, responses=scripted(LONG))
+    native = NativeModel(NativeLibrary.load(runtime.path, abi), str(model), InitParams(max_new_tokens=50),
+                         raising_handler)
+    try:
+        assert native.run(3, RunRequest(prompt=b"go")) == 0
+    finally:
+        native.destroy()
+    end = call_log.last("run_end")
+    assert end["paused"] is False and end["generated_tokens"] == 50, "the run went on: every return was 0"
+    assert not call_log.entries("callback_return")
+    assert calls.count(2) == 1 and len(calls) == 51
