@@ -137,6 +137,26 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                           fix="see the findings above")
 
 
+@click.command("plan")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--dtype", default="w8a8", show_default=True)
+@click.option("--max-context", type=int, default=4096, show_default=True, help="Context the KV cache is sized for.")
+@click.option("--board", default=None, help="Board profile id (boards/*.json): its RAM options.")
+@click.option("--ram", "ram_gb", type=float, default=None, help="Board RAM in GB (instead of --board).")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length for TTFT.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan_command(model: Path, dtype: str, max_context: int, board: str | None, ram_gb: float | None,
+                 prompt_tokens: int, as_json: bool) -> None:
+    """Predict memory, TTFT and tokens/s of MODEL (checkpoint folder or config.json) on an RK3588 board."""
+    from rkedge.convert.plan import plan_model, report_json
+
+    if board and ram_gb:
+        raise click.BadParameter("use --board or --ram, not both", param_hint="--board/--ram")
+    report = plan_model(model, dtype=dtype.lower(), max_context=max_context, board=board, ram_gb=ram_gb,
+                        prompt_tokens=prompt_tokens)
+    click.echo(report_json(report) if as_json else report.render())
+
+
 @click.group("toolkit")
 def toolkit_group() -> None:
     """rkllm-toolkit environments (one virtual environment per toolkit version)."""
@@ -185,4 +205,5 @@ def _record_dict(record: Any) -> dict[str, Any]:
 def register(group: click.Group) -> None:
     group.add_command(inspect_command)
     group.add_command(convert_command)
+    group.add_command(plan_command)
     group.add_command(toolkit_group)

@@ -1,39 +1,20 @@
-"""Weight and KV-cache sizes of a converted model (first-order, from the checkpoint's shapes).
+"""Shapes and sizes that follow from a model's configuration alone (used by :mod:`.perf_model`).
 
-``rkedge plan`` refines the runtime overhead with a model fitted to Rockchip's published figures; this
-module gives the parts that follow from shapes alone, used by the planner's board-fit and IOMMU checks.
 Bytes per weight per dtype: int8 = 1, int4 = 0.5; grouped dtypes add one fp16 scale per group
 (converter-anchors section 3.1 and F-1: "grouped types add per-group scales and raise the footprint").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from rkedge.convert.rules import group_size
 
 WEIGHT_BYTES = {"w8a8": 1.0, "w4a16": 0.5, "w4a8": 0.5}
 SCALE_BYTES = 2.0  # one fp16 scale per group
-EMBEDDING_BYTES = 2.0  # the embedding table stays fp16 (looked up, not multiplied on the NPU)
 KV_BYTES = 2.0  # fp16 keys and values
 GIB = 1 << 30
 IOMMU_DOMAIN_BYTES = 4 * GIB  # rknpu: dma_limit = 1 << 32 per domain (F-1)
-
-
-@dataclass(frozen=True)
-class SizeEstimate:
-    linear_params: int
-    embedding_params: int
-    lm_head_params: int  # 0 when tied to the embedding
-    weight_bytes: int  # what the NPU maps: quantized linears + lm head (+ scales)
-    embedding_bytes: int
-    kv_cache_bytes: int
-    max_context: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.embedding_bytes + self.kv_cache_bytes
 
 
 def bytes_per_param(dtype: str) -> float:
@@ -54,20 +35,6 @@ def model_shape(config: dict[str, Any]) -> dict[str, int]:
     intermediate = int(c.get("intermediate_size") or c.get("ffn_hidden_size") or 4 * hidden)
     return {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "vocab": vocab, "intermediate": intermediate}
-
-
-def kv_cache_bytes(config: dict[str, Any], max_context: int) -> int:
-    shape = model_shape(config)
-    return int(2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * max_context * KV_BYTES)
-
-
-def estimate(params: dict[str, int], config: dict[str, Any], dtype: str, max_context: int) -> SizeEstimate:
-    """``params`` splits the parameter count: {"linear": n, "embedding": n, "lm_head": n}."""
-    per_param = bytes_per_param(dtype)
-    weight = int((params["linear"] + params["lm_head"]) * per_param)
-    embedding = int(params["embedding"] * EMBEDDING_BYTES)
-    return SizeEstimate(params["linear"], params["embedding"], params["lm_head"], weight, embedding,
-                        kv_cache_bytes(config, max_context), max_context)
 
 
 def split_params_from_tensors(tensors: dict[str, Any], tied: bool) -> dict[str, int]:

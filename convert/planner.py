@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rkedge.convert import architectures, known_failures
-from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES, estimate, split_params_from_tensors
+from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES
 from rkedge.convert.findings import Finding
-from rkedge.convert.inspect import CheckpointInfo, tie_word_embeddings
+from rkedge.convert.inspect import CheckpointInfo
 from rkedge.convert.rules import (
     DEFAULT_MAX_CONTEXT,
     GPTQ,
@@ -138,11 +138,12 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
     export_kwargs: dict[str, Any] = {}
     name = output_name(default_name(request, info), build_kwargs)
     size = None
-    if info.tensors:
+    if info.tensors and spec is not None:
+        from rkedge.convert.perf_model import ModelShape, predict
+
         context = build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
-        size = estimate(split_params_from_tensors(info.tensors, tie_word_embeddings(info.config)), info.config,
-                        request.dtype if request.dtype.split("_")[0] in ("w8a8", "w4a16", "w4a8") else "w8a8",
-                        context)
+        dtype = request.dtype if request.dtype.split("_")[0] in ("w8a8", "w4a16", "w4a8") else "w8a8"
+        size = predict(ModelShape.from_tensors(info.config, info.tensors), dtype, context)
         findings += _check_board_fit(request, size)
         if not simulated_toolkit:
             findings += _check_host_memory(info, request, host_memory)
@@ -361,6 +362,9 @@ def _check_lora_mode(request: ConversionRequest, rules: ToolkitRules, version: s
 
 
 def _check_board_fit(request: ConversionRequest, size: Any) -> list[Finding]:
+    """The same estimate and verdict as ``rkedge plan`` (``convert/perf_model.py``, ``convert/plan.py``)."""
+    from rkedge.convert.plan import ram_verdict
+
     findings: list[Finding] = []
     if size.weight_bytes > IOMMU_DOMAIN_BYTES:
         findings.append(Finding(
@@ -373,19 +377,19 @@ def _check_board_fit(request: ConversionRequest, size: Any) -> list[Finding]:
         from rkedge.boards import get_board
 
         board = get_board(request.board)
-        need = size.total_bytes + 400 * 1024 * 1024  # the runtime's own buffers (refined by rkedge plan)
-        options = [gb for gb in (board.ram_gb or ()) if gb * GIB * 0.9 >= need]
-        if board.ram_gb and not options:
+        verdicts = [ram_verdict(size, gb) for gb in (board.ram_gb or ())]
+        fitting = [v.ram_gb for v in verdicts if v.verdict != "does not fit"]
+        need = f"~{size.total_bytes / GIB:.1f} GiB (weights, embedding, KV cache at {size.max_context} tokens, runtime)"
+        if verdicts and not fitting:
             findings.append(Finding("board.ram", "error",
-                                    f"~{need / GIB:.1f} GiB needed (weights, embedding, KV cache at "
-                                    f"{size.max_context} tokens, runtime) does not fit any {board.name} "
-                                    f"({', '.join(f'{g} GB' for g in board.ram_gb)}).",
-                                    "use a smaller model or a smaller --max-context", "boards/" + board.id + ".json"))
-        elif board.ram_gb and options[0] != min(board.ram_gb):
+                                    f"{need} does not fit any {board.name} "
+                                    f"({', '.join(f'{v.ram_gb:g} GB' for v in verdicts)}).",
+                                    "use a smaller model or a smaller --max-context (rkedge plan shows the options)",
+                                    "boards/" + board.id + ".json; rkedge plan"))
+        elif verdicts and fitting[0] != verdicts[0].ram_gb:
             findings.append(Finding("board.ram", "warning",
-                                    f"~{need / GIB:.1f} GiB needed: fits the {options[0]} GB and larger variants of "
-                                    f"{board.name}, not the {min(board.ram_gb)} GB one.", None,
-                                    "boards/" + board.id + ".json"))
+                                    f"{need}: fits the {fitting[0]:g} GB and larger variants of {board.name}, not the "
+                                    f"{verdicts[0].ram_gb:g} GB one.", None, "boards/" + board.id + ".json; rkedge plan"))
         if board.npu_platform != request.platform:
             findings.append(Finding("F-6", "error",
                                     f"{board.name} runs {board.npu_platform} models, not {request.platform}.",

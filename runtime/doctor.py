@@ -347,15 +347,17 @@ def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: 
 
 
 def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict[str, int], driver: str | None) -> None:
-    estimate = meta.get("estimate") or {}
+    estimate = meta.get("estimate") or {}  # rkedge plan's estimate, recorded by convert
     weight = int(estimate.get("weight_bytes") or 0)
-    total_model = weight + int(estimate.get("embedding_bytes") or 0) + int(estimate.get("kv_cache_bytes") or 0)
-    if not total_model:
-        size = int(meta.get("size") or 0)
-        weight, total_model = size, size
-    if not total_model:
-        return
-    need = total_model + RUNTIME_OVERHEAD_BYTES
+    need = int(estimate.get("total_bytes") or 0)
+    if not need:
+        parts = weight + int(estimate.get("embedding_bytes") or 0) + int(estimate.get("kv_cache_bytes") or 0)
+        if not parts:
+            size = int(meta.get("size") or 0)
+            weight, parts = size, size
+        if not parts:
+            return
+        need = parts + RUNTIME_OVERHEAD_BYTES
     ram = memory.get("total") or 0
     if ram:
         if need > ram:

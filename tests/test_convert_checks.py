@@ -167,19 +167,23 @@ def test_toolkit_python_version(tiny):
     assert any(f.id == "F-14" and "3.8" in f.message for f in found)
 
 
+def prediction(weight_gib: float, embedding_gib: float = 0.25, kv_gib: float = 0.5):
+    from rkedge.convert.perf_model import Prediction
+
+    gib = 1 << 30
+    return Prediction("w8a8", 4096, 128, int(weight_gib * gib), int(embedding_gib * gib), int(kv_gib * gib),
+                      20 << 20, 10.0, 500.0)
+
+
 def test_board_fit_and_iommu_domains(tiny):
-    from rkedge.convert.estimate import SizeEstimate
     from rkedge.convert.planner import _check_board_fit
 
     request = ConversionRequest(model=tiny["llama"], out=Path("o"), board="orangepi-5")
-    big = SizeEstimate(15_000_000_000, 900_000_000, 0, 15 * (1 << 30), 2 * (1 << 30), 1 << 30, 4096)
-    findings = {f.id: f for f in _check_board_fit(request, big)}
+    findings = {f.id: f for f in _check_board_fit(request, prediction(15, 2, 1))}
     assert findings["F-1.domains"].severity == "warning" and "base_domain_id=1" in findings["F-1.domains"].fix
     assert findings["board.ram"].severity == "error" and "Orange Pi 5" in findings["board.ram"].message
-    small = SizeEstimate(1_000_000_000, 100_000_000, 0, 1 << 30, 1 << 28, 1 << 27, 4096)
-    assert [f.id for f in _check_board_fit(request, small)] == []
-    medium = SizeEstimate(5_000_000_000, 100_000_000, 0, 5 * (1 << 30) // 2, 1 << 28, 1 << 29, 4096)
-    warning = next(f for f in _check_board_fit(request, medium) if f.id == "board.ram")
+    assert [f.id for f in _check_board_fit(request, prediction(1))] == []
+    warning = next(f for f in _check_board_fit(request, prediction(2.5)) if f.id == "board.ram")
     assert warning.severity == "warning" and "not the 4 GB one" in warning.message
 
 

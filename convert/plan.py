@@ -1,0 +1,147 @@
+"""``rkedge plan``: will this model run on this board, and how fast, before converting it.
+
+Memory, TTFT (128-token prompt) and decode tokens/s come from the fitted model in :mod:`.perf_model`; the
+verdict per RAM size weighs them against the board's RAM, the 4 GiB-per-IOMMU-domain rule and the driver gate
+(F-1). The same functions serve ``convert``'s board-fit check and ``doctor``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES
+from rkedge.convert.perf_model import ModelShape, Prediction, load_perf_model, predict
+from rkedge.errors import InputError
+
+#: RAM the system keeps for itself on a headless board image (kernel, CMA, services): an assumption, stated.
+SYSTEM_RESERVE_BYTES = int(0.75 * GIB)
+#: Below this share of the usable RAM a model "fits"; up to all of it, it is "tight".
+COMFORT_SHARE = 0.85
+DRIVER_GATE_BYTES = 2 * GIB  # rknpu < 0.9.8 fails to map weight buffers above 2 GiB (F-1 hypothesis)
+
+
+@dataclass
+class BoardFit:
+    ram_gb: float
+    verdict: str  # fits | tight | does not fit
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PlanReport:
+    model: str
+    shape: dict[str, Any]
+    prediction: dict[str, Any]
+    fits: list[BoardFit]
+    board: str | None
+    notes: list[str]
+    perf_model: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        p = self.prediction
+        rknn = p.get("backend") == "rknn"
+        lines = [f"{self.model}: {self.shape['total_params'] / 1e9:.2f}B parameters, {p['dtype']}, "
+                 f"{'RKNN backend' if rknn else 'max_context ' + str(p['max_context'])}",
+                 f"  memory   {p['total_bytes'] / GIB:6.2f} GiB = weights {p['weight_bytes'] / GIB:.2f} + "
+                 + (f"host embedding {p['embedding_bytes'] / GIB:.2f} + state {p['kv_cache_bytes'] / GIB:.3f}" if rknn
+                    else f"embedding {p['embedding_bytes'] / GIB:.2f} + KV cache {p['kv_cache_bytes'] / GIB:.2f} + "
+                         f"runtime {p['runtime_bytes'] / GIB:.2f}"),
+                 f"  decode   {p['decode_tokens_per_s']:6.2f} tokens/s (RK3588, memory-bandwidth bound)",
+                 f"  TTFT     {p['ttft_ms']:6.0f} ms for a {p['prompt_tokens']}-token prompt"]
+        for fit in self.fits:
+            lines.append(f"  {fit.ram_gb:g} GB board: {fit.verdict.upper()}")
+            lines += [f"    - {reason}" for reason in fit.reasons]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def ram_verdict(prediction: Prediction, ram_gb: float) -> BoardFit:
+    """Fits / tight / does not fit, with the reasons: RAM, IOMMU domains, driver gate."""
+    usable = ram_gb * GIB - SYSTEM_RESERVE_BYTES
+    need = prediction.total_bytes
+    reasons = [f"needs ~{need / GIB:.1f} GiB of ~{usable / GIB:.1f} GiB usable "
+               f"({ram_gb:g} GB minus ~{SYSTEM_RESERVE_BYTES / GIB:.2f} GiB for the system)"]
+    if need > usable:
+        verdict = "does not fit"
+        reasons.append("use a smaller model, a smaller --max-context, or a board with more RAM")
+    elif need > COMFORT_SHARE * usable:
+        verdict = "tight"
+        reasons.append("little left for anything else; swap makes it slow")
+    else:
+        verdict = "fits"
+    weights = prediction.weight_bytes
+    if weights > IOMMU_DOMAIN_BYTES and verdict != "does not fit":
+        domains = -(-weights // IOMMU_DOMAIN_BYTES)
+        verdict = "tight"
+        reasons.append(f"the {weights / GIB:.1f} GiB of quantized weights span {domains} NPU IOMMU domains of 4 GiB; "
+                       "large models have failed here with 'failed to malloc npu memory' (F-1): run with "
+                       "--base-domain-id 1 and rknpu 0.9.8")
+    elif weights > DRIVER_GATE_BYTES:
+        reasons.append(f"{weights / GIB:.1f} GiB of weights: needs rknpu driver 0.9.8 (0.9.6 cannot map buffers over "
+                       "2 GiB; F-1, F-5); rkedge doctor shows the driver")
+    return BoardFit(ram_gb, verdict, reasons)
+
+
+def shape_of(path: Path) -> tuple[ModelShape, dict[str, Any]]:
+    """A checkpoint folder (exact split from safetensors headers) or a config.json (formulas)."""
+    from rkedge.convert.inspect import inspect_checkpoint, read_json
+
+    if path.is_dir():
+        info = inspect_checkpoint(path)
+        config = info.config
+        if info.tensors:
+            return ModelShape.from_tensors(config, info.tensors, name=path.name), config
+        return ModelShape.from_config(config, name=path.name), config
+    if path.is_file() and path.suffix == ".json":
+        config = read_json(path)
+        return ModelShape.from_config(config, name=config.get("_name_or_path") or path.parent.name), config
+    raise InputError(f"{path} is neither a checkpoint folder nor a config.json.",
+                     fix="pass the folder with config.json (weights optional) or the config.json itself")
+
+
+def plan_model(path: Path, *, dtype: str = "w8a8", max_context: int = 4096, board: str | None = None,
+               ram_gb: float | None = None, prompt_tokens: int = 128) -> PlanReport:
+    from rkedge.convert.architectures import config_identity, find_refused
+
+    shape, config = shape_of(Path(path))
+    arch, model_type = config_identity(config)
+    refused = find_refused(arch, model_type)
+    if refused is not None and "rknn backend" in refused.alternatives:
+        from rkedge.convert.rknn_plan import plan_recurrent_gemma
+
+        return plan_recurrent_gemma(path, config, dtype=dtype, board=board, ram_gb=ram_gb)
+    notes: list[str] = []
+    if refused is not None:
+        notes.append(f"{arch}: {refused.reason}")
+    if dtype.startswith("w4a16"):
+        notes.append("w4a16 does not run on RK3588 (F-2); the figures are for another platform's dtype")
+    prediction = predict(shape, dtype, max_context, prompt_tokens)
+    rams: list[float]
+    board_name = None
+    if ram_gb is not None:
+        rams = [ram_gb]
+    elif board is not None:
+        from rkedge.boards import get_board
+
+        profile = get_board(board)
+        board_name = profile.name
+        rams = list(profile.ram_gb or ())
+        if not rams:
+            raise InputError(f"the RAM options of {profile.name} are not known.", fix="pass --ram GB instead")
+    else:
+        rams = [4, 8, 16, 32]
+    fits = [ram_verdict(prediction, ram) for ram in rams]
+    notes += list(prediction.assumptions)
+    shape_dict = {**asdict(shape), "total_params": shape.total_params}
+    return PlanReport(shape.name or str(path), shape_dict, prediction.to_dict(), fits, board_name, notes,
+                      load_perf_model().physical())
+
+
+def report_json(report: PlanReport) -> str:
+    return json.dumps(report.to_dict(), indent=1, default=str)

@@ -1,0 +1,126 @@
+"""`rkedge plan`: the fitted model against Rockchip's published figures, and verdicts for known shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rkedge.convert.perf_model import ModelShape, benchmark_rows, load_perf_model, predict
+from rkedge.convert.plan import plan_model
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def errors(model, rows):
+    out = {"tokens_per_s": [], "memory_mb": [], "ttft_ms": []}
+    for row in rows:
+        p = predict(ModelShape.from_dict(row["shape"]), "w8a8", max_context=0, model=model)
+        got = {"tokens_per_s": p.decode_tokens_per_s, "memory_mb": p.total_bytes / 2**20, "ttft_ms": p.ttft_ms}
+        for key in out:
+            out[key].append(got[key] / row["measured"][key] - 1)
+    return out
+
+
+def share_within(values, limit):
+    return sum(abs(v) <= limit for v in values) / len(values)
+
+
+def test_shipped_model_meets_the_accuracy_targets_on_published_rows():
+    e = errors(load_perf_model(), benchmark_rows())
+    assert share_within(e["tokens_per_s"], 0.15) >= 0.8
+    assert share_within(e["memory_mb"], 0.15) >= 0.8
+    assert share_within(e["ttft_ms"], 0.25) >= 0.7
+
+
+def test_leave_one_out_meets_the_targets():
+    pytest.importorskip("numpy")
+    sys.path.insert(0, str(BENCHMARKS))
+    from fit_perf_model import fit
+
+    from rkedge.convert.perf_model import PerfModel
+
+    rows = benchmark_rows()
+    loo = {"tokens_per_s": [], "memory_mb": [], "ttft_ms": []}
+    for index, row in enumerate(rows):
+        c = fit(rows[:index] + rows[index + 1:])
+        model = PerfModel(tuple(c["decode"]), tuple(c["prefill"]), tuple(c["memory"]))
+        for key, values in errors(model, [row]).items():
+            loo[key] += values
+    assert share_within(loo["tokens_per_s"], 0.15) >= 0.8
+    assert share_within(loo["memory_mb"], 0.15) >= 0.8
+    assert share_within(loo["ttft_ms"], 0.25) >= 0.7
+
+
+def test_committed_coefficients_are_a_fresh_fit():
+    pytest.importorskip("numpy")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "fit_perf_model.py"), "--check"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fitted_parameters_are_physical():
+    physical = load_perf_model().physical()
+    assert 20 < physical["effective_bandwidth_GBps"] < 34.2  # LPDDR4x-4224 peak is 33.8 GB/s (boards.md)
+    assert 0.3 < physical["effective_int8_matmul_TOPS"] < 6  # 6 TOPS peak
+    assert 0.8 < physical["bytes_per_weight_byte"] < 1.3
+    assert all(v >= 0 for v in physical.values())
+
+
+def test_gemma_2_9b_it_on_8_and_16_gb():
+    report = plan_model(CONFIGS / "gemma-2-9b-it.json", board="orangepi-5")
+    verdicts = {fit.ram_gb: fit for fit in report.fits}
+    assert verdicts[8].verdict == "does not fit" and "usable" in verdicts[8].reasons[0]
+    assert verdicts[16].verdict == "tight"
+    assert any("IOMMU" in reason and "base-domain-id 1" in reason for reason in verdicts[16].reasons)
+    assert 9.2e9 < report.shape["total_params"] < 9.3e9  # 9,241,705,984 (model-configs.md)
+    assert 2.5 < report.prediction["decode_tokens_per_s"] < 4.5
+
+
+def test_smaller_context_and_dtype_change_the_verdict():
+    big = plan_model(CONFIGS / "gemma-2-9b-it.json", ram_gb=12, max_context=8192).prediction
+    small = plan_model(CONFIGS / "gemma-2-9b-it.json", ram_gb=12, max_context=1024).prediction
+    assert big["kv_cache_bytes"] == 8 * small["kv_cache_bytes"]
+    grouped = plan_model(CONFIGS / "gemma-2-9b-it.json", ram_gb=16, dtype="w8a8_g128").prediction
+    assert grouped["weight_bytes"] > small["weight_bytes"]  # per-group scales
+    assert grouped["decode_tokens_per_s"] < small["decode_tokens_per_s"]
+
+
+def test_a_checkpoint_folder_uses_its_exact_tensor_sizes(tmp_path):
+    pytest.importorskip("transformers")
+    from tiny_models import make_checkpoint
+
+    from rkedge.convert.inspect import inspect_checkpoint
+
+    folder = make_checkpoint(tmp_path / "llama", "llama")
+    report = plan_model(folder, ram_gb=4)
+    assert report.shape["total_params"] == inspect_checkpoint(folder).param_count
+    assert report.fits[0].verdict == "fits"
+
+
+def test_recurrent_gemma_is_planned_for_the_rknn_backend():
+    report = plan_model(CONFIGS / "recurrentgemma-2b-it.json", ram_gb=8)
+    assert report.prediction["backend"] == "rknn"
+    assert 2.6e9 < report.shape["total_params"] < 2.75e9  # 2.683B (model-configs.md)
+    assert 8 < report.prediction["decode_tokens_per_s"] < 13  # ~10 tokens/s bound (feasibility study)
+    assert any("4 GiB" in note and "uint32" in note for note in report.notes)
+    assert report.fits[0].verdict == "fits"
+    from rkedge.errors import InputError
+
+    with pytest.raises(InputError, match="w4a16"):
+        plan_model(CONFIGS / "recurrentgemma-2b-it.json", dtype="w4a16", ram_gb=8)
+
+
+def test_cli_json_and_bad_input():
+    out = subprocess.run([sys.executable, "-m", "rkedge", "plan", str(CONFIGS / "gemma-2-9b-it.json"), "--ram", "16",
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["fits"][0]["verdict"] == "tight" and data["prediction"]["total_bytes"] > 10 * 2**30
+    both = subprocess.run([sys.executable, "-m", "rkedge", "plan", str(CONFIGS / "gemma-2-9b-it.json"), "--ram", "16",
+                           "--board", "rock-5b"], capture_output=True, text=True)
+    assert both.returncode == 2 and "--board or --ram" in both.stderr
