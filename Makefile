@@ -10,10 +10,11 @@ STAMP := $(VENV)/.rkedge-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-rknn-toolkit2.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[convert,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[convert,serve,dev,rknn]'
+	bash scripts/install-rknn-toolkit2.sh $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -92,6 +92,15 @@ def inspect_command(path: Path, as_json: bool) -> None:
 @click.option("--name", default=None, help="Base name of the output (default: the model's name).")
 @click.option("--allow-known-failure", is_flag=True,
               help="Convert even when the combination is known to fail on the board (e.g. to reproduce it).")
+@click.option("--backend", type=click.Choice(["rkllm", "rknn"]), default="rkllm", show_default=True,
+              help="rkllm: rkllm-toolkit -> .rkllm; rknn: RecurrentGemma as rknn-toolkit2 decode-step graphs.")
+@click.option("--no-hybrid", is_flag=True, help="rknn w8a8: quantize the RG-LRU path and states too (plain w8a8).")
+@click.option("--graph-params", type=int, default=None,
+              help="rknn: most parameters per layer graph (default: ~1 GB of weights, within the host's RAM).")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="rknn: held-out text for the quality report (default: a built-in paragraph).")
+@click.option("--eval-steps", type=int, default=256, show_default=True,
+              help="rknn: teacher-forced steps of the quality report.")
 @click.option("--dry-run", is_flag=True, help="Plan and check only; exit 2 on any error finding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the toolkit's log lines.")
@@ -99,8 +108,23 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                     max_context: int | None, npu_cores: int | None, algorithm: str, hybrid_rate: float,
                     optimization_level: int, calibration: str, lora: Path | None, lora_mode: str, board: str | None,
                     toolkit: str | None, load_dtype: str | None, name: str | None, allow_known_failure: bool,
+                    backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None, eval_steps: int,
                     dry_run: bool, as_json: bool, verbose: bool) -> None:
-    """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first."""
+    """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first.
+
+    With --backend rknn, a RecurrentGemma checkpoint becomes an RKNN bundle instead (rknn-toolkit2)."""
+    if backend == "rknn":
+        rkllm_only = {"--toolkit-version": toolkit_version, "--max-context": max_context, "--npu-cores": npu_cores,
+                      "--algorithm": None if algorithm == "normal" else algorithm,
+                      "--hybrid-rate": hybrid_rate or None, "--optimization-level": optimization_level or None,
+                      "--lora-mode runtime": None if lora_mode == "merge" else lora_mode, "--board": board,
+                      "--toolkit": toolkit, "--load-dtype": load_dtype,
+                      "--allow-known-failure": allow_known_failure or None}
+        _convert_rknn(model_dir, out_dir, platform=platform, dtype=dtype, calibration=calibration, lora=lora,
+                      name=name, hybrid=not no_hybrid, graph_params=graph_params, eval_text=eval_text,
+                      eval_steps=eval_steps, dry_run=dry_run, as_json=as_json, verbose=verbose,
+                      ignored=[k for k, v in rkllm_only.items() if v is not None])
+        return
     from rkedge.convert.pipeline import convert
     from rkedge.convert.planner import ConversionRequest
 
@@ -133,6 +157,49 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
             click.echo(f"wrote {result.card_file}")
     if dry_run and not result.plan.ok:
         errors = [f for f in result.plan.findings if f.severity == "error"]
+        raise CheckFailed(f"{len(errors)} error finding(s): " + "; ".join(f.id for f in errors),
+                          fix="see the findings above")
+
+
+def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, calibration: str, lora: Path | None,
+                  name: str | None, hybrid: bool, graph_params: int | None, eval_text: Path | None, eval_steps: int,
+                  dry_run: bool, as_json: bool, verbose: bool, ignored: list[str]) -> None:
+    from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn
+    from rkedge.errors import InputError
+
+    if ignored:
+        raise InputError(f"{', '.join(ignored)} belong(s) to the RKLLM backend; --backend rknn does not take them.",
+                         fix="drop them (see rkedge convert --help for the rknn options)")
+    request = RknnRequest(model=model_dir, out=out_dir, dtype=dtype, platform=platform, hybrid=hybrid,
+                          calibration=calibration, eval_text=eval_text, eval_steps=eval_steps,
+                          graph_params=graph_params, name=name, lora=lora)
+    reporter = StderrReporter(verbose)
+    try:
+        result = convert_rknn(request, dry_run=dry_run, progress=reporter.step)
+    finally:
+        reporter.done()
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, default=str, ensure_ascii=False))
+    else:
+        for finding in result.findings:
+            click.echo(finding.render(), err=not dry_run)
+        if dry_run:
+            click.echo(f"plan: RKNN bundle for {model_dir.name}, {dtype}{' hybrid' if hybrid and dtype == 'w8a8' else ''}")
+        else:
+            manifest = result.manifest or {}
+            verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
+            click.echo(f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
+                       f"over {verification.get('tokens')} tokens")
+            if quality:
+                click.echo(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
+                           f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
+                           f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
+                           f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
+                           f"logits cosine {quality['logits_cosine']:.5f}")
+            click.echo(f"wrote {result.bundle}")
+    if dry_run and not summary["ok"]:
+        errors = [f for f in result.findings if f.severity == "error"]
         raise CheckFailed(f"{len(errors)} error finding(s): " + "; ".join(f.id for f in errors),
                           fix="see the findings above")
 

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 from rkedge import __version__
 from rkedge._fs import atomic_write_text, sha256_file
 from rkedge.convert import calibration as calib
+from rkedge.convert.architectures import find_refused
 from rkedge.convert.export import export_checkpoint
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_gguf
 from rkedge.convert.modelcard import render_card, source_card_license
 from rkedge.convert.planner import ConversionRequest, Plan, host_description, plan
-from rkedge.errors import InputError, ToolkitError
+from rkedge.errors import CheckFailed, InputError, RkedgeError, ToolkitError
 from rkedge.manifest import SCHEMA, SCHEMA_VERSION, manifest_path
 
 WORK = ".rkedge-work"
@@ -95,7 +96,14 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     if gguf:
         return _convert_gguf(request, dry_run=dry_run, reporter=reporter)
     info = inspect_checkpoint(request.model)
-    env = resolve_toolkit(request.toolkit, request.toolkit_version)
+    try:
+        env = resolve_toolkit(request.toolkit, request.toolkit_version)
+    except RkedgeError:
+        refused = find_refused(info.architecture, info.model_type)
+        if refused is not None and refused.alternatives:
+            # No rkllm-toolkit version converts it: the missing toolkit is not what stands in the way.
+            raise CheckFailed(f"{info.architecture or info.model_type}: {refused.reason}.", fix=refused.fix) from None
+        raise
     simulated = env.kind == "mock"
 
     adapter = None

@@ -87,7 +87,7 @@ def griffin_shape(config: dict[str, Any], tensors: dict[str, Any] | None = None)
 class RknnPrediction:
     dtype: str
     weight_bytes: int  # on the NPU: layers + the tied LM head
-    hybrid_extra_bytes: int  # RG-LRU gate matrices kept in fp16
+    hybrid_extra_bytes: int  # RG-LRU gate matrices and conv1d kept in fp16
     host_embedding_bytes: int  # the lookup table in host RAM (fp16)
     state_bytes: int  # constant in context length
     bytes_per_token: int  # DRAM traffic of one decode step
@@ -111,8 +111,10 @@ def predict_griffin(shape: GriffinShape, dtype: str = "w8a8", prompt_tokens: int
     per = RKNN_WEIGHT_BYTES[dtype]
     head = shape.vocab * shape.hidden
     weights = int((shape.layer_params + head) * per)
-    gates = 2 * shape.heads * (shape.lru_width // shape.heads) ** 2 * shape.recurrent_layers
-    hybrid_extra = int(gates * (2.0 - per)) if dtype == "w8a8" else 0
+    # the hybrid build keeps the RG-LRU gates and the conv1d in fp16 (rkedge.convert.rknn.pipeline.HYBRID_PATTERNS)
+    fp16_kept = (2 * shape.heads * (shape.lru_width // shape.heads) ** 2 + shape.lru_width * shape.conv_width) \
+        * shape.recurrent_layers
+    hybrid_extra = int(fp16_kept * (2.0 - per)) if dtype == "w8a8" else 0
     h_state = shape.recurrent_layers * shape.lru_width * 2
     conv_state = shape.recurrent_layers * (shape.conv_width - 1) * shape.lru_width * 2
     kv = shape.attention_layers * 2 * (shape.window - 1) * shape.kv_heads * shape.head_dim * 2

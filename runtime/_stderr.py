@@ -43,3 +43,40 @@ def echo_to_stderr(text: str) -> None:
     if text:
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Sends what native code prints to fd 1 to fd 2 for the duration (rknn-toolkit2 logs to stdout, which must
+    stay clean for the chat's output and for --json)."""
+    try:
+        sys.stdout.flush()
+    except (AttributeError, ValueError):
+        pass
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except (AttributeError, ValueError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def capture_native_output(*, echo: bool = False) -> Iterator[CapturedText]:
+    """Both of native code's streams into one text (rknn-toolkit2 logs its progress to both). The text is echoed
+    to stderr afterwards when ``echo`` is set or when the block raised (it is what explains the failure)."""
+    captured = CapturedText()
+    failed = True
+    try:
+        with capture_native_stderr() as inner, native_stdout_to_stderr():
+            captured = inner
+            yield captured
+        failed = False
+    finally:
+        if echo or failed:
+            echo_to_stderr(captured.text)

@@ -11,7 +11,7 @@ from rkedge.runtime.options import library_options, llm_kwargs, resolve_library_
 
 
 @click.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @library_options
 @runtime_param_options
 @click.option("--system", default=None, help="System prompt.")
@@ -69,7 +69,7 @@ def mock_model(out: Path, name: str, architecture: str, toolkit_version: str, pl
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @library_options
 @runtime_param_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
@@ -95,7 +95,7 @@ def serve(model: Path, mock: bool, library: str | None, abi: str | None, max_con
 
 
 @click.command()
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--model", type=click.Path(path_type=Path), default=None,
               help="Also check this model against the board and runtime.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("/"),
               show_default=True, help="Read the system below this folder (fixture roots for tests).")

@@ -333,20 +333,15 @@ class LLM:
                  **params: Any) -> None:
         self._closed = True
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
+        from rkedge.runtime.rknn.bundle import is_rknn_bundle
+
+        rknn_bundle = is_rknn_bundle(self.model_path)
+        if self.model_path.is_dir() and not rknn_bundle:
+            raise ModelFileError(f"{self.model_path} is a folder without bundle.json, so not an RKNN bundle.",
+                                 fix="pass a .rkllm file, or the folder rkedge convert --backend rknn wrote")
+        if not (self.model_path.is_file() or rknn_bundle):
             raise ModelFileError(f"model file not found: {self.model_path}",
                                  fix="pass the path of a .rkllm file (or create a simulated one: rkedge mock-model)")
-        self.runtime: RuntimeLibrary = resolve_library(library, abi)
-        self.abi = self.runtime.abi
-        self.metadata = load_model_metadata(self.model_path)
-        simulated_model = is_simulated_model(self.model_path)
-        if simulated_model and not self.runtime.simulated:
-            raise ModelFileError(
-                f"{self.model_path} is an rkedge simulated model (written without rkllm-toolkit, no weights); "
-                f"the real runtime {self.runtime.path} cannot load it.",
-                fix="run it on the simulated NPU (--mock), or convert the checkpoint with the real rkllm-toolkit "
-                "(rkedge convert --toolkit PYTHON)",
-            )
         try:
             init = InitParams(**params)
         except TypeError as exc:
@@ -359,6 +354,31 @@ class LLM:
         self._kv_owner: object | None = None
         self.init_log = ""
         self.warnings: list[str] = []
+        if rknn_bundle:
+            self._open_rknn(library, verbose)
+        else:
+            self._open_rkllm(library, abi, init, verbose)
+        self._closed = False
+        family = chat_template or self.metadata.get("chat_family")
+        self.template: ChatTemplate | None = get_template(family) if family else None
+        if self.template is not None and self.features.has_chat_template:
+            # We render the whole prompt ourselves: switch the runtime's embedded template off so nothing is
+            # templated twice. Done once, before any KV exists (it also clears the cache, rknn-llm#377).
+            self._native.set_chat_template("", "", "")
+
+    def _open_rkllm(self, library: str | os.PathLike[str] | None, abi: str | None, init: InitParams,
+                    verbose: bool) -> None:
+        """librkllmrt (or the simulated NPU) through the ABI of its version."""
+        self.runtime: RuntimeLibrary = resolve_library(library, abi)
+        self.abi = self.runtime.abi
+        self.metadata = load_model_metadata(self.model_path)
+        if is_simulated_model(self.model_path) and not self.runtime.simulated:
+            raise ModelFileError(
+                f"{self.model_path} is an rkedge simulated model (written without rkllm-toolkit, no weights); "
+                f"the real runtime {self.runtime.path} cannot load it.",
+                fix="run it on the simulated NPU (--mock), or convert the checkpoint with the real rkllm-toolkit "
+                "(rkedge convert --toolkit PYTHON)",
+            )
         native_library = NativeLibrary.load(self.runtime.path, self.abi)
         self.features = native_library.features
         with capture_native_stderr() as captured:
@@ -375,13 +395,20 @@ class LLM:
         if error is not None or self._native.init_rc != 0 or not self._native.alive:
             self._native.destroy()
             raise self._init_error(error)
-        self._closed = False
-        family = chat_template or self.metadata.get("chat_family")
-        self.template: ChatTemplate | None = get_template(family) if family else None
-        if self.template is not None and self.features.has_chat_template:
-            # We render the whole prompt ourselves: switch the runtime's embedded template off so nothing is
-            # templated twice. Done once, before any KV exists (it also clears the cache, rknn-llm#377).
-            self._native.set_chat_template("", "", "")
+
+    def _open_rknn(self, library: str | os.PathLike[str] | None, verbose: bool) -> None:
+        """An RKNN bundle (RecurrentGemma): RKNNLite on the board, the rknn-toolkit2 simulator with --mock."""
+        from rkedge.runtime.rknn.engine import RknnModel
+
+        engine = RknnModel(self.model_path, str(library) if library is not None else None, self.params,
+                           self._on_event, verbose=verbose)
+        self._native = engine  # type: ignore[assignment]
+        self.features = engine.features
+        self.abi = "rknn"
+        self.init_log = engine.init_log
+        self.metadata = dict(engine.bundle)
+        self.runtime = RuntimeLibrary(engine.folder, "rknn", engine.graphs.version,
+                                      f"RKNN bundle ({engine.backend})", engine.backend == "simulator")
 
     def _init_error(self, match: failures.FailureMatch | None) -> RuntimeInitError:
         if match is not None:

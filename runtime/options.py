@@ -16,7 +16,8 @@ def library_options(func: F) -> F:
                         help="ABI or runtime release of the library (1.1, 1.2.0, 1.2.1/1.2.2, 1.2.3, 1.3.0). "
                              "Needed when the library does not say; env RKEDGE_RKLLM_ABI.")(func)
     func = click.option("--lib", "library", metavar="PATH", help="librkllmrt.so to use (env RKEDGE_RKLLM_LIB).")(func)
-    func = click.option("--mock", is_flag=True, help="Run on the simulated NPU (built from C source on first use).")(func)
+    func = click.option("--mock", is_flag=True, help="Run on the simulated NPU (built from C source on first use); an RKNN "
+                        "bundle runs in the rknn-toolkit2 simulator.")(func)
     return func
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,8 @@ from rkedge.runtime import LLM  # noqa: E402
 from rkedge.runtime.server.app import create_app  # noqa: E402
 from rkedge.runtime.server.settings import ServerSettings  # noqa: E402
 from rkedge.runtime.simmodel import write_simulated_model  # noqa: E402
+
+from server_helpers import LiveServer  # noqa: E402
 
 LONG = " ".join(f"tok{i}" for i in range(200))
 REPLY = "Hello! Größe 日本語 🚀."
@@ -51,25 +52,6 @@ def client(model: Path) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
     llm.close()
-
-
-class LiveServer:
-    def __init__(self, app) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture

@@ -1,0 +1,395 @@
+"""``rkedge convert MODEL --backend rknn``: RecurrentGemma -> verified decode-step graphs -> rknn-toolkit2 -> bundle.
+
+Steps: inspect and check -> build the decode-step graphs from the model's own weights (torch) and verify them
+against transformers' forward pass (max logit difference printed) -> split into graphs sized to the NPU limits and
+the build host's RAM -> export ONNX -> calibrate from real decode states of a prompt set -> build each graph in its
+own child process (fp16, or w8a8 with the RG-LRU path and the state I/O kept in fp16) -> measure quality against
+transformers in the simulator (teacher-forced: NLL delta, top-1 agreement, logits cosine) -> write the bundle
+atomically (a staging folder renamed into place) with its manifest and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rkedge import __version__
+from rkedge._fs import atomic_write_text
+from rkedge.convert.findings import Finding, raise_on_errors
+from rkedge.convert.inspect import inspect_checkpoint, read_json
+from rkedge.errors import InputError, ToolkitError
+from rkedge.runtime.rknn.bundle import BUNDLE_FILE, SCHEMA, SCHEMA_VERSION
+
+SOURCE = "recurrentgemma-rknn-feasibility.md"
+RKNN_DTYPES = ("w8a8", "fp16")
+BUILD_BYTES_PER_PARAM = 28  # measured 20-28 bytes of host RAM per parameter while building (feasibility section 6)
+GRAPH_WEIGHT_BUDGET = 1 << 30  # about 1 GB of weights per graph: far from the 4 GiB uint32 / IOMMU limits
+#: Tensors kept in fp16 in the hybrid build: the RG-LRU chain and the conv1d before it, with their recurrent (h,
+#: conv) and attention (k/v) state I/O. Chosen by measurement over many steps, not one (benchmarks/
+#: bench_rknn_hybrid.py, trained tiny RecurrentGemma, 1024 teacher-forced steps, KL to transformers): plain w8a8
+#: 0.0060, + RG-LRU and h/k/v states 0.0035, + conv1d path 0.0028; top-1 93.8% -> 95.9% -> 96.0%. The LM head
+#: in fp16 measured no better than that and would cost ~20% of decode speed on the 2b model (0.65 GB more read
+#: per token), and the toolkit's auto_hybrid does not find these tensors (feasibility section 5).
+HYBRID_PATTERNS = (r"/rg_lru/", r"/conv1d/", r"^(h|conv|k|v)\d+_rs$", r"^new_(h|conv|k|v)\d+-rs$")
+#: Held-out English text for the quality report when none is given (written for rkedge; not in any training set
+#: the checks know of).
+DEFAULT_EVAL_TEXT = (
+    "The small board on the desk had a fan that hummed whenever the model answered a question. Its owner had "
+    "measured everything: the time to the first word, the words per second, the memory the process held. On most "
+    "evenings the numbers were steady, and the answers were short and plain. When a question was long, the board "
+    "took a moment to read it, then the reply came in a steady trickle of tokens. Nobody expected it to write "
+    "novels; it was enough that it could explain a recipe, translate a sentence, or remind its owner what a "
+    "function in an old program was meant to do."
+)
+
+
+@dataclass
+class RknnRequest:
+    model: Path
+    out: Path
+    dtype: str = "w8a8"
+    platform: str = "rk3588"
+    hybrid: bool = True
+    calibration: str | None = "auto"
+    eval_text: str | None = None
+    eval_steps: int = 256
+    graph_params: int | None = None  # max parameters per layer graph (default: from the weight budget and host RAM)
+    name: str | None = None
+    template: str | None = None
+    lora: Path | None = None  # a PEFT adapter merged into the weights first
+    fp16_patterns: tuple[str, ...] = HYBRID_PATTERNS  # what the hybrid build keeps in fp16 (benchmarks vary it)
+    head_dtype: str | None = None  # the LM head graph's dtype (default: dtype)
+
+    @property
+    def hybrid_patterns(self) -> list[str]:
+        return list(self.fp16_patterns) if self.hybrid and self.dtype == "w8a8" else []
+
+
+@dataclass
+class RknnResult:
+    bundle: Path | None
+    findings: list[Finding]
+    manifest: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"ok": not any(f.severity == "error" for f in self.findings), "dry_run": self.dry_run,
+                "backend": "rknn", "output": str(self.bundle) if self.bundle else None,
+                "findings": [f.to_dict() for f in self.findings], "steps": self.steps,
+                "verification": (self.manifest or {}).get("verification"),
+                "quality": (self.manifest or {}).get("quality")}
+
+
+def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
+    """The request against what rknn-toolkit2 and this backend support, before any heavy work."""
+    info = inspect_checkpoint(request.model)
+    findings: list[Finding] = []
+    if info.architecture != "RecurrentGemmaForCausalLM":
+        findings.append(Finding("rknn.architecture", "error",
+                                f"--backend rknn converts RecurrentGemma; {info.architecture} goes through RKLLM.",
+                                "drop --backend rknn", SOURCE))
+    if request.platform != "rk3588":
+        findings.append(Finding("rknn.platform", "error", f"the RKNN backend targets rk3588, not {request.platform}.",
+                                "use --platform rk3588", SOURCE))
+    if request.dtype not in RKNN_DTYPES:
+        findings.append(Finding("rknn.dtype", "error",
+                                f"rknn-toolkit2 builds for rk3588 in w8a8, w16a16i_dfp or fp16 (no w4a16); rkedge's RKNN "
+                                f"backend offers {', '.join(RKNN_DTYPES)}, not {request.dtype}.",
+                                "use --dtype w8a8 (hybrid) or --dtype fp16", SOURCE))
+    if info.quantization_config:
+        findings.append(Finding("F-9", "error", "a quantized checkpoint (e.g. bitsandbytes 4-bit) cannot be exported.",
+                                "use the original fp32/bf16 checkpoint (google/recurrentgemma-2b-it)", "F-9"))
+    try:
+        import rknn.api  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means no usable toolkit
+        findings.append(Finding("rknn.toolkit", "error", f"rknn-toolkit2 is not importable here ({exc}).",
+                                "install it: scripts/install-rknn-toolkit2.sh (x86_64, Python 3.8-3.12)", SOURCE))
+    return info, findings
+
+
+def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
+                 progress: Callable[[str, str], None] | None = None) -> RknnResult:
+    report = progress or (lambda step, detail: None)
+    info, findings = check(request)
+    if dry_run:
+        return RknnResult(None, findings, dry_run=True)
+    raise_on_errors(findings, "this RKNN conversion")
+    started = time.monotonic()
+    steps: list[dict[str, Any]] = []
+    request.out.mkdir(parents=True, exist_ok=True)
+    merged_dir = request.out / f".merged-{os.getpid()}"
+    try:
+        if request.lora is not None:
+            from rkedge.lora.merge import merge_lora
+
+            report("merge", f"LoRA {request.lora} into {request.model}")
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            merge_lora(request.model, request.lora, merged_dir, dtype="float32")
+            steps.append({"name": "merge", "adapter": str(request.lora.resolve())})
+        return _convert(request, info, merged_dir if request.lora is not None else request.model, findings, steps,
+                        started, report)
+    finally:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+
+
+def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Finding], steps: list[dict[str, Any]],
+             started: float, report: Callable[[str, str], None]) -> RknnResult:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rkedge.convert.rknn.decode_step import embedding_table, layer_param_counts
+    from rkedge.convert.rknn.torch_graphs import (build_torch_graphs, graph_names, graph_spec, torch_loop,
+                                                  verify_against_transformers)
+
+    report("load", f"{source} (float32, transformers)")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer_spec, tokenizer_files = _tokenizer(request.model, info)
+    encode = _encoder(request.model, tokenizer_spec)
+    budget = request.graph_params or _graph_param_budget(request.dtype)
+    dims, chunks, heads = build_torch_graphs(model, max_chunk_params=budget)
+    counts = layer_param_counts(model)
+    loop = torch_loop(model, max_chunk_params=budget)
+
+    report("verify", "decode step vs transformers' forward pass")
+    eval_tokens = _eval_tokens(request, encode, tokenizer_spec)
+    verification = verify_against_transformers(model, eval_tokens[:96], loop)
+    steps.append({"name": "verify", **verification})
+    if verification["max_abs_diff"] > 1e-3:
+        raise ToolkitError(f"the decode-step graph differs from transformers by {verification['max_abs_diff']:.2e}.",
+                           fix="this transformers version's RecurrentGemma may differ; report it")
+
+    name = request.name or f"{request.model.name}_{request.dtype}_{request.platform}_rknn"
+    out = request.out
+    final = out / name
+    staging = out / f".{name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        graphs = list(zip(graph_names(chunks, heads), [*chunks, *heads]))
+        report("export", f"{len(graphs)} ONNX graphs (opset 17)")
+        for graph_name, module in graphs:
+            example = tuple(torch.zeros(shape) for shape in module.input_shapes().values())
+            torch.onnx.export(module, example, str(staging / f"{graph_name}.onnx"), opset_version=17, dynamo=False,
+                              input_names=module.input_names(), output_names=module.output_names())
+        datasets: dict[int, Path] = {}
+        if request.dtype == "w8a8":
+            report("calibrate", "decode states of the prompt set")
+            datasets = _calibration(loop, request, encode, tokenizer_spec, staging / "calibration", len(graphs))
+        built = []
+        for index, (graph_name, module) in enumerate(graphs):
+            report("build", f"{graph_name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
+            built.append(_build_graph(staging, graph_name, request, datasets.get(index)))
+        np.save(staging / "embedding.npy", embedding_table(model, dims).numpy().astype(np.float16))
+        for file in tokenizer_files:
+            shutil.copyfile(file, staging / file.name)
+        specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
+        manifest = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
+        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(staging / "calibration", ignore_errors=True)
+
+        report("quality", f"simulator vs transformers, {request.eval_steps} teacher-forced steps")
+        from rkedge.convert.rknn.quality import measure_quality
+
+        quality = measure_quality(staging, loop, eval_tokens[: request.eval_steps + 1])
+        manifest["quality"] = quality
+        manifest["wall_time_s"] = round(time.monotonic() - started, 1)
+        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(out / "README.md", _card(manifest, name))
+    return RknnResult(final, findings, manifest, steps)
+
+
+def _graph_param_budget(dtype: str) -> int:
+    per = 1 if dtype == "w8a8" else 2
+    from rkedge.convert.planner import _host_memory
+
+    available, _ = _host_memory()
+    host_cap = int(available / BUILD_BYTES_PER_PARAM) if available else GRAPH_WEIGHT_BUDGET
+    return max(1, min(GRAPH_WEIGHT_BUDGET // per, host_cap))
+
+
+def _tokenizer(model_dir: Path, info: Any) -> tuple[dict[str, Any], list[Path]]:
+    own = model_dir / "rkedge_tokenizer.json"
+    if own.is_file():
+        spec = read_json(own)
+        return spec, [own]
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir} has no tokenizer.json.", fix="copy the base model's tokenizer files")
+    eos = info.token_id("eos")
+    tokenizer_config = info.tokenizer_config
+    spec = {"type": "tokenizers", "file": "tokenizer.json", "bos_token_id": info.token_id("bos"),
+            "eos_token_id": eos, "chat_template": bool(info.chat_template)}
+    # Gemma-family instruct models end a turn with <end_of_turn>: stop on it too.
+    added = {t.get("content"): int(k) for k, t in (tokenizer_config.get("added_tokens_decoder") or {}).items()}
+    if "<end_of_turn>" in added:
+        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        spec["eos_token_id"] = sorted({*ids, added["<end_of_turn>"]})
+    files = [model_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (model_dir / n).is_file()]
+    return spec, files
+
+
+def _encoder(model_dir: Path, spec: dict[str, Any]) -> Callable[[str], list[int]]:
+    from rkedge.runtime.rknn.engine import make_tokenizer
+
+    tokenizer = make_tokenizer(model_dir, spec)
+    return tokenizer.encode
+
+
+def _eval_tokens(request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any]) -> list[int]:
+    text = Path(request.eval_text).read_text(encoding="utf-8", errors="replace") if request.eval_text \
+        else DEFAULT_EVAL_TEXT
+    tokens = encode(text)
+    bos = spec.get("bos_token_id")
+    tokens = ([int(bos)] if bos is not None else []) + tokens
+    while len(tokens) < request.eval_steps + 1:
+        tokens += tokens[1:]
+    return tokens
+
+
+def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
+                 folder: Path, graph_count: int) -> dict[int, Path]:
+    """Real decode-step inputs of every graph, captured from torch trajectories over a prompt set (positions from 0,
+    through the attention window wrap), written as one .npy per input and one dataset line per sample."""
+    import numpy as np
+
+    from rkedge.convert import calibration as calib
+
+    items = calib.load_prompts(request.calibration)
+    prompts = [item.get("prompt") or item.get("input") or "" for item in items]
+    bos = spec.get("bos_token_id")
+    captured: dict[int, list[list[Any]]] = {i: [] for i in range(graph_count)}
+    inner = loop.runner
+
+    class Capture:
+        def run(self, index: int, inputs: list[Any]) -> list[Any]:
+            captured[index].append([np.array(a, copy=True) for a in inputs])
+            return inner.run(index, inputs)
+
+    loop.runner = Capture()
+    try:
+        window = loop.window
+        for prompt in prompts:
+            tokens = ([int(bos)] if bos is not None else []) + encode(prompt)
+            while len(tokens) < window + 16:
+                tokens += encode(" " + prompt)
+            loop.reset()
+            for token in tokens[: window + 16]:
+                loop.step(token)
+    finally:
+        loop.runner = inner
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets = {}
+    specs = [*loop.chunks, *loop.heads]
+    for index, samples in captured.items():
+        chosen = samples[:4] + samples[4::max(1, len(samples) // 96)]  # always positions 0-3, then ~96 samples
+        lines = []
+        for number, sample in enumerate(chosen):
+            paths = []
+            for input_name, array in zip(specs[index].inputs, sample):
+                path = folder / f"g{index}_{number}_{input_name}.npy"
+                np.save(path, array.astype(np.float32))
+                paths.append(str(path.resolve()))
+            lines.append(" ".join(paths))
+        dataset = folder / f"dataset_{index}.txt"
+        dataset.write_text("\n".join(lines) + "\n")
+        datasets[index] = dataset
+    return datasets
+
+
+def _build_graph(staging: Path, name: str, request: RknnRequest, dataset: Path | None) -> dict[str, Any]:
+    dtype = (request.head_dtype or request.dtype) if name.startswith("head") else request.dtype
+    job = {"onnx": str((staging / f"{name}.onnx").resolve()), "out_dir": str(staging.resolve()), "name": name,
+           "dtype": dtype, "dataset": str(dataset) if dataset else None, "hybrid_patterns": request.hybrid_patterns}
+    job_file = staging / f".{name}.job.json"
+    job_file.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "rkedge.convert.rknn.build_worker", str(job_file)],
+                          capture_output=True, text=True)
+    job_file.unlink(missing_ok=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"ok": False, "error": proc.stderr[-2000:] or proc.stdout[-2000:]}
+    if not result.get("ok"):
+        raise ToolkitError(f"rknn-toolkit2 could not build {name}: {result.get('error')}",
+                           fix="rerun with the same rknn-toolkit2 version; see the toolkit's log")
+    return result
+
+
+def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], specs: list[Any],
+              built: list[dict[str, Any]], tokenizer_spec: dict[str, Any], verification: dict[str, Any],
+              name: str) -> dict[str, Any]:
+    from rkedge.convert.chat_family import detect_family
+    from rkedge.convert.rknn.decode_step import GriffinDims  # noqa: F401 - documents the dims' origin
+
+    family = request.template or tokenizer_spec.get("chat_family")
+    if family is None and info.chat_template:
+        try:
+            family = detect_family(info.chat_template, bos_token="<bos>", eos_token="<eos>")
+        except ImportError:
+            family = None
+    graphs = []
+    for spec, result in zip(specs, built):
+        graphs.append({"name": spec.name, "layers": list(spec.layers), "inputs": list(spec.inputs),
+                       "outputs": list(spec.outputs), "shapes": {k: list(v) for k, v in spec.shapes.items()},
+                       "rknn": result["rknn"], "dtype": result["dtype"], "rknn_bytes": result["rknn_bytes"],
+                       "simulator": result["simulator"],
+                       "fp16_tensors": result.get("fp16_tensors", []), "build_seconds": result["seconds"]})
+    from importlib.metadata import version
+
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "backend": "rknn", "name": name,
+        "architecture": info.architecture, "platform": request.platform, "dtype": request.dtype,
+        "hybrid": {"enabled": bool(request.hybrid_patterns), "patterns": request.hybrid_patterns,
+                   "why": "keeps the RG-LRU chain, the conv1d and the recurrent and attention state I/O in fp16: "
+                          "plain w8a8 lets the recurrent state drift over steps (feasibility section 5; measured by "
+                          "benchmarks/bench_rknn_hybrid.py)"},
+        "graphs": [g for g in graphs if not g["name"].startswith("head")],
+        "heads": [g for g in graphs if g["name"].startswith("head")],
+        "dims": {"hidden": dims.hidden, "lru_width": dims.lru_width, "window": dims.window,
+                 "rotary_dim": dims.rotary_dim, "rope_theta": dims.rope_theta, "vocab": dims.vocab,
+                 "layers": len(dims.kinds), "kinds": list(dims.kinds), "normalizer": dims.normalizer},
+        "parameters": {"layers": sum(counts), "per_layer": counts},
+        "embedding": {"file": "embedding.npy", "dtype": "float16", "scaled_by_normalizer": True,
+                      "where": "host lookup: one row per token (a 256k-row Gather on the NPU would double the weight "
+                               "memory)"},
+        "lm_head": f"on the NPU in {len([g for g in graphs if g['name'].startswith('head')])} graph(s) split by "
+                   "vocabulary rows (tied to the embedding; read once per token, logits concatenated on the host)",
+        "tokenizer": tokenizer_spec, "chat_family": family,
+        "verification": verification,
+        "versions": {"rkedge": __version__, "rknn_toolkit2": version("rknn-toolkit2"),
+                     "torch": version("torch"), "transformers": version("transformers")},
+        "inputs": {"model": str(request.model.resolve()), "source": info.source_name,
+                   "lora": str(request.lora.resolve()) if request.lora else None},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _card(manifest: dict[str, Any], name: str) -> str:
+    quality = manifest.get("quality") or {}
+    lines = ["---", "pipeline_tag: text-generation", "tags:", "- rknn", "- rockchip", "- rk3588",
+             f"- {manifest['dtype']}", "- recurrentgemma", "---", "",
+             f"# {name}", "",
+             f"RecurrentGemma for the RK3588 NPU through rknn-toolkit2 {manifest['versions']['rknn_toolkit2']} "
+             f"(RKLLM has no RG-LRU support). {len(manifest['graphs'])} layer graph(s) + {len(manifest['heads'])} LM head graph(s), chained through "
+             "their states; the embedding is looked up on the host.", "",
+             "| | |", "|---|---|",
+             f"| dtype | {manifest['dtype']}{' (hybrid: RG-LRU, conv1d and state I/O in fp16)' if manifest['hybrid']['enabled'] else ''} |",
+             f"| decode step vs transformers | max logit difference {manifest['verification']['max_abs_diff']:.2e} |"]
+    if quality:
+        lines += [f"| quality ({quality['steps']} teacher-forced steps, simulator) | NLL delta "
+                  f"{quality['nll_delta_pct']:+.2f}%, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
+                  f"logits cosine {quality['logits_cosine']:.4f} |"]
+    lines += ["", "## Run it", "", "```sh", f"rkedge chat {name}            # on the board (RKNNLite)",
+              f"rkedge chat {name} --mock     # on an x86_64 host (rknn-toolkit2 simulator)", "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The host side of one decode step: embedding lookup, position features, state, graph chaining.
+
+Everything here is numpy; the graphs themselves run wherever the runner puts them (torch on the host for
+verification and calibration, the rknn-toolkit2 simulator, or RKNNLite on the board).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+MASK_VALUE = -30.0
+
+
+class GraphRunner(Protocol):
+    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    layers: tuple[int, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
+        return cls(data["name"], tuple(data.get("layers", ())), tuple(data["inputs"]), tuple(data["outputs"]),
+                   {k: tuple(v) for k, v in data["shapes"].items()})
+
+
+def position_features(position: int, *, rotary_dim: int, rope_theta: float, window: int) -> dict[str, np.ndarray]:
+    """cos/sin of RoPE, the reset flag and the attention window mask for one position."""
+    inv_freq = 1.0 / (rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+    freqs = np.float32(position) * inv_freq
+    emb = np.concatenate([freqs, freqs]).astype(np.float32)
+    slots = np.arange(window)
+    mask = np.where(slots >= (window - 1) - position, 0.0, MASK_VALUE).astype(np.float32)
+    return {"cos": np.cos(emb).reshape(1, 1, -1).astype(np.float32),
+            "sin": np.sin(emb).reshape(1, 1, -1).astype(np.float32),
+            "reset": np.full((1, 1, 1), 1.0 if position == 0 else 0.0, dtype=np.float32),
+            "mask": mask.reshape(1, 1, window)}
+
+
+class DecodeLoop:
+    """Feeds tokens through the chunk graphs and the head graphs, keeping every state between steps. The runner
+    numbers the graphs chunks first, then heads; the heads' logits are concatenated in order (vocabulary slices)."""
+
+    def __init__(self, chunks: Sequence[GraphSpec], heads: Sequence[GraphSpec], runner: GraphRunner,
+                 embedding: np.ndarray, *, rotary_dim: int, rope_theta: float, window: int) -> None:
+        self.chunks = list(chunks)
+        self.heads = list(heads)
+        self.runner = runner
+        self.embedding = embedding
+        self.rotary_dim, self.rope_theta, self.window = rotary_dim, rope_theta, window
+        self.states: dict[str, np.ndarray] = {}
+        self.position = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.states = {name: np.zeros(spec.shapes[name], dtype=np.float32)
+                       for spec in self.chunks for name in spec.inputs
+                       if name not in ("x", "cos", "sin", "mask", "reset")}
+        self.position = 0
+
+    def snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
+        return self.position, {k: v.copy() for k, v in self.states.items()}
+
+    def restore(self, snapshot: tuple[int, dict[str, np.ndarray]]) -> None:
+        self.position, states = snapshot
+        self.states = {k: v.copy() for k, v in states.items()}
+
+    def step(self, token: int, *, logits: bool = True) -> np.ndarray | None:
+        """One token through every graph; returns the logits [vocab] (or None when ``logits`` is False, e.g. for
+        prompt tokens whose predictions nobody reads)."""
+        x = self.embedding[token].astype(np.float32).reshape(1, 1, -1)
+        features = position_features(self.position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
+                                     window=self.window)
+        for index, spec in enumerate(self.chunks):
+            values = {"x": x, **features, **self.states}
+            outputs = self.runner.run(index, [values[name] for name in spec.inputs])
+            x = outputs[0].reshape(1, 1, -1).astype(np.float32)
+            for name, value in zip(spec.outputs[1:], outputs[1:]):
+                state = name[len("new_"):]
+                self.states[state] = value.reshape(spec.shapes[state]).astype(np.float32)
+        self.position += 1
+        if not logits:
+            return None
+        first = len(self.chunks)
+        parts = [self.runner.run(first + j, [x])[0].reshape(-1) for j in range(len(self.heads))]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32)
+
+    @classmethod
+    def from_bundle(cls, folder: Any, bundle: dict[str, Any], runner: GraphRunner) -> "DecodeLoop":
+        """The loop of a bundle (``bundle.json`` read), its graphs run by ``runner``."""
+        from pathlib import Path
+
+        embedding = np.load(Path(folder) / bundle["embedding"]["file"]).astype(np.float32)
+        dims = bundle["dims"]
+        return cls([GraphSpec.from_dict(g) for g in bundle["graphs"]],
+                   [GraphSpec.from_dict(g) for g in bundle["heads"]], runner, embedding,
+                   rotary_dim=dims["rotary_dim"], rope_theta=dims["rope_theta"], window=dims["window"])

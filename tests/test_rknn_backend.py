@@ -1,0 +1,402 @@
+"""The RKNN backend (RecurrentGemma through rknn-toolkit2): export, verification, quantization, quality, runtime.
+
+Runs on the tiny RecurrentGemma trained by scripts/train_tiny_recurrentgemma.py (tests/data/tiny-recurrentgemma,
+byte-level, trained on Python source). Its quality is measured on in-domain held-out text (tests/data/rknn).
+The simulator tests need rknn-toolkit2 (installed by `make venv` through scripts/install-rknn-toolkit2.sh on
+x86_64 with CPython <= 3.12) and skip, saying so, where it has no wheel.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+np = pytest.importorskip("numpy")
+
+from rkedge.convert.rknn import pipeline  # noqa: E402
+from rkedge.convert.rknn.build_worker import edit_cfg, hybrid_keys  # noqa: E402
+from rkedge.convert.rknn.decode_step import GriffinDims, plan_chunks, plan_head_rows  # noqa: E402
+from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn  # noqa: E402
+from rkedge.convert.rknn.quality import compare  # noqa: E402
+from rkedge.convert.rknn.torch_graphs import torch_loop, verify_against_transformers  # noqa: E402
+from rkedge.errors import InputError, ModelFileError, ToolkitError  # noqa: E402
+from rkedge.runtime import LLM  # noqa: E402
+from rkedge.runtime.rknn.engine import _sample  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+TINY = DATA / "tiny-recurrentgemma"
+HELD_OUT = DATA / "rknn" / "heldout.txt"
+CALIBRATION = DATA / "rknn" / "calibration.json"
+BYTE_OFFSET = 3
+
+
+def _has_rknn_toolkit() -> bool:
+    try:
+        import rknn.api  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means no simulator
+        return False
+    return True
+
+
+needs_simulator = pytest.mark.skipif(not _has_rknn_toolkit(),
+                                     reason="rknn-toolkit2 is not installed (x86_64, CPython 3.6-3.12 only; "
+                                            "scripts/install-rknn-toolkit2.sh)")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+
+
+def held_out_tokens(count: int) -> list[int]:
+    return [2] + [b + BYTE_OFFSET for b in HELD_OUT.read_bytes()[:count - 1]]
+
+
+# --- the decode step against transformers (no toolkit needed) ----------------------------------------------
+
+@pytest.mark.parametrize("max_params", [None, 20_000], ids=["one-graph", "graph-per-layer-and-split-head"])
+def test_decode_step_reproduces_transformers_through_the_window_wrap(tiny_model, max_params):
+    loop = torch_loop(tiny_model, max_chunk_params=max_params)
+    tokens = held_out_tokens(150)  # past the 64-token attention window
+    report = verify_against_transformers(tiny_model, tokens, loop)
+    assert report["max_abs_diff"] < 1e-4
+    assert report["argmax_agreement"] == 1.0
+    if max_params:
+        assert len(loop.chunks) == 3 and len(loop.heads) == 2
+
+
+def test_decode_loop_snapshot_restores_the_state(tiny_model):
+    loop = torch_loop(tiny_model)
+    tokens = held_out_tokens(40)
+    for token in tokens[:20]:
+        loop.step(token)
+    saved = loop.snapshot()
+    first = [loop.step(t) for t in tokens[20:]]
+    loop.restore(saved)
+    again = [loop.step(t) for t in tokens[20:]]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    loop.reset()
+    assert loop.position == 0 and not np.array_equal(loop.step(tokens[20]), first[0])
+
+
+def test_graph_planning_respects_the_parameter_budget():
+    dims = GriffinDims(hidden=2560, lru_width=2560, heads=10, head_dim=256, kv_heads=1, window=2048, conv_width=4,
+                       vocab=256_000, rotary_dim=128, rope_theta=10000.0, logits_soft_cap=30.0, eps=1e-6,
+                       kinds=("recurrent", "recurrent", "attention") * 8 + ("recurrent", "recurrent"),
+                       normalizer=50.5)
+    layer_params = [78_000_000] * 26
+    chunks = plan_chunks(dims, layer_params, max_params=500_000_000)
+    assert [layer for chunk in chunks for layer in chunk] == list(range(26))
+    assert all(sum(layer_params[i] for i in chunk) <= 500_000_000 for chunk in chunks)
+    assert len(chunks) == 5
+    rows = plan_head_rows(dims, max_params=500_000_000)
+    assert rows[0][0] == 0 and rows[-1][1] == 256_000 and len(rows) == 2
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert plan_chunks(dims, layer_params, max_params=1) == [[i] for i in range(26)], "at least one layer each"
+
+
+def test_quality_metrics_see_a_degraded_model(tiny_model):
+    reference, candidate = torch_loop(tiny_model), torch_loop(tiny_model)
+    tokens = held_out_tokens(60)
+    same = compare(reference, candidate, tokens)
+    assert same["top1_agreement"] == 1.0 and abs(same["nll_delta_pct"]) < 1e-6
+    inner = candidate.runner
+
+    class Noisy:
+        def run(self, index, inputs):
+            outputs = inner.run(index, inputs)
+            return [o + np.random.default_rng(index).normal(0, 2.0, o.shape).astype(o.dtype) for o in outputs]
+
+    candidate.runner = Noisy()
+    worse = compare(reference, candidate, tokens)
+    assert worse["top1_agreement"] < 0.9 and worse["nll_delta_pct"] > 1 and worse["kl_divergence"] > 0.01
+
+
+# --- the toolkit's hybrid-quantization cfg ----------------------------------------------------------------
+
+CFG = """custom_quantize_layers: {}
+quantize_parameters:
+    /blocks.0/rg_lru/Mul_output_0-rs:
+        qtype: asymmetric_quantized
+        dtype: int8
+        qmethod: layer
+    h0_rs:
+        qtype: asymmetric_quantized
+        dtype: int8
+    h0:
+        dtype: float32
+    /blocks.0/mlp/up_proj/Add_output_0-rs:
+        qtype: asymmetric_quantized
+        dtype: int8
+    /blocks.0/conv1d/Add_output_0-rs:
+        qtype: asymmetric_quantized
+        dtype: int8
+"""
+
+
+def test_hybrid_cfg_edit_marks_only_matching_int8_tensors(tmp_path):
+    assert hybrid_keys(CFG, list(pipeline.HYBRID_PATTERNS)) == [
+        "/blocks.0/rg_lru/Mul_output_0-rs", "h0_rs", "/blocks.0/conv1d/Add_output_0-rs"]
+    cfg = tmp_path / "graph.quantization.cfg"
+    cfg.write_text(CFG)
+    keys = edit_cfg(cfg, list(pipeline.HYBRID_PATTERNS))
+    text = cfg.read_text()
+    assert text.startswith("custom_quantize_layers:\n    '/blocks.0/rg_lru/Mul_output_0-rs': float16\n")
+    assert len(keys) == 3 and text.endswith(CFG[len("custom_quantize_layers: {}\n"):]), "the rest stays as written"
+    cfg.write_text("something: else\n")
+    with pytest.raises(RuntimeError, match="unexpected quantization cfg layout"):
+        edit_cfg(cfg, ["x"])
+
+
+# --- checks and errors --------------------------------------------------------------------------------------
+
+def test_check_refuses_what_the_backend_cannot_build(tmp_path):
+    from rkedge.convert.inspect import read_json
+
+    config = read_json(TINY / "config.json")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                   "hidden_size": 64, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 4, "vocab_size": 100}))
+    _, findings = pipeline.check(RknnRequest(model=llama, out=tmp_path / "out"))
+    assert "rknn.architecture" in {f.id for f in findings}
+    _, findings = pipeline.check(RknnRequest(model=TINY, out=tmp_path / "out", dtype="w4a16"))
+    assert "rknn.dtype" in {f.id for f in findings}
+    assert config["model_type"] == "recurrent_gemma"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rkedge", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_rejects_bad_requests_with_exit_2(tmp_path):
+    out = tmp_path / "out"
+    bad_dtype = run_cli("convert", str(TINY), "--backend", "rknn", "--dtype", "w4a16", "--out", str(out))
+    assert bad_dtype.returncode == 2 and "w4a16" in bad_dtype.stderr and "fix:" in bad_dtype.stderr
+    rkllm_only = run_cli("convert", str(TINY), "--backend", "rknn", "--max-context", "4096", "--out", str(out))
+    assert rkllm_only.returncode == 2 and "--max-context" in rkllm_only.stderr
+    assert not out.exists() or not any(out.iterdir()), "nothing is written for a refused request"
+    refused = run_cli("convert", str(TINY), "--dry-run", "--out", str(out))
+    assert refused.returncode == 2 and "--backend rknn" in refused.stdout + refused.stderr, \
+        "RKLLM's refusal names the RKNN backend"
+
+
+def test_a_folder_that_is_not_a_bundle_is_refused(tmp_path):
+    with pytest.raises(ModelFileError, match="not an RKNN bundle"):
+        LLM(tmp_path, library="mock")
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema": "something-else"}))
+    with pytest.raises(ModelFileError, match="schema"):
+        LLM(tmp_path, library="mock")
+
+
+def test_sampling_rules():
+    logits = np.array([0.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    plain = dict(top_k=1, top_p=1.0, temperature=1.0, repeat_penalty=1.0, frequency_penalty=0.0,
+                 presence_penalty=0.0)
+    assert _sample(logits, rng, [], **plain) == 1
+    assert _sample(logits, rng, [1], **{**plain, "repeat_penalty": 1.2}) == 2, "a repeated token is pushed down"
+    assert _sample(logits, rng, [1], **{**plain, "presence_penalty": 0.5}) == 2
+    draws = {_sample(logits, rng, [], **{**plain, "top_k": 2, "temperature": 1.0}) for _ in range(200)}
+    assert draws == {1, 2}, "top-k 2 samples only the two best"
+    nucleus = {_sample(logits, rng, [], **{**plain, "top_k": 0, "top_p": 0.3}) for _ in range(100)}
+    assert nucleus == {1}, "the smallest prefix reaching top_p keeps just the best token"
+
+
+# --- through the rknn-toolkit2 simulator --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory) -> Path:
+    """fp16, one graph per layer and the head split in two (chained states, concatenated logits)."""
+    if not _has_rknn_toolkit():
+        pytest.skip("rknn-toolkit2 is not installed")
+    out = tmp_path_factory.mktemp("rknn-fp16")
+    result = convert_rknn(RknnRequest(model=TINY, out=out, dtype="fp16", graph_params=20_000,
+                                      eval_text=str(HELD_OUT)))
+    assert result.bundle is not None
+    return result.bundle
+
+
+@pytest.fixture(scope="module")
+def w8a8_bundle(tmp_path_factory) -> tuple[Path, dict]:
+    """w8a8 hybrid through the CLI, calibrated on in-domain text."""
+    if not _has_rknn_toolkit():
+        pytest.skip("rknn-toolkit2 is not installed")
+    out = tmp_path_factory.mktemp("rknn-w8a8")
+    proc = run_cli("convert", str(TINY), "--backend", "rknn", "--dtype", "w8a8", "--out", str(out),
+                   "--calibration", str(CALIBRATION), "--eval-text", str(HELD_OUT), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout)
+
+
+@needs_simulator
+def test_fp16_meets_the_acceptance_bar(fp16_bundle):
+    manifest = json.loads((fp16_bundle / "bundle.json").read_text())
+    quality = manifest["quality"]
+    assert quality["steps"] == 256
+    assert quality["top1_agreement"] >= 0.995
+    assert abs(quality["nll_delta_pct"]) < 0.1
+    assert manifest["verification"]["max_abs_diff"] < 1e-4
+    assert [g["layers"] for g in manifest["graphs"]] == [[0], [1], [2]]
+    assert [g["name"] for g in manifest["heads"]] == ["head0", "head1"]
+    for graph in [*manifest["graphs"], *manifest["heads"]]:
+        assert graph["dtype"] == "fp16"
+        assert (fp16_bundle / graph["rknn"]).stat().st_size == graph["rknn_bytes"] > 0
+    assert not manifest["hybrid"]["enabled"]
+    assert not list(fp16_bundle.parent.glob(".*partial*")), "no staging folder is left behind"
+    card = (fp16_bundle.parent / "README.md").read_text()
+    assert "top-1 agreement" in card and "fp16" in card
+
+
+@needs_simulator
+def test_w8a8_hybrid_meets_the_acceptance_bar(w8a8_bundle):
+    out, summary = w8a8_bundle
+    assert summary["ok"] and summary["backend"] == "rknn"
+    quality = summary["quality"]
+    assert abs(quality["nll_delta_pct"]) <= 1.0
+    assert quality["top1_agreement"] >= 0.95
+    assert quality["logits_cosine"] > 0.99
+    bundle = Path(summary["output"])
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["hybrid"]["enabled"] and manifest["quality"] == quality
+    kept = manifest["graphs"][0]["fp16_tensors"]
+    assert any("/rg_lru/" in t for t in kept) and any("/conv1d/" in t for t in kept)
+    assert {"h0_rs", "new_h0-rs", "k2_rs", "new_v2-rs"} <= set(kept), "the state I/O stays in fp16"
+    assert manifest["heads"][0]["fp16_tensors"] == [], "the LM head is plain w8a8"
+    assert manifest["tokenizer"]["type"] == "bytes"
+
+
+@needs_simulator
+def test_llm_generates_what_the_reference_decode_loop_generates(fp16_bundle, tiny_model):
+    prompt = "def main(argv):\n    "
+    with LLM(fp16_bundle, library="mock", max_new_tokens=24, ignore_eos_token=True) as llm:
+        assert llm.abi == "rknn" and llm.runtime.simulated
+        result = llm.generate(prompt, stream=False)
+        again = llm.generate(prompt, stream=False)
+    loop = torch_loop(tiny_model)
+    logits = None
+    for token in [2] + [b + BYTE_OFFSET for b in prompt.encode()]:
+        logits = loop.step(token)
+    expected = []
+    for _ in range(24):
+        token = int(np.argmax(logits))
+        expected.append(token - BYTE_OFFSET)
+        logits = loop.step(token)
+    assert result.text.encode() == bytes(expected)
+    assert again.text == result.text, "without keep_history every run starts from a fresh state"
+    assert result.finish_reason == "length" and result.stats.completion_tokens == 24
+    assert result.stats.prompt_tokens == len(prompt) + 1
+
+
+@needs_simulator
+def test_streaming_abort_and_chat_sessions(fp16_bundle):
+    with LLM(fp16_bundle, library="mock", max_new_tokens=400, ignore_eos_token=True) as llm:
+        pieces = []
+        stream = llm.generate("import os\n", stream=True)
+        for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 5:
+                threading.Thread(target=llm.abort).start()
+        assert stream.result.finish_reason == "abort"
+        assert 5 <= stream.result.stats.completion_tokens < 400
+        assert "".join(pieces) == stream.result.text
+
+        session = llm.chat_session()
+        first = session.send("def f(x):", stream=False, max_new_tokens=10)
+        second = session.send("return", stream=False, max_new_tokens=10)
+        assert session.messages[-1]["content"] == second.text and len(session.messages) == 4
+        # the second turn continued from the kept state: the same as sending everything at once
+        whole = llm.generate("def f(x):" + first.text + "return", stream=False, max_new_tokens=10)
+        assert whole.text == second.text
+
+
+@needs_simulator
+def test_chat_cli_answers_from_the_bundle(fp16_bundle):
+    prompt = "import sys\nimport os\n"
+    proc = run_cli("chat", str(fp16_bundle), "--mock", "--max-new-tokens", "16", "--prompt", prompt)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with LLM(fp16_bundle, library="mock", max_new_tokens=16) as llm:
+        expected = llm.generate(prompt, stream=False).text
+    assert expected and expected in proc.stdout, "the reply is printed (no chat template: the prompt goes as is)"
+    assert "inference" not in proc.stdout and "compress=" not in proc.stdout, "the toolkit's log stays off stdout"
+
+
+@needs_simulator
+def test_server_streams_and_aborts_when_the_client_leaves(fp16_bundle):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from server_helpers import LiveServer
+
+    from rkedge.runtime.server.app import create_app
+    from rkedge.runtime.server.settings import ServerSettings
+
+    llm = LLM(fp16_bundle, library="mock", max_new_tokens=400, ignore_eos_token=True)
+    streams = []
+    start = llm._start  # every run (generate, chat sessions) starts here
+
+    def recording_start(*args, **kwargs):
+        streams.append(start(*args, **kwargs))
+        return streams[-1]
+
+    llm._start = recording_start  # type: ignore[method-assign]
+    server = LiveServer(create_app(ServerSettings(model_path=fp16_bundle), llm))
+    name = llm.metadata["name"]
+    body = {"model": name, "messages": [{"role": "user", "content": "def run("}], "stream": True, "max_tokens": 12}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            text = http.post("/v1/chat/completions", json=body).text
+            frames = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert frames[-1] == "[DONE]" and len(frames) > 5
+            deltas = [json.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-1]
+                      if json.loads(f).get("choices")]
+            assert "".join(deltas) == streams[-1].result.text and streams[-1].result.stats.completion_tokens == 12
+            ollama = http.post("/api/generate", json={"model": name, "prompt": "x = ", "stream": False,
+                                                      "options": {"num_predict": 5}})
+            assert ollama.status_code == 200 and ollama.json()["done"] is True
+
+            with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 400}) as response:
+                for seen, _line in enumerate(line for line in response.iter_lines() if line.startswith("data: ")):
+                    if seen == 4:
+                        break
+            aborted = streams[-1]
+            deadline = time.monotonic() + 30
+            while aborted.result is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert aborted.result.finish_reason == "abort" and aborted.result.stats.completion_tokens < 400
+            follow_up = http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert follow_up.status_code == 200 and follow_up.json()["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
+        llm.close()
+
+
+@needs_simulator
+def test_a_failed_build_leaves_no_bundle(tmp_path, monkeypatch):
+    def broken(staging, name, request, dataset):
+        raise ToolkitError(f"rknn-toolkit2 could not build {name}: simulated failure")
+
+    monkeypatch.setattr(pipeline, "_build_graph", broken)
+    with pytest.raises(ToolkitError, match="simulated failure"):
+        convert_rknn(RknnRequest(model=TINY, out=tmp_path, dtype="fp16", eval_steps=16))
+    assert [p.name for p in tmp_path.iterdir()] == [], "neither a partial nor a complete-looking bundle"
+
+
+def test_unsupported_runtime_parameters_are_refused():
+    from rkedge.runtime.rknn.engine import _refuse_unsupported
+    from rkedge.runtime.types import InitParams
+
+    _refuse_unsupported(InitParams(top_k=5, temperature=0.7))
+    with pytest.raises(InputError, match="base_domain_id"):
+        _refuse_unsupported(InitParams(base_domain_id=1))
