@@ -101,10 +101,17 @@ def run_doctor(root: Path = Path("/"), *, model: Path | None = None, library: st
     soc = _check_board(fs, report)
     memory = _check_memory(fs, report)
     driver = _check_driver(fs, report)
-    runtime = _check_library(fs, report, library, abi)
+    from rkedge.runtime.rknn.bundle import is_rknn_bundle
+
+    rknn_bundle = model is not None and is_rknn_bundle(model)
+    # An RKNN bundle runs on librknnrt through RKNNLite, not on librkllmrt.
+    runtime = _check_rknn_runtime(fs, report, library) if rknn_bundle else _check_library(fs, report, library, abi)
     _check_clocks(fs, report)
     if model is not None:
-        _check_model(report, model, soc=soc, memory=memory, driver=driver, runtime=runtime)
+        if rknn_bundle:
+            _check_bundle(report, model, soc=soc, memory=memory)
+        else:
+            _check_model(report, model, soc=soc, memory=memory, driver=driver, runtime=runtime)
         if trial_init:
             _trial_init(report, model, runtime, library, abi)
     elif trial_init:
@@ -346,7 +353,8 @@ def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: 
     _check_model_memory(report, meta, memory, driver)
 
 
-def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict[str, int], driver: str | None) -> None:
+def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict[str, int], driver: str | None, *,
+                        iommu_domain_selector: bool = True) -> None:
     estimate = meta.get("estimate") or {}  # rkedge plan's estimate, recorded by convert
     weight = int(estimate.get("weight_bytes") or 0)
     need = int(estimate.get("total_bytes") or 0)
@@ -368,7 +376,7 @@ def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict
                        "close other programs; consider a smaller max_context", "rkedge plan")
         else:
             report.add("model.memory", "ok", "model memory", f"~{need / GIB:.1f} GiB of {ram / GIB:.1f} GiB RAM")
-    if weight > 4 * GIB:
+    if weight > 4 * GIB and iommu_domain_selector:
         report.add("model.iommu", "warn", "NPU IOMMU", f"~{weight / GIB:.1f} GiB of weights span more than one 4 GiB "
                    "NPU IOMMU domain", "use --base-domain-id 1 if init fails with 'failed to malloc npu memory'",
                    "F-1: rknpu_iommu.c dma_limit 1<<32")
@@ -378,14 +386,83 @@ def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict
                    "update rknpu to 0.9.8", "F-1 hypothesis (size-aligned IOVA allocator before 0.9.8)")
 
 
+# --- RKNN bundles (RecurrentGemma) -----------------------------------------------------------------------------
+
+#: Where rknn-toolkit-lite2 looks for librknnrt.so on the board (Rockchip's install instructions).
+RKNNRT_SEARCH = ("/usr/lib/librknnrt.so", "/usr/lib64/librknnrt.so", "/usr/local/lib/librknnrt.so")
+
+
+def _check_rknn_runtime(fs: Root, report: DoctorReport, library: str | None) -> dict[str, Any]:
+    """RKNNLite and librknnrt on the board; the rknn-toolkit2 simulator with --mock."""
+    import importlib.util
+
+    if library in ("mock", "simulator"):
+        found = importlib.util.find_spec("rknn") is not None
+        report.add("library", "ok" if found else "fail", "RKNN runtime",
+                   "rknn-toolkit2 simulator" if found else "rknn-toolkit2 (the simulator) is not installed",
+                   None if found else "scripts/install-rknn-toolkit2.sh (x86_64 hosts)")
+        info = {"path": "simulator" if found else None, "simulated": True}
+    else:
+        lite = importlib.util.find_spec("rknnlite") is not None
+        report.add("rknnlite", "ok" if lite else "fail", "RKNNLite",
+                   "rknn-toolkit-lite2 is installed" if lite else "rknn-toolkit-lite2 is not installed",
+                   None if lite else "pip install 'rkedge[rknn-board]'")
+        lib = next((fs.path(p) for p in RKNNRT_SEARCH if fs.path(p).is_file()), None)
+        report.add("library", "ok" if lib else "fail", "librknnrt", str(lib) if lib else
+                   f"not found (looked in {', '.join(RKNNRT_SEARCH)})",
+                   None if lib else "copy rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so from rknn-toolkit2 "
+                   "to /usr/lib")
+        info = {"path": str(lib) if lib and lite else None, "simulated": False}
+    report.facts["library"] = info
+    return info
+
+
+def _check_bundle(report: DoctorReport, model: Path, *, soc: str | None, memory: dict[str, int]) -> None:
+    from rkedge.runtime.rknn.bundle import read_bundle
+
+    try:
+        folder, bundle = read_bundle(model)
+    except RkedgeError as exc:
+        report.add("model", "fail", "model", exc.message, exc.fix)
+        return
+    graphs = [*bundle["graphs"], *bundle["heads"]]
+    graph_bytes = sum(int(g.get("rknn_bytes") or (folder / g["rknn"]).stat().st_size) for g in graphs)
+    embedding = folder / bundle["embedding"]["file"]
+    platform = bundle.get("platform")
+    report.facts["model"] = {"path": str(model), "metadata_from": "bundle.json", "backend": "rknn",
+                             "platform": platform, "dtype": bundle.get("dtype"), "graphs": len(graphs),
+                             "graph_bytes": graph_bytes, "quality": bundle.get("quality")}
+    report.add("model", "ok", "model", f"RKNN bundle: {len(graphs)} graphs, {graph_bytes / GIB:.2f} GiB, "
+               f"{bundle.get('dtype')}, rknn-toolkit2 {bundle.get('versions', {}).get('rknn_toolkit2')}")
+    board_soc = report.facts.get("soc")  # any SoC, not only RKLLM's: rknn-toolkit2 has more platforms
+    board_platform = soc or (RKLLM_SOCS.get(board_soc, board_soc) if board_soc else None)
+    if platform and board_platform and platform != board_platform:
+        report.add("model.platform", "fail", "model platform", f"built for {platform}, this board is "
+                   f"{board_platform}", "RecurrentGemma's RKNN backend targets rk3588: run it on an RK3588 board",
+                   "F-6")
+    elif platform:
+        report.add("model.platform", "ok", "model platform", platform)
+    biggest = max(int(g.get("rknn_bytes") or 0) for g in graphs)
+    if biggest >= 2 * GIB:
+        report.add("model.iommu", "warn", "NPU IOMMU", f"one graph holds {biggest / GIB:.1f} GiB; librknnrt cannot "
+                   "choose an IOMMU domain and old rknpu drivers fail to map buffers over 2 GiB",
+                   "rebuild with a smaller --graph-params", "recurrentgemma-rknn-feasibility.md section 6")
+    estimate = {"weight_bytes": graph_bytes,
+                "total_bytes": graph_bytes + (embedding.stat().st_size if embedding.is_file() else 0)
+                + RUNTIME_OVERHEAD_BYTES}
+    _check_model_memory(report, {"estimate": estimate}, memory, None, iommu_domain_selector=False)
+
+
 def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], library: str | None,
                 abi: str | None) -> None:
     """Initialises the model with a tiny context in a child process and reads its stderr."""
     if runtime.get("path") is None:
         report.add("trial-init", "skip", "trial init", "no runtime library")
         return
-    argv = [sys.executable, "-m", "rkedge.runtime.trial_init", str(model), "--lib",
-            "mock" if library == "mock" else str(runtime["path"])]
+    from rkedge.runtime.rknn.bundle import is_rknn_bundle
+
+    lib = "mock" if library == "mock" else None if is_rknn_bundle(model) else str(runtime["path"])
+    argv = [sys.executable, "-m", "rkedge.runtime.trial_init", str(model)] + (["--lib", lib] if lib else [])
     if runtime.get("abi"):
         argv += ["--abi", str(runtime["abi"])]
     try:
@@ -407,7 +484,7 @@ def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], libr
         report.add("trial-init", "fail", "trial init", f"{first.failure.id}: {first.summary} (runtime said: {first.line})",
                    failures.fix_for(first), first.failure.source)
     elif result.get("ok"):
-        report.add("trial-init", "ok", "trial init", f"rkllm_init succeeded ({result.get('detail', '')})")
+        report.add("trial-init", "ok", "trial init", f"the model initialised ({result.get('detail', '')})")
     else:
         report.add("trial-init", "fail", "trial init", result.get("error") or proc.stderr.strip()[-300:] or "failed")
     for warning in (m for m in found if m.failure.severity == "warning"):

@@ -26,6 +26,7 @@ from rkedge.errors import (
     ContextLengthExceeded,
     GenerationError,
     InputError,
+    LibraryNotFoundError,
     ModelFileError,
     RkedgeError,
     RuntimeInitError,
@@ -398,8 +399,12 @@ class LLM:
 
     def _open_rknn(self, library: str | os.PathLike[str] | None, verbose: bool) -> None:
         """An RKNN bundle (RecurrentGemma): RKNNLite on the board, the rknn-toolkit2 simulator with --mock."""
-        from rkedge.runtime.rknn.engine import RknnModel
-
+        try:
+            from rkedge.runtime.rknn.engine import RknnModel
+        except ImportError as exc:
+            raise LibraryNotFoundError(f"the RKNN backend needs numpy ({exc}).",
+                                       fix="pip install 'rkedge[rknn-board]' (numpy, tokenizers, and on aarch64 "
+                                           "rknn-toolkit-lite2)") from None
         engine = RknnModel(self.model_path, str(library) if library is not None else None, self.params,
                            self._on_event, verbose=verbose)
         self._native = engine  # type: ignore[assignment]

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         params["base_domain_id"] = args.base_domain_id
     try:
         with LLM(args.model, library=args.lib, abi=args.abi, verbose=True, **params) as llm:
-            detail = f"ABI {llm.abi}, max_context_len {llm.max_context_len}"
+            detail = (f"RKNN bundle on {llm.runtime.selected_by}" if llm.abi == "rknn" else
+                      f"rkllm_init, ABI {llm.abi}, max_context_len {llm.max_context_len}")
     except RkedgeError as exc:
         print(json.dumps({"ok": False, "error": str(exc), "failure": getattr(exc, "failure", None)}))
         return 1

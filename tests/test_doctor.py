@@ -168,3 +168,43 @@ def test_cli_human_and_json(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "rkedge", "doctor", "--root", str(pi), "--json"],
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 1 and json.loads(failed.stdout)["verdict"] == "fail"
+
+
+def make_bundle(folder: Path, *, platform: str = "rk3588", graph_bytes: int = 1000) -> Path:
+    """An RKNN bundle's manifest and files, enough for doctor (it does not load the graphs)."""
+    folder.mkdir(parents=True)
+    graphs = []
+    for name in ("chunk0", "head"):
+        (folder / f"{name}.rknn").write_bytes(b"\0" * graph_bytes)
+        graphs.append({"name": name, "rknn": f"{name}.rknn", "rknn_bytes": graph_bytes, "inputs": ["x"],
+                       "outputs": ["x_out"], "shapes": {"x": [1, 1, 8]}})
+    (folder / "embedding.npy").write_bytes(b"\0" * 128)
+    (folder / "bundle.json").write_text(json.dumps({
+        "schema": "rkedge-rknn-bundle", "schema_version": 1, "backend": "rknn", "platform": platform, "dtype": "w8a8",
+        "graphs": graphs[:1], "heads": graphs[1:], "embedding": {"file": "embedding.npy"},
+        "versions": {"rknn_toolkit2": "2.5.0"}}))
+    return folder
+
+
+def test_an_rknn_bundle_is_checked_against_rknnlite_librknnrt_and_the_board(tmp_path):
+    root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=8,
+                     driver="0.9.8", runtime=None)
+    bundle = make_bundle(tmp_path / "bundle")
+    report = run_doctor(root, model=bundle)
+    checks = statuses(report)
+    assert checks["model"] == "ok" and report.facts["model"]["backend"] == "rknn"
+    assert checks["library"] == "fail", "librknnrt.so is looked for, not librkllmrt.so"
+    assert "librknnrt" in report.render()
+    assert checks.get("rknnlite") in ("ok", "fail")
+    assert checks["model.memory"] == "ok"
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "usr" / "lib" / "librknnrt.so").write_bytes(b"\x7fELF")
+    assert statuses(run_doctor(root, model=bundle))["library"] == "ok"
+
+    other = make_root(tmp_path / "rk3568", model="Radxa ROCK 3A", compatible=["radxa,rock3a", "rockchip,rk3568"],
+                      ram_gb=8, driver="0.9.8", runtime=None)
+    assert statuses(run_doctor(other, model=bundle))["model.platform"] == "fail"
+
+    (bundle / "head.rknn").unlink()
+    broken = run_doctor(root, model=bundle)
+    assert statuses(broken)["model"] == "fail" and "head.rknn" in broken.render()

@@ -33,10 +33,11 @@ BUILD_BYTES_PER_PARAM = 28  # measured 20-28 bytes of host RAM per parameter whi
 GRAPH_WEIGHT_BUDGET = 1 << 30  # about 1 GB of weights per graph: far from the 4 GiB uint32 / IOMMU limits
 #: Tensors kept in fp16 in the hybrid build: the RG-LRU chain and the conv1d before it, with their recurrent (h,
 #: conv) and attention (k/v) state I/O. Chosen by measurement over many steps, not one (benchmarks/
-#: bench_rknn_hybrid.py, trained tiny RecurrentGemma, 1024 teacher-forced steps, KL to transformers): plain w8a8
-#: 0.0060, + RG-LRU and h/k/v states 0.0035, + conv1d path 0.0028; top-1 93.8% -> 95.9% -> 96.0%. The LM head
-#: in fp16 measured no better than that and would cost ~20% of decode speed on the 2b model (0.65 GB more read
-#: per token), and the toolkit's auto_hybrid does not find these tensors (feasibility section 5).
+#: bench_rknn_hybrid.py: trained tiny RecurrentGemma, 1024 teacher-forced steps on held-out code, KL to
+#: transformers): plain w8a8 0.0072 (top-1 94.7%), + RG-LRU and h/k/v states 0.0044 (96.0%), + conv1d 0.0042
+#: (96.0%). The LM head in fp16 gains little more (0.0040, 96.6%) and would cost ~20% of decode speed on the 2b
+#: model (0.65 GB more read per token); the residual stream gains nothing. rknn-toolkit2's auto_hybrid does not
+#: find these tensors (feasibility section 5).
 HYBRID_PATTERNS = (r"/rg_lru/", r"/conv1d/", r"^(h|conv|k|v)\d+_rs$", r"^new_(h|conv|k|v)\d+-rs$")
 #: Held-out English text for the quality report when none is given (written for rkedge; not in any training set
 #: the checks know of).
