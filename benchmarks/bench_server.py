@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Path, pace: str, max_queue: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, url = start_server(model, pace, max_queue)
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def start_server(model: Path, pace: str, max_queue: int) -> tuple[subprocess.Popen, str]:
@@ -145,20 +157,12 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "rkedge", "mock-model", "--out", str(model), "--name", "bench",
                         "--template", "gemma", "--toolkit-version", "1.2.1", "--response", REPLY], check=True,
                        stdout=subprocess.DEVNULL)
-        proc, url = start_server(model, "338.4,16.69", args.max_queue)
-        try:
+        with running_server(model, "338.4,16.69", args.max_queue) as (proc, url):
             asyncio.run(phase_queue(url, args.clients, args.requests))
             print(f"  server alive after phase 1: {proc.poll() is None}")
-        finally:
-            proc.terminate()
-            proc.wait(20)
-        proc, url = start_server(model, "unlimited", args.max_queue)
-        try:
+        with running_server(model, "unlimited", args.max_queue) as (proc, url):
             asyncio.run(phase_soak(url, proc.pid, args.soak))
             print(f"  server alive after phase 2: {proc.poll() is None}")
-        finally:
-            proc.terminate()
-            proc.wait(20)
 
 
 if __name__ == "__main__":

@@ -138,25 +138,29 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
         result = convert(request, dry_run=dry_run, reporter=reporter)
     finally:
         reporter.done()
-    summary = result.summary()
+    if dry_run:
+        lines = [f"plan: {result.plan.output_name} with rkllm-toolkit {result.plan.toolkit_version}; "
+                 f"build({', '.join(f'{k}={v!r}' for k, v in result.plan.build_kwargs.items())})"]
+    else:
+        lines = [f"wrote {f}" for f in (result.model_file, result.lora_file, result.manifest_file, result.card_file)
+                 if f]
+        for step in result.steps:
+            click.echo(f"[ok] {step.name}: {step.status} ({step.seconds:.1f} s)", err=True)
+    _echo_result(result.summary(), result.plan.findings, as_json=as_json, dry_run=dry_run, lines=lines)
+
+
+def _echo_result(summary: dict[str, Any], findings: list[Any], *, as_json: bool, dry_run: bool,
+                 lines: list[str]) -> None:
+    """The summary as JSON, or the findings and ``lines``; a dry run with error findings then exits 2."""
     if as_json:
         click.echo(json.dumps(summary, indent=1, default=str, ensure_ascii=False))
     else:
-        for finding in result.plan.findings:
+        for finding in findings:
             click.echo(finding.render(), err=not dry_run)
-        if dry_run:
-            click.echo(f"plan: {result.plan.output_name} with rkllm-toolkit {result.plan.toolkit_version}; "
-                       f"build({', '.join(f'{k}={v!r}' for k, v in result.plan.build_kwargs.items())})")
-        else:
-            for step in result.steps:
-                click.echo(f"[ok] {step.name}: {step.status} ({step.seconds:.1f} s)", err=True)
-            click.echo(f"wrote {result.model_file}")
-            if result.lora_file:
-                click.echo(f"wrote {result.lora_file}")
-            click.echo(f"wrote {result.manifest_file}")
-            click.echo(f"wrote {result.card_file}")
-    if dry_run and not result.plan.ok:
-        errors = [f for f in result.plan.findings if f.severity == "error"]
+        for line in lines:
+            click.echo(line)
+    errors = [f for f in findings if f.severity == "error"]
+    if dry_run and errors:
         raise CheckFailed(f"{len(errors)} error finding(s): " + "; ".join(f.id for f in errors),
                           fix="see the findings above")
 
@@ -178,30 +182,20 @@ def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, 
         result = convert_rknn(request, dry_run=dry_run, progress=reporter.step)
     finally:
         reporter.done()
-    summary = result.summary()
-    if as_json:
-        click.echo(json.dumps(summary, indent=1, default=str, ensure_ascii=False))
-    else:
-        for finding in result.findings:
-            click.echo(finding.render(), err=not dry_run)
-        if dry_run:
-            click.echo(f"plan: RKNN bundle for {model_dir.name}, {dtype}{' hybrid' if hybrid and dtype == 'w8a8' else ''}")
-        else:
-            manifest = result.manifest or {}
-            verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
-            click.echo(f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
-                       f"over {verification.get('tokens')} tokens")
-            if quality:
-                click.echo(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
-                           f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
-                           f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
-                           f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
-                           f"logits cosine {quality['logits_cosine']:.5f}")
-            click.echo(f"wrote {result.bundle}")
-    if dry_run and not summary["ok"]:
-        errors = [f for f in result.findings if f.severity == "error"]
-        raise CheckFailed(f"{len(errors)} error finding(s): " + "; ".join(f.id for f in errors),
-                          fix="see the findings above")
+    lines = [f"plan: RKNN bundle for {model_dir.name}, {dtype}{' hybrid' if request.hybrid_patterns else ''}"]
+    if not dry_run:
+        manifest = result.manifest or {}
+        verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
+        lines = [f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
+                 f"over {verification.get('tokens')} tokens"]
+        if quality:
+            lines.append(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
+                         f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
+                         f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
+                         f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
+                         f"logits cosine {quality['logits_cosine']:.5f}")
+        lines.append(f"wrote {result.bundle}")
+    _echo_result(result.summary(), result.findings, as_json=as_json, dry_run=dry_run, lines=lines)
 
 
 @click.command("plan")

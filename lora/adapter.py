@@ -236,12 +236,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     if not config_path.is_file():
         raise InputError(f"{folder} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}.",
                          fix="pass the folder written by peft's save_pretrained (adapter_config.json + weights)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{config_path} is not readable JSON ({exc}).", fix="re-save the adapter with peft") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path} does not hold a JSON object.", fix="re-save the adapter with peft")
+    config = _read_json_object(config_path, fix="re-save the adapter with peft")
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -344,10 +339,7 @@ def read_base_checkpoint(path: str | Path) -> BaseCheckpoint:
     if not config_path.is_file():
         raise InputError(f"base {folder} has no config.json.",
                          fix="pass the Hugging Face checkpoint folder of the base model (config.json + *.safetensors)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{config_path} is not readable JSON ({exc}).") from exc
+    config = _read_json_object(config_path, fix="pass the Hugging Face checkpoint folder of the base model")
     files = checkpoint_files(folder)
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -660,3 +652,13 @@ def _check_base_name(adapter: AdapterInfo, base: BaseCheckpoint, shape_errors: i
                     f"make sure the base is {wanted}"
                     + (f" at revision {adapter.revision}" if adapter.revision else ""),
                     SOURCE_F10))
+
+
+def _read_json_object(path: Path, *, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}).", fix=fix) from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path} does not hold a JSON object.", fix=fix)
+    return data

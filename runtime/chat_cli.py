@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rkedge.errors import RkedgeError
+from rkedge.runtime._proc import process_rss_mb
 from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.llm import LLM, GenerationResult
 
@@ -170,17 +171,6 @@ def run_chat(model: Path, *, library: str | None, abi: str | None, template: str
                 repl.turn(prompt)
             return
         repl.loop()
-
-
-def process_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def _enable_history() -> None:

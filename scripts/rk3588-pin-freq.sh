@@ -29,10 +29,12 @@
 set -eu
 
 STATE=${RKEDGE_FREQ_STATE:-/run/rkedge-freq.state}
-CPUFREQ=/sys/devices/system/cpu/cpufreq
+# RKEDGE_SYSFS_ROOT: a folder standing in for / (tests run the script on a fixture tree, without root).
+SYSFS_ROOT=${RKEDGE_SYSFS_ROOT:-}
+CPUFREQ=$SYSFS_ROOT/sys/devices/system/cpu/cpufreq
 POLICIES="policy0 policy4 policy6"
-NPU_DEVFREQ=/sys/class/devfreq/fdab0000.npu
-DMC_DEVFREQ=/sys/class/devfreq/dmc
+NPU_DEVFREQ=$SYSFS_ROOT/sys/class/devfreq/fdab0000.npu
+DMC_DEVFREQ=$SYSFS_ROOT/sys/class/devfreq/dmc
 PROG=$(basename "$0")
 
 say() { printf '%s\n' "$*"; }
@@ -51,7 +53,7 @@ EOF
 }
 
 need_root() {
-    [ "$(id -u)" -eq 0 ] || die "'$1' writes sysfs and must run as root (try: sudo $0 $1)"
+    [ -n "$SYSFS_ROOT" ] || [ "$(id -u)" -eq 0 ] || die "'$1' writes sysfs and must run as root (try: sudo $0 $1)"
 }
 
 # read FILE: its content on one line, or "?" when unreadable.
@@ -92,6 +94,17 @@ missing_note() {
     esac
 }
 
+# save_governor STATE_FILE GOVERNOR CUR_FREQ SET_FREQ: records a governor, and under userspace the frequency it
+# holds (restored through SET_FREQ).
+save_governor() {
+    [ -r "$2" ] || return 0
+    governor=$(read_value "$2")
+    printf '%s %s\n' "$2" "$governor" >> "$1"
+    if [ "$governor" = userspace ] && [ -r "$3" ]; then
+        printf '%s %s\n' "$4" "$(read_value "$3")" >> "$1"
+    fi
+}
+
 save_state() {
     if [ -e "$STATE" ]; then
         say "state already saved in $STATE (from an earlier pin); keeping it"
@@ -102,21 +115,11 @@ save_state() {
         umask 077
         : > "$tmp"
         for policy in $POLICIES; do
-            dir="$CPUFREQ/$policy"
-            [ -r "$dir/scaling_governor" ] || continue
-            governor=$(read_value "$dir/scaling_governor")
-            printf '%s %s\n' "$dir/scaling_governor" "$governor" >> "$tmp"
-            if [ "$governor" = userspace ] && [ -r "$dir/scaling_cur_freq" ]; then
-                printf '%s %s\n' "$dir/scaling_setspeed" "$(read_value "$dir/scaling_cur_freq")" >> "$tmp"
-            fi
+            save_governor "$tmp" "$CPUFREQ/$policy/scaling_governor" "$CPUFREQ/$policy/scaling_cur_freq" \
+                "$CPUFREQ/$policy/scaling_setspeed"
         done
         for dir in "$NPU_DEVFREQ" "$DMC_DEVFREQ"; do
-            [ -r "$dir/governor" ] || continue
-            governor=$(read_value "$dir/governor")
-            printf '%s %s\n' "$dir/governor" "$governor" >> "$tmp"
-            if [ "$governor" = userspace ] && [ -r "$dir/cur_freq" ]; then
-                printf '%s %s\n' "$dir/userspace/set_freq" "$(read_value "$dir/cur_freq")" >> "$tmp"
-            fi
+            save_governor "$tmp" "$dir/governor" "$dir/cur_freq" "$dir/userspace/set_freq"
         done
     ) || { rm -f "$tmp"; die "could not write the state file $tmp"; }
     mv -f "$tmp" "$STATE" || { rm -f "$tmp"; die "could not create $STATE"; }

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rkedge.errors import InputError, LibraryNotFoundError, RuntimeInitError
+from rkedge.runtime._proc import process_rss_mb
 from rkedge.runtime._stderr import capture_native_output
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.rknn.bundle import read_bundle
@@ -38,7 +39,23 @@ UNSUPPORTED_PARAMS = {
 }
 
 
-class SimulatorGraphs:
+class _GraphSet:
+    """The bundle's graphs, one runtime context each (RKNN and RKNNLite share ``inference`` and ``release``)."""
+
+    kind = ""
+    graphs: list[Any]
+
+    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        # Our inputs are at most 3-D, so the layout flag changes nothing; setting it silences a warning per call.
+        return self.graphs[index].inference(inputs=inputs, data_format=["nchw"] * len(inputs))
+
+    def release(self) -> None:
+        for graph in self.graphs:
+            graph.release()
+        self.graphs = []
+
+
+class SimulatorGraphs(_GraphSet):
     """rknn-toolkit2's simulator, with each graph rebuilt from the bundle's ONNX (fp16) or hybrid-quantization
     artifacts (w8a8): a .rknn cannot run in the simulator (recurrentgemma-rknn-feasibility.md)."""
 
@@ -72,17 +89,8 @@ class SimulatorGraphs:
                                            fix="rebuild the bundle with the same rknn-toolkit2 version")
             self.graphs.append(rknn)
 
-    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        # Our inputs are at most 3-D, so the layout flag changes nothing; setting it silences a warning per call.
-        return self.graphs[index].inference(inputs=inputs, data_format=["nchw"] * len(inputs))
 
-    def release(self) -> None:
-        for graph in self.graphs:
-            graph.release()
-        self.graphs = []
-
-
-class LiteGraphs:
+class LiteGraphs(_GraphSet):
     """RKNNLite (rknn-toolkit-lite2) on the board, one context per graph on all three NPU cores."""
 
     kind = "rknnlite"
@@ -101,15 +109,6 @@ class LiteGraphs:
                 raise RuntimeInitError(f"RKNNLite could not initialise {graph['rknn']} on the NPU.",
                                        fix="run rkedge doctor; check free memory and the rknpu driver")
             self.graphs.append(rknn)
-
-    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        # Our inputs are at most 3-D, so the layout flag changes nothing; setting it silences a warning per call.
-        return self.graphs[index].inference(inputs=inputs, data_format=["nchw"] * len(inputs))
-
-    def release(self) -> None:
-        for graph in self.graphs:
-            graph.release()
-        self.graphs = []
 
 
 def _package_version(name: str) -> str | None:
@@ -296,7 +295,7 @@ class RknnModel:
         finished = time.perf_counter()
         if not paused:
             perf = PerfStats((prefill_done - started) * 1000, len(tokens), (finished - prefill_done) * 1000, generated,
-                             _rss_mb())
+                             process_rss_mb() or 0.0)
             self._on_event(run_id, RunEvent(CallState.FINISH, None, -1, perf))
         self._paused = paused
         if not paused and not request.keep_history:
@@ -388,14 +387,3 @@ def _as_array(values: np.ndarray) -> Any:
     from array import array
 
     return array("f", values.astype(np.float32).tobytes())
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
