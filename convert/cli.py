@@ -99,8 +99,9 @@ def inspect_command(path: Path, as_json: bool) -> None:
               help="rknn: most parameters per layer graph (default: ~1 GB of weights, within the host's RAM).")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="rknn: held-out text for the quality report (default: a built-in paragraph).")
-@click.option("--eval-steps", type=int, default=256, show_default=True,
-              help="rknn: teacher-forced steps of the quality report.")
+@click.option("--eval-steps", type=click.IntRange(1, 100_000), default=None,
+              help="rknn: teacher-forced steps of the quality report (default 256, fewer for models the simulator "
+                   "runs slowly: about a minute per step at 2.7B).")
 @click.option("--dry-run", is_flag=True, help="Plan and check only; exit 2 on any error finding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the toolkit's log lines.")
@@ -108,7 +109,8 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                     max_context: int | None, npu_cores: int | None, algorithm: str, hybrid_rate: float,
                     optimization_level: int, calibration: str, lora: Path | None, lora_mode: str, board: str | None,
                     toolkit: str | None, load_dtype: str | None, name: str | None, allow_known_failure: bool,
-                    backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None, eval_steps: int,
+                    backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None,
+                    eval_steps: int | None,
                     dry_run: bool, as_json: bool, verbose: bool) -> None:
     """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first.
 
@@ -166,7 +168,8 @@ def _echo_result(summary: dict[str, Any], findings: list[Any], *, as_json: bool,
 
 
 def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, calibration: str, lora: Path | None,
-                  name: str | None, hybrid: bool, graph_params: int | None, eval_text: Path | None, eval_steps: int,
+                  name: str | None, hybrid: bool, graph_params: int | None, eval_text: Path | None,
+                  eval_steps: int | None,
                   dry_run: bool, as_json: bool, verbose: bool, ignored: list[str]) -> None:
     from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn
     from rkedge.errors import InputError

@@ -89,6 +89,23 @@ def test_decode_loop_snapshot_restores_the_state(tiny_model):
     assert loop.position == 0 and not np.array_equal(loop.step(tokens[20]), first[0])
 
 
+def test_graph_by_graph_teacher_forcing_equals_stepping(tiny_model):
+    loop = torch_loop(tiny_model, max_chunk_params=20_000)
+    tokens = held_out_tokens(80)
+    released = []
+    layerwise = loop.teacher_forced_logits(tokens, released.append)
+    loop.reset()
+    stepwise = np.stack([loop.step(t) for t in tokens])
+    assert np.allclose(layerwise, stepwise, atol=1e-5)
+    assert released == list(range(5)), "each of the 3 chunk and 2 head graphs is released once, in order"
+
+
+def test_the_default_quality_run_fits_its_time_budget():
+    assert pipeline.auto_eval_steps(500_000, 2) == 256
+    steps_2b = pipeline.auto_eval_steps(2_683_000_000, 5)
+    assert 16 <= steps_2b < 64, "about a minute per simulated token at 2.7B"
+
+
 def test_graph_planning_respects_the_parameter_budget():
     dims = GriffinDims(hidden=2560, lru_width=2560, heads=10, head_dim=256, kv_heads=1, window=2048, conv_width=4,
                        vocab=256_000, rotary_dim=128, rope_theta=10000.0, logits_soft_cap=30.0, eps=1e-6,
@@ -255,7 +272,7 @@ def test_fp16_meets_the_acceptance_bar(fp16_bundle):
         assert (fp16_bundle / graph["rknn"]).stat().st_size == graph["rknn_bytes"] > 0
     assert not manifest["hybrid"]["enabled"]
     assert not list(fp16_bundle.parent.glob(".*partial*")), "no staging folder is left behind"
-    card = (fp16_bundle.parent / "README.md").read_text()
+    card = (fp16_bundle / "README.md").read_text()
     assert "top-1 agreement" in card and "fp16" in card
 
 
@@ -391,6 +408,13 @@ def test_a_failed_build_leaves_no_bundle(tmp_path, monkeypatch):
     with pytest.raises(ToolkitError, match="simulated failure"):
         convert_rknn(RknnRequest(model=TINY, out=tmp_path, dtype="fp16", eval_steps=16))
     assert [p.name for p in tmp_path.iterdir()] == [], "neither a partial nor a complete-looking bundle"
+    earlier = tmp_path / "tiny-recurrentgemma_fp16_rk3588_rknn"
+    earlier.mkdir()
+    (earlier / "bundle.json").write_text("{}")
+    with pytest.raises(ToolkitError):
+        convert_rknn(RknnRequest(model=TINY, out=tmp_path, dtype="fp16", eval_steps=16))
+    assert [p.name for p in tmp_path.iterdir()] == [earlier.name], "a failed rebuild leaves the earlier bundle"
+    assert (earlier / "bundle.json").read_text() == "{}"
 
 
 def test_unsupported_runtime_parameters_are_refused():

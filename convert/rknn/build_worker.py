@@ -61,7 +61,7 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         _check(rknn.config(target_platform="rk3588"), "config")
         _check(rknn.load_onnx(model=str(onnx)), "load_onnx")
         _check(rknn.build(do_quantization=False), "build")
-        result["simulator"] = {"build": "float", "onnx": onnx.name}
+        result["simulator"] = {"build": "float", "onnx": onnx.relative_to(out).as_posix()}
     else:
         _check(rknn.config(target_platform="rk3588", quantized_dtype="w8a8",
                            quantized_algorithm=job.get("algorithm", "normal"), quantized_method="channel"), "config")

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rkedge import __version__
-from rkedge._fs import atomic_write_text
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
 from rkedge.errors import InputError, ToolkitError
@@ -31,6 +30,14 @@ SOURCE = "recurrentgemma-rknn-feasibility.md"
 RKNN_DTYPES = ("w8a8", "fp16")
 BUILD_BYTES_PER_PARAM = 28  # measured 20-28 bytes of host RAM per parameter while building (feasibility section 6)
 GRAPH_WEIGHT_BUDGET = 1 << 30  # about 1 GB of weights per graph: far from the 4 GiB uint32 / IOMMU limits
+DEFAULT_EVAL_STEPS = 256
+#: The simulator's time per decode step: ~8 ms per graph call (measured on the tiny model, benchmarks/bench_rknn.py)
+#: plus ~22 ns per parameter (about a minute per token for the 2.7B model; feasibility section 6).
+SIMULATOR_S_PER_GRAPH, SIMULATOR_S_PER_PARAM = 0.008, 2.2e-8
+QUALITY_BUDGET_S = 1800  # the default quality report stays within about half an hour
+#: Calibration runs each prompt this many decode steps at most (through the window wrap on small windows); the
+#: activation ranges of a 2048-token window's k/v slots do not need the whole window filled.
+CALIBRATION_MAX_STEPS = 256
 #: Tensors kept in fp16 in the hybrid build: the RG-LRU chain and the conv1d before it, with their recurrent (h,
 #: conv) and attention (k/v) state I/O. Chosen by measurement over many steps, not one (benchmarks/
 #: bench_rknn_hybrid.py: trained tiny RecurrentGemma, 1024 teacher-forced steps on held-out code, KL to
@@ -60,7 +67,7 @@ class RknnRequest:
     hybrid: bool = True
     calibration: str | None = "auto"
     eval_text: str | None = None
-    eval_steps: int = 256
+    eval_steps: int | None = None  # default: 256, fewer when the simulator would take over QUALITY_BUDGET_S
     graph_params: int | None = None  # max parameters per layer graph (default: from the weight budget and host RAM)
     name: str | None = None
     template: str | None = None
@@ -161,7 +168,9 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     loop = torch_loop(model, max_chunk_params=budget)
 
     report("verify", "decode step vs transformers' forward pass")
-    eval_tokens = _eval_tokens(request, encode, tokenizer_spec)
+    eval_steps = request.eval_steps or auto_eval_steps(sum(counts) + dims.vocab * dims.hidden,
+                                                       len(chunks) + len(heads))
+    eval_tokens = _eval_tokens(request, encode, tokenizer_spec, eval_steps)
     verification = verify_against_transformers(model, eval_tokens[:96], loop)
     steps.append({"name": "verify", **verification})
     if verification["max_abs_diff"] > 1e-3:
@@ -179,7 +188,11 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         report("export", f"{len(graphs)} ONNX graphs (opset 17)")
         for graph_name, module in graphs:
             example = tuple(torch.zeros(shape) for shape in module.input_shapes().values())
-            torch.onnx.export(module, example, str(staging / f"{graph_name}.onnx"), opset_version=17, dynamo=False,
+            # One folder per graph: a graph over 2 GB keeps its weights as external data files named after the
+            # tensors, and the chunks' tensor names repeat (blocks.0... in every chunk).
+            onnx_file = _onnx_path(staging, graph_name)
+            onnx_file.parent.mkdir(parents=True)
+            torch.onnx.export(module, example, str(onnx_file), opset_version=17, dynamo=False,
                               input_names=module.input_names(), output_names=module.output_names())
         datasets: dict[int, Path] = {}
         if request.dtype == "w8a8":
@@ -197,19 +210,22 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         shutil.rmtree(staging / "calibration", ignore_errors=True)
 
-        report("quality", f"simulator vs transformers, {request.eval_steps} teacher-forced steps")
+        report("quality", f"simulator vs transformers, {eval_steps} teacher-forced steps"
+               + ("" if request.eval_steps else " (--eval-steps to change)"))
         from rkedge.convert.rknn.quality import measure_quality
 
-        quality = measure_quality(staging, loop, eval_tokens[: request.eval_steps + 1])
+        quality = measure_quality(staging, loop, eval_tokens[: eval_steps + 1])
         manifest["quality"] = quality
         manifest["wall_time_s"] = round(time.monotonic() - started, 1)
         (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        (staging / "README.md").write_text(_card(manifest, name), encoding="utf-8")
+        previous = out / f".{name}.previous-{os.getpid()}"
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, previous)  # the old bundle stays whole until the new one is in place
         os.replace(staging, final)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_text(out / "README.md", _card(manifest, name))
     return RknnResult(final, findings, manifest, steps)
 
 
@@ -249,13 +265,20 @@ def _encoder(model_dir: Path, spec: dict[str, Any]) -> Callable[[str], list[int]
     return tokenizer.encode
 
 
-def _eval_tokens(request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any]) -> list[int]:
+def auto_eval_steps(params: int, graphs: int) -> int:
+    """256 steps, or as many as the simulator runs in QUALITY_BUDGET_S (at least 16)."""
+    per_step = SIMULATOR_S_PER_GRAPH * graphs + SIMULATOR_S_PER_PARAM * params
+    return int(max(16, min(DEFAULT_EVAL_STEPS, QUALITY_BUDGET_S // per_step)))
+
+
+def _eval_tokens(request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
+                 steps: int) -> list[int]:
     text = Path(request.eval_text).read_text(encoding="utf-8", errors="replace") if request.eval_text \
         else DEFAULT_EVAL_TEXT
     tokens = encode(text)
     bos = spec.get("bos_token_id")
     tokens = ([int(bos)] if bos is not None else []) + tokens
-    while len(tokens) < request.eval_steps + 1:
+    while len(tokens) < max(steps + 1, 97):  # 96 for the verification, steps + 1 for the quality report
         tokens += tokens[1:]
     return tokens
 
@@ -281,14 +304,14 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
 
     loop.runner = Capture()
     try:
-        window = loop.window
+        steps = min(loop.window + 16, CALIBRATION_MAX_STEPS)
         for prompt in prompts:
             tokens = ([int(bos)] if bos is not None else []) + encode(prompt)
-            while len(tokens) < window + 16:
+            while len(tokens) < steps:
                 tokens += encode(" " + prompt)
             loop.reset()
-            for token in tokens[: window + 16]:
-                loop.step(token)
+            for token in tokens[:steps]:
+                loop.step(token)  # the head graphs need their inputs captured too
     finally:
         loop.runner = inner
     folder.mkdir(parents=True, exist_ok=True)
@@ -310,9 +333,13 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
     return datasets
 
 
+def _onnx_path(staging: Path, name: str) -> Path:
+    return staging / "onnx" / name / f"{name}.onnx"
+
+
 def _build_graph(staging: Path, name: str, request: RknnRequest, dataset: Path | None) -> dict[str, Any]:
     dtype = (request.head_dtype or request.dtype) if name.startswith("head") else request.dtype
-    job = {"onnx": str((staging / f"{name}.onnx").resolve()), "out_dir": str(staging.resolve()), "name": name,
+    job = {"onnx": str(_onnx_path(staging, name).resolve()), "out_dir": str(staging.resolve()), "name": name,
            "dtype": dtype, "dataset": str(dataset) if dataset else None, "hybrid_patterns": request.hybrid_patterns}
     job_file = staging / f".{name}.job.json"
     job_file.write_text(json.dumps(job))

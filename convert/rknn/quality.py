@@ -19,51 +19,54 @@ from rkedge.runtime.rknn.bundle import BUNDLE_FILE
 from rkedge.runtime.rknn.loop import DecodeLoop
 
 
-def simulator_loop(folder: Path) -> DecodeLoop:
+def simulator_loop(folder: Path, *, lazy: bool = False) -> DecodeLoop:
+    """The bundle's decode loop in the rknn-toolkit2 simulator (``lazy``: graphs built on first use)."""
     from rkedge.runtime.rknn.engine import SimulatorGraphs
 
     bundle = json.loads((folder / BUNDLE_FILE).read_text())
     with capture_native_output():
-        runner = SimulatorGraphs(folder, [*bundle["graphs"], *bundle["heads"]])
+        runner = SimulatorGraphs(folder, [*bundle["graphs"], *bundle["heads"]], lazy=lazy)
     return DecodeLoop.from_bundle(folder, bundle, runner)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
-    return shifted - np.log(np.exp(shifted).sum())
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def compare(reference: DecodeLoop, candidate: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
-    reference.reset()
-    candidate.reset()
-    nll_ref, nll_cand, agree, kls, cosines = [], [], [], [], []
-    with capture_native_output():
-        for index in range(len(tokens) - 1):
-            ref = reference.step(tokens[index])
-            cand = candidate.step(tokens[index])
-            target = tokens[index + 1]
-            lp_ref, lp_cand = _log_softmax(ref.astype(np.float64)), _log_softmax(cand.astype(np.float64))
-            nll_ref.append(-lp_ref[target])
-            nll_cand.append(-lp_cand[target])
-            agree.append(int(np.argmax(ref) == np.argmax(cand)))
-            kls.append(float(np.sum(np.exp(lp_ref) * (lp_ref - lp_cand))))
-            cosines.append(float(np.dot(ref, cand) / (np.linalg.norm(ref) * np.linalg.norm(cand) + 1e-12)))
-    ref_nll, cand_nll = float(np.mean(nll_ref)), float(np.mean(nll_cand))
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, tokens: list[int]) -> dict[str, Any]:
+    """Metrics of ``candidate`` against ``reference`` logits [steps, vocab], where row i predicts tokens[i + 1]."""
+    steps = len(tokens) - 1
+    ref, cand = reference[:steps].astype(np.float64), candidate[:steps].astype(np.float64)
+    lp_ref, lp_cand = _log_softmax(ref), _log_softmax(cand)
+    rows, targets = np.arange(steps), np.asarray(tokens[1:])
+    ref_nll, cand_nll = float(-lp_ref[rows, targets].mean()), float(-lp_cand[rows, targets].mean())
+    cosines = (ref * cand).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-12)
     return {
-        "steps": len(tokens) - 1,
+        "steps": steps,
         "nll_reference": round(ref_nll, 5),
         "nll_graphs": round(cand_nll, 5),
         "nll_delta_pct": round((cand_nll / ref_nll - 1) * 100, 3),
         "perplexity_reference": round(float(np.exp(ref_nll)), 4),
         "perplexity_graphs": round(float(np.exp(cand_nll)), 4),
-        "top1_agreement": round(float(np.mean(agree)), 4),
-        "kl_divergence": round(float(np.mean(kls)), 5),
-        "logits_cosine": round(float(np.mean(cosines)), 6),
+        "top1_agreement": round(float((ref.argmax(-1) == cand.argmax(-1)).mean()), 4),
+        "kl_divergence": round(float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum(-1).mean()), 5),
+        "logits_cosine": round(float(cosines.mean()), 6),
     }
 
 
+def compare(reference: DecodeLoop, candidate: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
+    """Both loops teacher-forced over ``tokens``, each keeping its own state (so state drift shows)."""
+    inputs = tokens[:-1]
+    with capture_native_output():
+        ours = candidate.teacher_forced_logits(inputs, getattr(candidate.runner, "release_graph", None))
+    return compare_logits(reference.teacher_forced_logits(inputs), ours, tokens)
+
+
 def measure_quality(folder: Path, reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
-    candidate = simulator_loop(folder)
+    """The bundle in the simulator against ``reference`` (transformers' weights in torch), graph by graph so the
+    host holds one simulated graph at a time."""
+    candidate = simulator_loop(folder, lazy=True)
     try:
         return {**compare(reference, candidate, tokens), "backend": "rknn-toolkit2 simulator",
                 "method": "teacher-forced on held-out text; both sides keep their own states"}

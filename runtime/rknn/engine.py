@@ -9,6 +9,7 @@ the engine between tokens and, with ``keep_history``, between runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,47 +48,72 @@ class _GraphSet:
 
     def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
         # Our inputs are at most 3-D, so the layout flag changes nothing; setting it silences a warning per call.
-        return self.graphs[index].inference(inputs=inputs, data_format=["nchw"] * len(inputs))
+        return self._graph(index).inference(inputs=inputs, data_format=["nchw"] * len(inputs))
+
+    def _graph(self, index: int) -> Any:
+        return self.graphs[index]
+
+    def release_graph(self, index: int) -> None:
+        if self.graphs[index] is not None:
+            self.graphs[index].release()
+            self.graphs[index] = None
 
     def release(self) -> None:
-        for graph in self.graphs:
-            graph.release()
+        for index in range(len(self.graphs)):
+            self.release_graph(index)
         self.graphs = []
 
 
 class SimulatorGraphs(_GraphSet):
     """rknn-toolkit2's simulator, with each graph rebuilt from the bundle's ONNX (fp16) or hybrid-quantization
-    artifacts (w8a8): a .rknn cannot run in the simulator (recurrentgemma-rknn-feasibility.md)."""
+    artifacts (w8a8): a .rknn cannot run in the simulator (recurrentgemma-rknn-feasibility.md).
+
+    ``lazy``: build each graph on first use (with ``release_graph`` the host then holds one at a time: building
+    takes 20-28 bytes of host RAM per parameter)."""
 
     kind = "simulator"
 
-    def __init__(self, folder: Path, graphs: list[dict[str, Any]]) -> None:
+    def __init__(self, folder: Path, graphs: list[dict[str, Any]], *, lazy: bool = False) -> None:
         try:
-            from rknn.api import RKNN
+            from rknn.api import RKNN  # noqa: F401 - fail here, with the fix, rather than at the first token
         except ImportError as exc:
             raise LibraryNotFoundError(f"the rknn-toolkit2 simulator is not installed ({exc}).",
                                        fix="install it with scripts/install-rknn-toolkit2.sh (x86_64 hosts)") from None
         self.version = _package_version("rknn-toolkit2")
-        self.graphs = []
-        for graph in graphs:
-            rknn = RKNN(verbose=False)
-            sim = graph["simulator"]
-            if sim["build"] == "float":
-                steps = [("config", lambda r: r.config(target_platform="rk3588")),
-                         ("load_onnx", lambda r, s=sim: r.load_onnx(model=str(folder / s["onnx"]))),
-                         ("build", lambda r: r.build(do_quantization=False))]
-            else:
-                # step 2 reads its config from step 1's files; calling config again can clash with them
-                steps = [("hybrid_quantization_step2", lambda r, s=sim: r.hybrid_quantization_step2(
-                             model_input=str(folder / s["model"]), data_input=str(folder / s["data"]),
-                             model_quantization_cfg=str(folder / s["cfg"])))]
-            steps.append(("init_runtime", lambda r: r.init_runtime()))
-            for step, call in steps:
-                ret = call(rknn)
-                if ret != 0:
-                    raise RuntimeInitError(f"rknn-toolkit2 {step} failed for graph {graph['name']} (returned {ret}).",
-                                           fix="rebuild the bundle with the same rknn-toolkit2 version")
-            self.graphs.append(rknn)
+        self.folder = folder
+        self.specs = graphs
+        self.graphs = [None] * len(graphs)
+        if not lazy:
+            for index in range(len(graphs)):
+                self._graph(index)
+
+    def _graph(self, index: int) -> Any:
+        if self.graphs[index] is None:
+            self.graphs[index] = self._build(self.specs[index])
+        return self.graphs[index]
+
+    def _build(self, graph: dict[str, Any]) -> Any:
+        from rknn.api import RKNN
+
+        folder = self.folder
+        rknn = RKNN(verbose=False)
+        sim = graph["simulator"]
+        if sim["build"] == "float":
+            steps = [("config", lambda r: r.config(target_platform="rk3588")),
+                     ("load_onnx", lambda r: r.load_onnx(model=str(folder / sim["onnx"]))),
+                     ("build", lambda r: r.build(do_quantization=False))]
+        else:
+            # step 2 reads its config from step 1's files; calling config again can clash with them
+            steps = [("hybrid_quantization_step2", lambda r: r.hybrid_quantization_step2(
+                model_input=str(folder / sim["model"]), data_input=str(folder / sim["data"]),
+                model_quantization_cfg=str(folder / sim["cfg"])))]
+        steps.append(("init_runtime", lambda r: r.init_runtime()))
+        for step, call in steps:
+            if _returns_nonzero(lambda: call(rknn)):  # noqa: B023 - called at once
+                rknn.release()
+                raise RuntimeInitError(f"rknn-toolkit2 {step} failed for graph {graph['name']}.",
+                                       fix="rebuild the bundle with the same rknn-toolkit2 version")
+        return rknn
 
 
 class LiteGraphs(_GraphSet):
@@ -100,15 +126,28 @@ class LiteGraphs(_GraphSet):
 
         self.version = _package_version("rknn-toolkit-lite2")
         self.graphs = []
-        for graph in graphs:
-            rknn = RKNNLite(verbose=False)
-            if rknn.load_rknn(str(folder / graph["rknn"])) != 0:
-                raise RuntimeInitError(f"RKNNLite could not load {graph['rknn']}.",
-                                       fix="check the librknnrt version on the board (rkedge doctor)")
-            if rknn.init_runtime(core_mask=RKNNLite.NPU_CORE_0_1_2) != 0:
-                raise RuntimeInitError(f"RKNNLite could not initialise {graph['rknn']} on the NPU.",
-                                       fix="run rkedge doctor; check free memory and the rknpu driver")
-            self.graphs.append(rknn)
+        try:
+            for graph in graphs:
+                rknn = RKNNLite(verbose=False)
+                self.graphs.append(rknn)
+                # RKNNLite both returns -1 and raises on failure; both end here with the same message.
+                if _returns_nonzero(lambda: rknn.load_rknn(str(folder / graph["rknn"]))):
+                    raise RuntimeInitError(f"RKNNLite could not load {graph['rknn']}.",
+                                           fix="check the librknnrt version on the board (rkedge doctor)")
+                if _returns_nonzero(lambda: rknn.init_runtime(core_mask=RKNNLite.NPU_CORE_0_1_2)):
+                    raise RuntimeInitError(f"RKNNLite could not initialise {graph['rknn']} on the NPU.",
+                                           fix="run rkedge doctor; check free memory and the rknpu driver")
+        except BaseException:
+            self.release()  # free the NPU memory of the graphs already loaded
+            raise
+
+
+def _returns_nonzero(call: Callable[[], Any]) -> bool:
+    try:
+        return call() != 0
+    except Exception as exc:  # noqa: BLE001 - the toolkit raises bare Exceptions
+        print(f"E rkedge-rknn: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return True
 
 
 def _package_version(name: str) -> str | None:
@@ -240,8 +279,6 @@ class RknnModel:
         try:
             return self._generate(run_id, request)
         except Exception as exc:  # noqa: BLE001 - the runtime reports ERROR, like librkllmrt
-            import sys
-
             print(f"E rkedge-rknn: {type(exc).__name__}: {exc}", file=sys.stderr)
             self._on_event(run_id, RunEvent(CallState.ERROR, None, -1))
             return -1

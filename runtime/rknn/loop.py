@@ -6,7 +6,7 @@ verification and calibration, the rknn-toolkit2 simulator, or RKNNLite on the bo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,22 +77,56 @@ class DecodeLoop:
     def step(self, token: int, *, logits: bool = True) -> np.ndarray | None:
         """One token through every graph; returns the logits [vocab] (or None when ``logits`` is False, e.g. for
         prompt tokens whose predictions nobody reads)."""
-        x = self.embedding[token].astype(np.float32).reshape(1, 1, -1)
-        features = position_features(self.position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
-                                     window=self.window)
-        for index, spec in enumerate(self.chunks):
-            values = {"x": x, **features, **self.states}
-            outputs = self.runner.run(index, [values[name] for name in spec.inputs])
-            x = outputs[0].reshape(1, 1, -1).astype(np.float32)
-            for name, value in zip(spec.outputs[1:], outputs[1:]):
-                state = name[len("new_"):]
-                self.states[state] = value.reshape(spec.shapes[state]).astype(np.float32)
+        x = self._embed(token)
+        features = self._features(self.position)
+        for index in range(len(self.chunks)):
+            x = self._run_chunk(index, x, features)
         self.position += 1
         if not logits:
             return None
-        first = len(self.chunks)
-        parts = [self.runner.run(first + j, [x])[0].reshape(-1) for j in range(len(self.heads))]
+        parts = [self._run_head(j, x) for j in range(len(self.heads))]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32)
+
+    def teacher_forced_logits(self, tokens: Sequence[int],
+                              release: Callable[[int], None] | None = None) -> np.ndarray:
+        """The logits after each of ``tokens`` [len, vocab], from a fresh state, computed graph by graph: every
+        step through the first graph, then every step through the next. With the tokens given this equals
+        stepping token by token (no graph feeds an earlier one), and only one graph need be loaded at a time:
+        ``release(index)`` is called when graph ``index`` is done with."""
+        self.reset()
+        xs = [self._embed(t) for t in tokens]
+        features = [self._features(p) for p in range(len(tokens))]
+        for index in range(len(self.chunks)):
+            xs = [self._run_chunk(index, x, f) for x, f in zip(xs, features)]
+            if release is not None:
+                release(index)
+        parts = []
+        for j in range(len(self.heads)):
+            parts.append(np.stack([self._run_head(j, x) for x in xs]))
+            if release is not None:
+                release(len(self.chunks) + j)
+        self.position = len(tokens)
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def _embed(self, token: int) -> np.ndarray:
+        return self.embedding[token].astype(np.float32).reshape(1, 1, -1)
+
+    def _features(self, position: int) -> dict[str, np.ndarray]:
+        return position_features(position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
+                                 window=self.window)
+
+    def _run_chunk(self, index: int, x: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Chunk graph ``index`` on hidden vector ``x``; its states are updated in place."""
+        spec = self.chunks[index]
+        values = {"x": x, **features, **self.states}
+        outputs = self.runner.run(index, [values[name] for name in spec.inputs])
+        for name, value in zip(spec.outputs[1:], outputs[1:]):
+            state = name[len("new_"):]
+            self.states[state] = value.reshape(spec.shapes[state]).astype(np.float32)
+        return outputs[0].reshape(1, 1, -1).astype(np.float32)
+
+    def _run_head(self, j: int, x: np.ndarray) -> np.ndarray:
+        return self.runner.run(len(self.chunks) + j, [x])[0].reshape(-1)
 
     @classmethod
     def from_bundle(cls, folder: Any, bundle: dict[str, Any], runner: GraphRunner) -> "DecodeLoop":
