@@ -3,7 +3,8 @@
 
 A tiny Gemma 2 checkpoint (random weights, a tiny tokenizer with Gemma 2's real chat template) and a LoRA
 trained a few steps with peft go through the whole host pipeline on the simulated toolkit, and the result is
-served to a chat on the simulated NPU. Each step is the `rkedge` command a user would type.
+served to a chat on the simulated NPU. Then a tiny trained RecurrentGemma goes through the RKNN backend and chats
+in the rknn-toolkit2 simulator. Each step is the `rkedge` command a user would type.
 """
 
 from __future__ import annotations
@@ -49,7 +50,27 @@ def main() -> None:
     step("chat one turn on the simulated NPU (runtime ABI 1.2.3, KV cache reused across turns; the simulated NPU "
          "answers with deterministic placeholder text)", "chat", str(model), "--mock", "--abi", "1.2.3",
          "--prompt", "What is the RK3588?")
-    print(f"\ndemo finished: the .rkllm, its manifest and model card are in {(OUT / 'rkllm').resolve()}")
+    print(f"\n.rkllm, manifest and model card: {(OUT / 'rkllm').resolve()}")
+    rknn_part()
+
+
+def rknn_part() -> None:
+    """RecurrentGemma, which no RKLLM converts, through the RKNN backend (needs rknn-toolkit2: x86_64, Python <= 3.12)."""
+    try:
+        import rknn.api  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means no simulator here
+        print(f"\n(RKNN backend part skipped: rknn-toolkit2 is not importable here: {exc})")
+        return
+    tiny = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny-recurrentgemma"
+    step("RecurrentGemma: RKLLM cannot convert it, and says which backend can (exit 2)",
+         "convert", str(tiny), "--out", str(OUT / "refused"), "--toolkit", "mock", "--dry-run", expect=2)
+    step("RecurrentGemma through the RKNN backend: verified decode-step graphs, rknn-toolkit2, quality report "
+         "(a tiny model trained on Python source)", "convert", str(tiny), "--backend", "rknn", "--dtype", "fp16",
+         "--out", str(OUT / "rknn"), "--eval-steps", "64")
+    bundle = OUT / "rknn" / "tiny-recurrentgemma_fp16_rk3588_rknn"
+    step("chat one turn with it in the rknn-toolkit2 simulator (no chat template: it continues the code)", "chat", str(bundle), "--mock",
+         "--max-new-tokens", "48", "--prompt", "class Parser:\n    def __init__(self")
+    print(f"\nRKNN bundle: {bundle.resolve()}")
 
 
 if __name__ == "__main__":
