@@ -155,7 +155,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     from transformers import AutoModelForCausalLM
 
     from rkedge.convert.rknn.decode_step import embedding_table, layer_param_counts
-    from rkedge.convert.rknn.torch_graphs import (build_torch_graphs, graph_names, graph_spec, torch_loop,
+    from rkedge.convert.rknn.torch_graphs import (build_torch_graphs, graph_names, graph_spec, loop_over,
                                                   verify_against_transformers)
 
     report("load", f"{source} (float32, transformers)")
@@ -165,7 +165,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     budget = request.graph_params or _graph_param_budget(request.dtype)
     dims, chunks, heads = build_torch_graphs(model, max_chunk_params=budget)
     counts = layer_param_counts(model)
-    loop = torch_loop(model, max_chunk_params=budget)
+    loop = loop_over(model, dims, chunks, heads)
 
     report("verify", "decode step vs transformers' forward pass")
     eval_steps = request.eval_steps or auto_eval_steps(sum(counts) + dims.vocab * dims.hidden,
@@ -207,14 +207,13 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
             shutil.copyfile(file, staging / file.name)
         specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
         manifest = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
-        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         shutil.rmtree(staging / "calibration", ignore_errors=True)
 
         report("quality", f"simulator vs transformers, {eval_steps} teacher-forced steps"
                + ("" if request.eval_steps else " (--eval-steps to change)"))
         from rkedge.convert.rknn.quality import measure_quality
 
-        quality = measure_quality(staging, loop, eval_tokens[: eval_steps + 1])
+        quality = measure_quality(staging, manifest, loop, eval_tokens[: eval_steps + 1])
         manifest["quality"] = quality
         manifest["wall_time_s"] = round(time.monotonic() - started, 1)
         (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -358,7 +357,6 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
               built: list[dict[str, Any]], tokenizer_spec: dict[str, Any], verification: dict[str, Any],
               name: str) -> dict[str, Any]:
     from rkedge.convert.chat_family import detect_family
-    from rkedge.convert.rknn.decode_step import GriffinDims  # noqa: F401 - documents the dims' origin
 
     family = request.template or tokenizer_spec.get("chat_family")
     if family is None and info.chat_template:

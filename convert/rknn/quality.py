@@ -19,11 +19,12 @@ from rkedge.runtime.rknn.bundle import BUNDLE_FILE
 from rkedge.runtime.rknn.loop import DecodeLoop
 
 
-def simulator_loop(folder: Path, *, lazy: bool = False) -> DecodeLoop:
-    """The bundle's decode loop in the rknn-toolkit2 simulator (``lazy``: graphs built on first use)."""
+def simulator_loop(folder: Path, bundle: dict[str, Any] | None = None, *, lazy: bool = False) -> DecodeLoop:
+    """The bundle's decode loop in the rknn-toolkit2 simulator (``bundle``: its manifest, read from the folder when
+    not given; ``lazy``: graphs built on first use)."""
     from rkedge.runtime.rknn.engine import SimulatorGraphs
 
-    bundle = json.loads((folder / BUNDLE_FILE).read_text())
+    bundle = bundle or json.loads((folder / BUNDLE_FILE).read_text())
     with capture_native_output():
         runner = SimulatorGraphs(folder, [*bundle["graphs"], *bundle["heads"]], lazy=lazy)
     return DecodeLoop.from_bundle(folder, bundle, runner)
@@ -63,10 +64,10 @@ def compare(reference: DecodeLoop, candidate: DecodeLoop, tokens: list[int]) -> 
     return compare_logits(reference.teacher_forced_logits(inputs), ours, tokens)
 
 
-def measure_quality(folder: Path, reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
+def measure_quality(folder: Path, bundle: dict[str, Any], reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
     """The bundle in the simulator against ``reference`` (transformers' weights in torch), graph by graph so the
     host holds one simulated graph at a time."""
-    candidate = simulator_loop(folder, lazy=True)
+    candidate = simulator_loop(folder, bundle, lazy=True)
     try:
         return {**compare(reference, candidate, tokens), "backend": "rknn-toolkit2 simulator",
                 "method": "teacher-forced on held-out text; both sides keep their own states"}

@@ -48,7 +48,11 @@ def graph_names(chunks: list[ChunkStep], heads: list[HeadStep]) -> list[str]:
 
 
 def torch_loop(model: Any, *, max_chunk_params: int | None = None) -> DecodeLoop:
-    dims, chunks, heads = build_torch_graphs(model, max_chunk_params=max_chunk_params)
+    return loop_over(model, *build_torch_graphs(model, max_chunk_params=max_chunk_params))
+
+
+def loop_over(model: Any, dims: GriffinDims, chunks: list[ChunkStep], heads: list[HeadStep]) -> DecodeLoop:
+    """The decode loop over graphs already built (torch, float32)."""
     specs = [graph_spec(m, n) for m, n in zip([*chunks, *heads], graph_names(chunks, heads))]
     return DecodeLoop(specs[:len(chunks)], specs[len(chunks):], TorchGraphs([*chunks, *heads]),
                       embedding_table(model, dims).numpy(), rotary_dim=dims.rotary_dim, rope_theta=dims.rope_theta,

@@ -172,6 +172,9 @@ class ByteTokenizer:
     def piece(self, token: int) -> bytes:
         return bytes([token - self.offset]) if self.offset <= token < self.offset + 256 else b""
 
+    def start(self) -> None:
+        """Nothing to reset: a byte needs no context."""
+
 
 class HfTokenizer:
     """A Hugging Face tokenizer.json through the ``tokenizers`` package (no transformers on the board)."""
@@ -242,7 +245,6 @@ class RknnModel:
                             **self.sampling}
         self._running = False
         self._abort = False
-        self._paused = False
         self.init_rc = 0
 
     @property
@@ -295,7 +297,6 @@ class RknnModel:
             tokens = [int(self.tokenizer.bos), *tokens]
         if not tokens:
             raise InputError("empty prompt")
-        self._paused = False
         logits = None
         for index, token in enumerate(tokens):
             if self._abort:
@@ -315,8 +316,7 @@ class RknnModel:
                 sampling.update({k: getattr(request.sampling, k) for k in self.sampling
                                  if getattr(request.sampling, k) is not None})
             history = list(tokens[-PENALTY_WINDOW:])
-            if hasattr(self.tokenizer, "start"):
-                self.tokenizer.start()
+            self.tokenizer.start()
             while not self._abort:
                 token = _sample(logits, self._rng, history, **sampling)
                 if token in self.eos and not self.ignore_eos:
@@ -334,7 +334,6 @@ class RknnModel:
             perf = PerfStats((prefill_done - started) * 1000, len(tokens), (finished - prefill_done) * 1000, generated,
                              process_rss_mb() or 0.0)
             self._on_event(run_id, RunEvent(CallState.FINISH, None, -1, perf))
-        self._paused = paused
         if not paused and not request.keep_history:
             self.loop.reset()
         return 0
