@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rkedge.runtime.templates import TEMPLATES, ChatTemplate
+from rkedge.runtime.templates import TEMPLATES
 
 PROBES = (
     [{"role": "user", "content": "Hello there"}],
@@ -42,24 +42,21 @@ def detect_family(template: str | None, *, bos_token: str = "", eos_token: str =
     skipped; at least one must render)."""
     if not template:
         return None
-    for name, family in TEMPLATES.items():
-        if _matches(family, template, bos_token, eos_token):
-            return name
-    return None
-
-
-def _matches(family: ChatTemplate, template: str, bos: str, eos: str) -> bool:
-    compared = 0
-    fixed_date = family.with_date("01 Jan 2026")
+    # The template's own renderings do not depend on the family: render them once.
+    expected: list[tuple[Any, bool, str]] = []
     for probe in PROBES:
         for generate in (True, False):
             try:
-                expected = render_jinja(template, probe, bos_token=bos, eos_token=eos, add_generation_prompt=generate,
-                                        date_string="01 Jan 2026")
+                expected.append((probe, generate, render_jinja(template, probe, bos_token=bos_token,
+                                                               eos_token=eos_token, add_generation_prompt=generate,
+                                                               date_string="01 Jan 2026")))
             except Exception:  # noqa: BLE001 - a template may refuse a probe (e.g. system role)
                 continue
-            actual = fixed_date.render(probe, generate, include_bos=bool(bos))
-            if actual != expected:
-                return False
-            compared += 1
-    return compared > 0
+    if not expected:
+        return None
+    for name, family in TEMPLATES.items():
+        fixed_date = family.with_date("01 Jan 2026")
+        if all(fixed_date.render(probe, generate, include_bos=bool(bos_token)) == text
+               for probe, generate, text in expected):
+            return name
+    return None

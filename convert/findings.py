@@ -38,10 +38,11 @@ def errors(findings: Iterable[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == "error"]
 
 
-def raise_on_errors(findings: Iterable[Finding], what: str = "the request") -> None:
+def raise_on_errors(findings: Iterable[Finding], what: str = "the request", *,
+                    fix: str = "fix the findings above, or see --dry-run --json for every check") -> None:
     """Raises :class:`CheckFailed` listing every error finding (all of them, not just the first)."""
     found = errors(findings)
     if found:
         details = "\n".join(f.render() for f in found)
         raise CheckFailed(f"{what} would fail ({len(found)} error finding{'s' if len(found) > 1 else ''}):\n{details}",
-                          fix="fix the findings above, or see --dry-run --json for every check")
+                          fix=fix)

@@ -109,13 +109,14 @@ def tie_word_embeddings(config: dict[str, Any]) -> bool:
     return True
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, *, fix: str | None = "re-download the file") -> dict[str, Any]:
+    """A JSON object from ``path``; anything else is an :class:`InputError` carrying ``fix``."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not readable JSON ({exc}).", fix="re-download the file") from exc
+        raise InputError(f"{path} is not readable JSON ({exc}).", fix=fix) from exc
     if not isinstance(data, dict):
-        raise InputError(f"{path} is not a JSON object.")
+        raise InputError(f"{path} is not a JSON object.", fix=fix)
     return data
 
 
@@ -273,10 +274,16 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         return inspect_checkpoint(path).summary()
     if path.suffix == ".gguf":
         return inspect_gguf(path)
-    if path.suffix == ".rkllm" or path.read_bytes()[:8] == b"RKEDGE-S":
+    if path.suffix == ".rkllm" or _magic(path) == b"RKEDGE-S":
         return inspect_rkllm(path)
     raise InputError(f"don't know how to inspect {path}.",
                      fix="pass a checkpoint folder, a config.json, an adapter folder, a .gguf or a .rkllm file")
+
+
+def _magic(path: Path) -> bytes:
+    """The first 8 bytes (a file handed to inspect may be a multi-GB safetensors)."""
+    with path.open("rb") as file:
+        return file.read(8)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_gguf
 from rkedge.convert.modelcard import render_card, source_card_license
 from rkedge.convert.planner import ConversionRequest, Plan, host_description, plan
+from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, GGUF_TYPES
 from rkedge.errors import CheckFailed, InputError, RkedgeError, ToolkitError
 from rkedge.manifest import SCHEMA, SCHEMA_VERSION, manifest_path
 
@@ -95,7 +96,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     gguf = request.model.suffix == ".gguf"
     if gguf:
         return _convert_gguf(request, dry_run=dry_run, reporter=reporter)
-    info = inspect_checkpoint(request.model)
+    info = source_info = inspect_checkpoint(request.model)
     try:
         env = resolve_toolkit(request.toolkit, request.toolkit_version)
     except RkedgeError:
@@ -153,7 +154,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
 
         result.steps.append(_cached_step("merge", merged, merged_key, run_merge))
         source_dir = merged
-        info = inspect_checkpoint(merged)
+        info = inspect_checkpoint(merged)  # what the toolkit loads; source_info stays the user's checkpoint
 
     # -- export ---------------------------------------------------------------------------------------
     meta = _export_meta(info, family, template_parts, the_plan, request)
@@ -209,10 +210,9 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
         # -- manifest, card, then the model (the .rkllm appears last) ---------------------------------
         final_model = out / the_plan.output_name
         final_lora = out / lora_tmp.name if lora_tmp.is_file() else None
-        manifest = _manifest(request, the_plan, env, info, adapter, calibration_file, calibration_data, family,
-                             template_parts, model_tmp, lora_tmp if final_lora else None, run, load_kwargs,
-                             build_kwargs, export_kwargs, simulated, started)
-        manifest["toolkit_calls"]["export_rkllm"] = {"export_path": str(final_model)}
+        manifest = _manifest(request, the_plan, env, info, source_info, adapter, calibration_file, calibration_data,
+                             family, template_parts, model_tmp, lora_tmp if final_lora else None, run, load_kwargs,
+                             build_kwargs, {"export_path": str(final_model)}, simulated, started)
         card = render_card(manifest, license_id=source_card_license(request.model))
         if final_lora is not None:
             os.replace(lora_tmp, final_lora)
@@ -379,14 +379,14 @@ def _weights_digest(info: CheckpointInfo, cache: Path) -> dict[str, str]:
     return hashes
 
 
-def _manifest(request: ConversionRequest, the_plan: Plan, env: Any, info: CheckpointInfo, adapter: Any,
-              calibration_file: Path, calibration_data: list[dict[str, str]], family: str | None,
+def _manifest(request: ConversionRequest, the_plan: Plan, env: Any, info: CheckpointInfo, source_info: CheckpointInfo,
+              adapter: Any, calibration_file: Path, calibration_data: list[dict[str, str]], family: str | None,
               parts: tuple[str, str, str] | None, model_tmp: Path, lora_tmp: Path | None, run: Any,
               load_kwargs: dict[str, Any], build_kwargs: dict[str, Any], export_kwargs: dict[str, Any],
               simulated: bool, started: float) -> dict[str, Any]:
-    source_info = inspect_checkpoint(request.model)
+    """``export_kwargs``: as passed to ``export_rkllm``, with the final path (the toolkit wrote a temporary name)."""
     weight_hashes = _weights_digest(source_info, request.out / WORK / "hashes.json")
-    max_context = build_kwargs.get("max_context", 4096)
+    max_context = build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
     size = the_plan.size
     recommended: dict[str, Any] = {
         "max_context_len": max_context,
@@ -452,7 +452,7 @@ def _convert_gguf(request: ConversionRequest, *, dry_run: bool, reporter: Report
     info = inspect_gguf(request.model)
     file_type = info.get("file_type")
     findings: list[Finding] = []
-    if file_type not in ("MOSTLY_F16", "MOSTLY_Q4_0"):
+    if file_type not in GGUF_TYPES:
         findings.append(Finding("gguf.type", "error",
                                 f"GGUF type {file_type} is not readable by rkllm-toolkit (only q4_0 and fp16; e.g. "
                                 f"'Not support GGMLQuantizationType: {file_type}!').",

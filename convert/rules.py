@@ -17,7 +17,6 @@ TOOLKIT_VERSIONS: tuple[str, ...] = (
     "1.0.0", "1.0.1", "1.0.2", "1.1.0", "1.1.1", "1.1.2", "1.1.3", "1.1.4",
     "1.2.0", "1.2.1", "1.2.2", "1.2.3", "1.3.0",
 )
-LATEST = TOOLKIT_VERSIONS[-1]
 
 W4A16_FAMILY = ("w4a16", "w4a16_g32", "w4a16_g64", "w4a16_g128")
 RK3588_11 = ("w8a8", "w8a8_g128", "w8a8_g256", "w8a8_g512")
@@ -104,7 +103,9 @@ MAX_CONTEXT_LIMIT = 16384
 MAX_CONTEXT_MULTIPLE = 32
 DEFAULT_MAX_CONTEXT = 4096
 OPTIMIZATION_LEVELS = (0, 1)
-GGUF_TYPES = {"q4_0": "w4a16_g32", "fp16": None}  # since 1.1.0; q4_0 can never target rk3588
+#: GGUF file types rkllm-toolkit reads (since 1.1.0), by the name GGUF gives them -> the dtype they imply
+#: (q4_0 is w4a16_g32, which can never target rk3588; fp16 keeps the requested dtype). Manual section 3.2.
+GGUF_TYPES: dict[str, str | None] = {"MOSTLY_F16": None, "MOSTLY_Q4_0": "w4a16_g32"}
 GPTQ = {  # manual section 3.1.5
     4: {"since": "1.1.4", "group_sizes": (32, 64, 128)},
     8: {"since": "1.2.0", "group_sizes": (128, 256, 512)},

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rkedge._fs import sha256_file
-from rkedge.convert.findings import Finding, errors
+from rkedge.convert.findings import Finding
+from rkedge.convert.inspect import read_json
 from rkedge.convert.safetensors_index import TensorInfo, checkpoint_files, read_header
-from rkedge.errors import CheckFailed, InputError
+from rkedge.errors import InputError
+from rkedge.lora._tensors import FLOAT_CODES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,7 +42,6 @@ SOURCE_F10 = f"{_FAILURES} F-10 (LoRA conversion)"
 SOURCE_F9 = f"{_FAILURES} F-9 (pre-quantized or LoRA-merged checkpoints)"
 SOURCE_PEFT = "peft 0.21 source: tuners/lora/model.py, tuners/lora/layer.py, utils/save_and_load.py"
 
-_FLOAT = frozenset({"F64", "F32", "F16", "BF16"})
 #: LoraConfig fields that switch on a LoRA variant whose merge is not ``W + scaling * B @ A``.
 _VARIANT_FIELDS = ("velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
                    "kasa_config", "use_qalora", "target_parameters", "trainable_token_indices", "layer_replication")
@@ -119,7 +120,6 @@ class AdapterInfo:
     unrecognised: tuple[str, ...]  # "key: why" for tensors this tool cannot merge
     total_bytes: int
     weights_sha256: str
-    key_prefix: str
     config: dict[str, Any] = field(repr=False)
 
     @property
@@ -236,7 +236,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     if not config_path.is_file():
         raise InputError(f"{folder} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}.",
                          fix="pass the folder written by peft's save_pretrained (adapter_config.json + weights)")
-    config = _read_json_object(config_path, fix="re-save the adapter with peft")
+    config = read_json(config_path, fix="re-save the adapter with peft")
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -264,7 +264,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         init_lora_weights=config.get("init_lora_weights", True),
         modules=modules, saved=saved, unrecognised=unrecognised, total_bytes=weights.stat().st_size,
-        weights_sha256=sha256_file(weights), key_prefix=prefix, config=config,
+        weights_sha256=sha256_file(weights), config=config,
     )
 
 
@@ -339,7 +339,7 @@ def read_base_checkpoint(path: str | Path) -> BaseCheckpoint:
     if not config_path.is_file():
         raise InputError(f"base {folder} has no config.json.",
                          fix="pass the Hugging Face checkpoint folder of the base model (config.json + *.safetensors)")
-    config = _read_json_object(config_path, fix="pass the Hugging Face checkpoint folder of the base model")
+    config = read_json(config_path, fix="pass the Hugging Face checkpoint folder of the base model")
     files = checkpoint_files(folder)
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -419,7 +419,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseCheckpoint) -> list[Finding]:
         listed = [u for u in adapter.unrecognised if "DoRA" not in u]
         if listed:
             add(Finding("lora.unsupported-tensor", "error",
-                        f"{len(listed)} adapter tensor(s) cannot be merged: {_some(listed)}.",
+                        f"{len(listed)} adapter tensor(s) cannot be merged: {short_list(listed)}.",
                         "merge with peft (merge_and_unload) and convert the merged checkpoint", SOURCE_PEFT))
 
     quant = base.config.get("quantization_config")
@@ -443,17 +443,11 @@ def check_adapter(adapter: AdapterInfo, base: BaseCheckpoint) -> list[Finding]:
     return findings
 
 
-def refuse_on_errors(findings: Iterable[Finding], what: str = "the LoRA merge") -> None:
-    """Raises :class:`CheckFailed` (exit code 2) listing every error finding, as ``raise_on_errors`` does,
-    with a fix that names the command that shows every check."""
-    found = errors(findings)
-    if found:
-        details = "\n".join(f.render() for f in found)
-        raise CheckFailed(f"{what} would fail ({len(found)} error finding{'s' if len(found) > 1 else ''}):\n{details}",
-                          fix="fix the findings above; `rkedge lora inspect ADAPTER --base BASE` shows every check")
+#: What to do when a LoRA merge is refused (shown with every error finding).
+MERGE_FIX = "fix the findings above; `rkedge lora inspect ADAPTER --base BASE` shows every check"
 
 
-def _some(items: list[str], limit: int = 5) -> str:
+def short_list(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
@@ -492,12 +486,12 @@ def _check_modules(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> int:
                 problems.append(f"{m.name}: LoRA bias of {m.out_features} values, base bias {list(bias_shape)}")
     if missing:
         add(Finding("lora.target-missing", "error",
-                    f"{len(missing)} LoRA'd module(s) do not exist in the base checkpoint: {_some(missing)}.",
+                    f"{len(missing)} LoRA'd module(s) do not exist in the base checkpoint: {short_list(missing)}.",
                     "pass --base the checkpoint the adapter was trained on (same architecture and tensor names)",
                     SOURCE_F10))
     if problems:
         add(Finding("lora.shape", "error",
-                    f"{len(problems)} LoRA'd module(s) do not fit the base: {_some(problems, 3)}.",
+                    f"{len(problems)} LoRA'd module(s) do not fit the base: {short_list(problems, 3)}.",
                     "pass --base the checkpoint the adapter was trained on (same size and variant)", SOURCE_F10))
     return len(missing) + len(problems)
 
@@ -515,12 +509,12 @@ def _check_saved(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> int:
     if missing:
         add(Finding("lora.target-missing", "error",
                     f"{len(missing)} tensor(s) saved in the adapter (modules_to_save, biases or embeddings) do not "
-                    f"exist in the base: {_some(missing)}.",
+                    f"exist in the base: {short_list(missing)}.",
                     "pass --base the checkpoint the adapter was trained on", SOURCE_F10))
     if problems:
         add(Finding("lora.shape", "error",
                     f"{len(problems)} tensor(s) saved in the adapter do not match the base shape: "
-                    f"{_some(problems, 3)}.",
+                    f"{short_list(problems, 3)}.",
                     "pass --base the checkpoint the adapter was trained on; rkedge does not resize vocabularies",
                     SOURCE_F10))
     return len(missing) + len(problems)
@@ -549,7 +543,7 @@ def _check_targets(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> None
         unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in modules)]
     if unmatched:
         add(Finding("lora.target-modules", "warning",
-                    f"target_modules entries match no module of the base: {_some(unmatched)}.",
+                    f"target_modules entries match no module of the base: {short_list(unmatched)}.",
                     "check that the base is the model the adapter was trained on", SOURCE_F10))
 
 
@@ -576,17 +570,17 @@ def _check_tied(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> None:
 
 def _check_dtypes(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> None:
     adapter_dtypes = sorted({d for m in adapter.modules for d in m.dtype.split("/")} | {s.dtype for s in adapter.saved})
-    bad_adapter = [d for d in adapter_dtypes if d not in _FLOAT]
+    bad_adapter = [d for d in adapter_dtypes if d not in FLOAT_CODES]
     if bad_adapter:
         add(Finding("lora.dtype", "error", f"the adapter holds non-floating tensors ({', '.join(bad_adapter)}).",
                     "save the adapter in float32/float16/bfloat16", SOURCE_PEFT))
     targets = [m.weight_name for m in adapter.modules] + [s.target for s in adapter.saved]
-    bad_base = sorted({f"{n} ({base.dtype(n)})" for n in targets if base.dtype(n) not in (None, *_FLOAT)})
+    bad_base = sorted({f"{n} ({base.dtype(n)})" for n in targets if base.dtype(n) not in (None, *FLOAT_CODES)})
     if bad_base:
         add(Finding("lora.dtype", "error",
-                    f"{len(bad_base)} targeted base tensor(s) are not floating point: {_some(bad_base)}.",
+                    f"{len(bad_base)} targeted base tensor(s) are not floating point: {short_list(bad_base)}.",
                     "merge into an fp16/bf16 copy of the base", SOURCE_F9))
-    base_dtypes = sorted({base.dtype(n) or "?" for n in targets if base.dtype(n) in _FLOAT})
+    base_dtypes = sorted({base.dtype(n) or "?" for n in targets if base.dtype(n) in FLOAT_CODES})
     if adapter_dtypes and base_dtypes and not bad_adapter and not bad_base:
         add(Finding("lora.dtype", "info",
                     f"adapter {'/'.join(adapter_dtypes)} on a {'/'.join(base_dtypes)} base: every delta is computed in "
@@ -652,13 +646,3 @@ def _check_base_name(adapter: AdapterInfo, base: BaseCheckpoint, shape_errors: i
                     f"make sure the base is {wanted}"
                     + (f" at revision {adapter.revision}" if adapter.revision else ""),
                     SOURCE_F10))
-
-
-def _read_json_object(path: Path, *, fix: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not readable JSON ({exc}).", fix=fix) from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path} does not hold a JSON object.", fix=fix)
-    return data

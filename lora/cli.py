@@ -55,12 +55,13 @@ def inspect_command(ctx: click.Context, adapter: Path, base: Path | None, as_jso
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report (and smoke result) as JSON on stdout.")
 def merge_command(base: Path, adapter: Path, out: Path, dtype: str | None, no_smoke: bool, as_json: bool) -> None:
     """Merge ADAPTER into BASE, streaming shard by shard, and write a new checkpoint to OUT."""
-    from rkedge.lora.adapter import inspect_adapter, refuse_on_errors, validate_adapter
+    from rkedge.convert.findings import raise_on_errors
+    from rkedge.lora.adapter import MERGE_FIX, inspect_adapter, validate_adapter
     from rkedge.lora.merge import merge_lora, smoke_forward
 
     findings = validate_adapter(inspect_adapter(adapter), base)
     _echo_findings(findings)  # warnings now; errors come once, in the CheckFailed message
-    refuse_on_errors(findings, "the LoRA merge")
+    raise_on_errors(findings, "the LoRA merge", fix=MERGE_FIX)
 
     bar: Any = None
     shown = 0

@@ -38,18 +38,19 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rkedge import __version__
 from rkedge._fs import atomic_path, atomic_write_text
+from rkedge.convert.findings import raise_on_errors
 from rkedge.convert.safetensors_index import TensorInfo, read_header
 from rkedge.errors import InputError, RkedgeError
 from rkedge.lora._tensors import DTYPE_CODES, EPSILON, FLOAT_CODES, TensorReader, nbytes, safetensors_header, \
     torch_dtype, write_tensor
 from rkedge.lora.adapter import AdapterInfo, BaseCheckpoint, LoraModule, SavedTensor, check_adapter, \
-    inspect_adapter, read_base_checkpoint, refuse_on_errors
+    MERGE_FIX, short_list, inspect_adapter, read_base_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,6 @@ _NOT_COPIED_NAMES = frozenset({"config.json", INDEX_NAME, "pytorch_model.bin.ind
 TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                              "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                              "chat_template.json"})
-_DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,6 @@ class MergeReport:
     peak_rss_bytes: int  # ru_maxrss of this process when the merge finished (includes anything before it)
     seconds: float
     rkedge_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +103,6 @@ class MergeReport:
             "copied_files": self.copied_files, "findings": list(self.findings),
             "tensors_written": self.tensors_written, "bytes_written": self.bytes_written,
             "peak_rss_bytes": self.peak_rss_bytes, "seconds": self.seconds, "rkedge_version": self.rkedge_version,
-            **self.extra,
         }
 
 
@@ -181,7 +179,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     adapter = inspect_adapter(adapter_dir)
     base = read_base_checkpoint(base_dir)
     findings = check_adapter(adapter, base)
-    refuse_on_errors(findings, "the LoRA merge")
+    raise_on_errors(findings, "the LoRA merge", fix=MERGE_FIX)
     _check_out_dir(out_dir, base_dir, adapter_dir)
     try:
         import torch
@@ -492,7 +490,7 @@ def smoke_forward(model_dir: str | Path, *, tokens: int = 8) -> dict[str, Any]:
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        raise RkedgeError(f"{model_dir} loads with missing or mismatched weights ({_names(missing + mismatched)}); "
+        raise RkedgeError(f"{model_dir} loads with missing or mismatched weights ({short_list([str(n) for n in missing + mismatched])}); "
                           "transformers would initialise them randomly.", fix="report this as an rkedge bug")
     model.eval()
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -507,8 +505,3 @@ def smoke_forward(model_dir: str | Path, *, tokens: int = 8) -> dict[str, Any]:
     return {"ok": True, "loss": loss, "logits_finite": True, "tokens": tokens,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "seconds": round(time.monotonic() - started, 3)}
-
-
-def _names(names: list[Any]) -> str:
-    text = ", ".join(str(n) for n in names[:5])
-    return text + (f" and {len(names) - 5} more" if len(names) > 5 else "")

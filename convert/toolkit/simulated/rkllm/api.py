@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rkedge.convert.rules import GGUF_TYPES
 from rkedge.convert.toolkit.known_errors import simulated_text
 
 DEFAULT_VERSION = "1.3.0"
@@ -47,7 +48,7 @@ GGUF_FILE_TYPES = {0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q
                    8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S", 12: "MOSTLY_Q3_K_M",
                    13: "MOSTLY_Q3_K_L", 14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S",
                    17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16"}
-GGUF_READABLE = {"MOSTLY_F16": None, "MOSTLY_Q4_0": "w4a16_g32"}  # rules.GGUF_TYPES: fp16 and q4_0 only
+GGUF_READABLE = GGUF_TYPES  # fp16 and q4_0 only
 
 
 def simulated_version() -> str:
