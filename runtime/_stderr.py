@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 
 @dataclass
@@ -20,21 +21,36 @@ class CapturedText:
     text: str = ""
 
 
+def _flush(stream: TextIO) -> None:
+    try:
+        stream.flush()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        pass
+
+
+@contextlib.contextmanager
+def _redirected(fd: int, target: int, stream: TextIO) -> Iterator[None]:
+    """File descriptor ``fd`` points at ``target`` for the duration; ``stream`` (Python's buffer over ``fd``) is
+    flushed on the way in and out, so its text lands on the side it was written on."""
+    _flush(stream)
+    saved = os.dup(fd)
+    os.dup2(target, fd)
+    try:
+        yield
+    finally:
+        _flush(stream)
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 @contextlib.contextmanager
 def capture_native_stderr() -> Iterator[CapturedText]:
     captured = CapturedText()
-    try:
-        sys.stderr.flush()
-    except (AttributeError, ValueError):
-        pass
-    saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
         try:
-            yield captured
+            with _redirected(2, sink.fileno(), sys.stderr):
+                yield captured
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
             sink.seek(0)
             captured.text = sink.read().decode("utf-8", "replace")
 
@@ -49,21 +65,8 @@ def echo_to_stderr(text: str) -> None:
 def native_stdout_to_stderr() -> Iterator[None]:
     """Sends what native code prints to fd 1 to fd 2 for the duration (rknn-toolkit2 logs to stdout, which must
     stay clean for the chat's output and for --json)."""
-    try:
-        sys.stdout.flush()
-    except (AttributeError, ValueError):
-        pass
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
+    with _redirected(1, 2, sys.stdout):
         yield
-    finally:
-        try:
-            sys.stdout.flush()
-        except (AttributeError, ValueError):
-            pass
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 @contextlib.contextmanager

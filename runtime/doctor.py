@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rkedge.boards import SYSFS, match_board, soc_from_compatible
+from rkedge.convert.rules import version_key
 from rkedge.errors import RkedgeError
 from rkedge.runtime import failures
 
@@ -70,10 +71,6 @@ class DoctorReport:
         return "\n".join(lines)
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-
-
 class Root:
     """Reads files below a root folder; tells missing from unreadable."""
 
@@ -88,9 +85,7 @@ class Root:
             return self.path(absolute).read_bytes().decode("utf-8", "replace")
         except PermissionError:
             return DENIED
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-        except OSError:
+        except OSError:  # missing, or not a file
             return None
 
 
@@ -113,7 +108,7 @@ def run_doctor(root: Path = Path("/"), *, model: Path | None = None, library: st
         else:
             _check_model(report, model, soc=soc, memory=memory, driver=driver, runtime=runtime)
         if trial_init:
-            _trial_init(report, model, runtime, library, abi)
+            _trial_init(report, model, runtime, library, abi, rknn_bundle=rknn_bundle)
     elif trial_init:
         report.add("trial-init", "skip", "trial init", "needs --model FILE")
     return report
@@ -248,7 +243,7 @@ def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str
         report.facts["library"] = info
         return info
     simulated = is_simulated_library(path)
-    info.update(path=str(path), abi=abi or detection.abi, version=detection.runtime_version, simulated=simulated,
+    info.update(path=str(path), abi=detection.abi, version=detection.runtime_version, simulated=simulated,
                 machine=machine)
     if abi:
         from rkedge.runtime.abi import normalize
@@ -340,7 +335,7 @@ def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: 
             report.add("model.skew", "fail", "model/runtime", f"model from toolkit {toolkit} is newer than runtime "
                        f"{version} ('invalid magic characters')", f"install librkllmrt {toolkit} or reconvert with "
                        f"toolkit {version}", "F-3: rknn-llm#235")
-        elif toolkit.split(".")[:2] != version.split(".")[:2] or toolkit != version:
+        elif toolkit != version:
             report.add("model.skew", "warn", "model/runtime", f"model from toolkit {toolkit}, runtime {version}: "
                        "loads, but behaviour can drift across versions (e.g. a different EOS token, rknn-llm#534; "
                        "1.1.x models are capped at 4096 context)",
@@ -434,8 +429,7 @@ def _check_bundle(report: DoctorReport, model: Path, *, soc: str | None, memory:
                              "graph_bytes": graph_bytes, "quality": bundle.get("quality")}
     report.add("model", "ok", "model", f"RKNN bundle: {len(graphs)} graphs, {graph_bytes / GIB:.2f} GiB, "
                f"{bundle.get('dtype')}, rknn-toolkit2 {bundle.get('versions', {}).get('rknn_toolkit2')}")
-    board_soc = report.facts.get("soc")  # any SoC, not only RKLLM's: rknn-toolkit2 has more platforms
-    board_platform = soc or (RKLLM_SOCS.get(board_soc, board_soc) if board_soc else None)
+    board_platform = soc or report.facts.get("soc")  # any SoC, not only RKLLM's: rknn-toolkit2 has more
     if platform and board_platform and platform != board_platform:
         report.add("model.platform", "fail", "model platform", f"built for {platform}, this board is "
                    f"{board_platform}", "RecurrentGemma's RKNN backend targets rk3588: run it on an RK3588 board",
@@ -454,14 +448,12 @@ def _check_bundle(report: DoctorReport, model: Path, *, soc: str | None, memory:
 
 
 def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], library: str | None,
-                abi: str | None) -> None:
+                abi: str | None, *, rknn_bundle: bool) -> None:
     """Initialises the model with a tiny context in a child process and reads its stderr."""
     if runtime.get("path") is None:
         report.add("trial-init", "skip", "trial init", "no runtime library")
         return
-    from rkedge.runtime.rknn.bundle import is_rknn_bundle
-
-    lib = "mock" if library == "mock" else None if is_rknn_bundle(model) else str(runtime["path"])
+    lib = "mock" if library == "mock" else None if rknn_bundle else str(runtime["path"])
     argv = [sys.executable, "-m", "rkedge.runtime.trial_init", str(model)] + (["--lib", lib] if lib else [])
     if runtime.get("abi"):
         argv += ["--abi", str(runtime["abi"])]

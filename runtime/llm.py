@@ -432,6 +432,13 @@ class LLM:
         return self._closed
 
     @property
+    def encode(self) -> Callable[[str], list[int]] | None:
+        """The model's tokenizer where the backend runs one on the host (RKNN bundles); None for librkllmrt, whose
+        tokenizer is inside the runtime."""
+        tokenizer = getattr(self._native, "tokenizer", None)
+        return tokenizer.encode if tokenizer is not None else None
+
+    @property
     def max_context_len(self) -> int:
         return int(self._native.init_values.get("max_context_len") or self.params.max_context_len or 4096)
 

@@ -21,14 +21,14 @@ class TokenCounter:
         return self._count(text)
 
 
-def counter_for(model_path: Path, metadata: dict[str, Any]) -> TokenCounter | None:
+def counter_for(model_path: Path, metadata: dict[str, Any],
+                encode: Callable[[str], list[int]] | None = None) -> TokenCounter | None:
+    """How to count a prompt's tokens: ``encode`` (the loaded model's own tokenizer, when its backend has one on
+    the host), the simulated NPU's rule, or a tokenizer.json beside the model."""
+    if encode is not None:
+        return TokenCounter(lambda text: len(encode(text)), "the model's tokenizer")
     if metadata.get("simulated") or metadata.get("format") == "rkedge-simulated-model":
         return TokenCounter(lambda text: (len(text.encode("utf-8")) + 3) // 4, "simulated NPU rule (4 bytes/token)")
-    if metadata.get("backend") == "rknn":  # an RKNN bundle carries its tokenizer
-        from rkedge.runtime.rknn.engine import make_tokenizer
-
-        tokenizer = make_tokenizer(model_path, metadata["tokenizer"])
-        return TokenCounter(lambda text: len(tokenizer.encode(text)), "the RKNN bundle's tokenizer")
     for candidate in (model_path.with_name("tokenizer.json"), model_path.parent / "tokenizer" / "tokenizer.json"):
         if candidate.is_file():
             try:

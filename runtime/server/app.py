@@ -162,7 +162,7 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
     name = settings.model_name or metadata.get("name") or settings.model_path.stem
     aliases = {name, settings.model_path.name, settings.model_path.stem}
     engine = Engine(llm, max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
-                    counter=counter_for(settings.model_path, metadata))
+                    counter=counter_for(settings.model_path, metadata, llm.encode))
     started = int(time.time())
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -324,10 +324,9 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
     @app.get("/api/tags", dependencies=[Depends(authorize)])
     def ollama_tags() -> dict[str, Any]:
         engine.metrics.request("/api/tags", 200)
-        size = settings.model_path.stat().st_size
-        return {"models": [{"name": name, "model": name, "size": size, "digest": metadata.get("sha256", ""),
-                            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                         time.gmtime(settings.model_path.stat().st_mtime)),
+        stat = settings.model_path.stat()
+        return {"models": [{"name": name, "model": name, "size": stat.st_size, "digest": metadata.get("sha256", ""),
+                            "modified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime)),
                             "details": {"format": "rkllm", "family": metadata.get("architecture"),
                                         "quantization_level": metadata.get("dtype"),
                                         "parameter_size": None}}]}
@@ -444,10 +443,12 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
         return PlainTextResponse(engine.metrics.render(engine.waiting, engine.running),
                                  media_type="text/plain; version=0.0.4")
 
+    page = resources.files("rkedge.runtime.server").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", name)
+
     @app.get("/", response_class=HTMLResponse)
     def web_page() -> HTMLResponse:
-        page = resources.files("rkedge.runtime.server").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL}}", name))
+        return HTMLResponse(page)
 
     return app
 
