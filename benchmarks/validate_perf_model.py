@@ -25,7 +25,13 @@ def predicted(model: PerfModel, row: dict) -> dict[str, float]:
     return {"tokens_per_s": p.decode_tokens_per_s, "ttft_ms": p.ttft_ms, "memory_mb": p.total_bytes / 2**20}
 
 
+def share_within(values: list[float], limit: float) -> float:
+    """The share of relative errors within +-limit."""
+    return sum(abs(v) <= limit for v in values) / len(values)
+
+
 def evaluate() -> dict[str, dict[str, list[float]]]:
+    """Relative errors per metric of the shipped model ("fit") and of leave-one-out refits ("loo")."""
     rows = benchmark_rows()
     shipped = load_perf_model()
     errors: dict[str, dict[str, list[float]]] = {"fit": {k: [] for k in LIMITS}, "loo": {k: [] for k in LIMITS}}
@@ -52,7 +58,7 @@ def main() -> int:
     for kind in ("fit", "loo"):
         for metric, limit in LIMITS.items():
             values = errors[kind][metric]
-            share = sum(abs(v) <= limit for v in values) / len(values)
+            share = share_within(values, limit)
             passed = share >= SHARES[metric]
             ok &= passed
             print(f"{kind:4} {metric:13} within +-{limit * 100:.0f}%: {share * 100:5.1f}% of rows "

@@ -81,6 +81,7 @@ import sys as _sys
 
 _sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules
 _sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # tiny_models (shared with the demo)
+_sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # the perf model's validation
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -27,5 +27,4 @@ def test_behavioural_suite_on_aarch64_under_emulation():
     assert result.returncode == 0, f"aarch64 run failed:\n{tail}\n{result.stderr[-2000:]}"
     summary = re.search(r"(\d+) passed", result.stdout)
     assert summary and int(summary.group(1)) >= 280, tail
-    assert "failed" not in result.stdout.splitlines()[-1]
     print(result.stdout.splitlines()[-1])

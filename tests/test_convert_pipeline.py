@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
@@ -42,11 +43,6 @@ def calibration_file(tmp_path_factory) -> Path:
                                 ("Hello!", "What is an NPU?", "你好", "Bonjour", "Why is the sky blue?",
                                  "Name a color.", "2+2?", "Write a haiku.")]))
     return path
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rkedge", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("kind", KINDS)

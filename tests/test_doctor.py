@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from rkedge.runtime.doctor import run_doctor
 from rkedge.runtime.mock import build_mock_library
@@ -155,18 +153,14 @@ def test_trial_init_reads_the_runtime_log(tmp_path):
 def test_cli_human_and_json(tmp_path):
     root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=16,
                      driver="0.9.8")
-    env = {**os.environ}
-    human = subprocess.run([sys.executable, "-m", "rkedge", "doctor", "--root", str(root)], capture_output=True,
-                           text=True, env=env)
+    human = run_cli("doctor", "--root", str(root))
     assert human.returncode == 0 and "[ok]   SoC: RK3588 on Radxa ROCK 5B" in human.stdout
-    as_json = subprocess.run([sys.executable, "-m", "rkedge", "doctor", "--root", str(root), "--json"],
-                             capture_output=True, text=True, env=env)
+    as_json = run_cli("doctor", "--root", str(root), "--json")
     data = json.loads(as_json.stdout)
     assert data["facts"]["board"] == "rock-5b" and data["verdict"] in ("ok", "warn")
     pi = make_root(tmp_path / "pi", model="Raspberry Pi 4", compatible=["brcm,bcm2711"], ram_gb=4, driver=None,
                    runtime=None)
-    failed = subprocess.run([sys.executable, "-m", "rkedge", "doctor", "--root", str(pi), "--json"],
-                            capture_output=True, text=True, env=env)
+    failed = run_cli("doctor", "--root", str(pi), "--json")
     assert failed.returncode == 1 and json.loads(failed.stdout)["verdict"] == "fail"
 
 

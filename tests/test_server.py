@@ -128,28 +128,24 @@ def test_health_metrics_and_openapi(client):
 def test_web_page_is_self_contained(client):
     page = client.get("/").text
     assert "/v1/chat/completions" in page and "served" in page
-    assert "<script src" not in page and "<link" not in page and "http://" not in page.replace("http://", "", 0)
+    assert "<script src" not in page and "<link" not in page and "http://" not in page
 
 
 # --- behaviour ------------------------------------------------------------------------------------------
 
-def test_kv_cache_is_reused_across_requests(client, tmp_path, monkeypatch):
-    log = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("RKEDGE_MOCK_CALL_LOG", str(log))
+def test_kv_cache_is_reused_across_requests(client, call_log):
     first = client.post("/v1/chat/completions", json=chat_body("hi")).json()["choices"][0]["message"]["content"]
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
                {"role": "user", "content": "and then?"}]
     client.post("/v1/chat/completions", json={"model": "served", "messages": history})
-    runs = [json.loads(l) for l in log.read_text().splitlines() if '"rkllm_run"' in l]
-    assert runs[-1]["kv_tokens_before"] > 0
-    assert bytes.fromhex(runs[-1]["prompt_hex"]).decode().startswith("<end_of_turn>\n<start_of_turn>user\nand then?")
+    run = call_log.last("rkllm_run")
+    assert run["kv_tokens_before"] > 0
+    assert bytes.fromhex(run["prompt_hex"]).decode().startswith("<end_of_turn>\n<start_of_turn>user\nand then?")
 
 
-def test_per_request_parameters_on_1_3_0(client, tmp_path, monkeypatch):
-    log = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("RKEDGE_MOCK_CALL_LOG", str(log))
+def test_per_request_parameters_on_1_3_0(client, call_log):
     reply = client.post("/v1/chat/completions", json=chat_body("long", temperature=0.3, top_k=7, max_tokens=5)).json()
-    run = [json.loads(l) for l in log.read_text().splitlines() if '"rkllm_run"' in l][-1]
+    run = call_log.last("rkllm_run")
     assert run["sampling"]["temperature"] == pytest.approx(0.3) and run["sampling"]["top_k"] == 7
     assert run["max_new_tokens"] == 5
     assert reply["usage"]["completion_tokens"] == 5 and reply["choices"][0]["finish_reason"] == "length"
@@ -188,10 +184,7 @@ def test_error_mid_stream(client, monkeypatch):
     next_request_works(client)
 
 
-@pytest.mark.parametrize("live", [{}], indirect=True)
-def test_disconnect_mid_stream_aborts_the_generation(live, model, tmp_path, monkeypatch):
-    log = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("RKEDGE_MOCK_CALL_LOG", str(log))
+def test_disconnect_mid_stream_aborts_the_generation(live, call_log, monkeypatch):
     monkeypatch.setenv("RKEDGE_MOCK_PACE", "1000,100")
     with httpx.Client(base_url=live.url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=chat_body("long", stream=True)) as response:
@@ -201,9 +194,9 @@ def test_disconnect_mid_stream_aborts_the_generation(live, model, tmp_path, monk
                 if seen == 4:
                     break
         deadline = time.monotonic() + 10
-        while '"run_end"' not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        while not call_log.entries("run_end") and time.monotonic() < deadline:
             time.sleep(0.05)
-        end = [json.loads(l) for l in log.read_text().splitlines() if '"run_end"' in l][-1]
+        end = call_log.last("run_end")
         assert end["aborted"] is True and end["generated_tokens"] < 20, "the run stops when the client leaves"
         reply = http.post("/v1/chat/completions", json=chat_body("hi"))
         assert reply.status_code == 200
