@@ -216,50 +216,47 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
 
 
 def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str | None) -> dict[str, Any]:
+    """librkllmrt found and its ABI selected the way ``rkedge chat`` will (library.find_library/select_abi)."""
+    from rkedge.errors import AbiSelectionError, LibraryNotFoundError
     from rkedge.runtime._elf import elf_machine
-    from rkedge.runtime.library import DEFAULT_SEARCH, detect_abi, is_simulated_library
+    from rkedge.runtime.library import (ENV_ABI, detect_abi, find_library, is_simulated_library,
+                                        resolve_library, select_abi)
 
     info: dict[str, Any] = {"path": None, "abi": None, "version": None, "simulated": False}
+    report.facts["library"] = info
     if library == "mock":
-        from rkedge.runtime.library import resolve_library
-
         chosen = resolve_library("mock", abi)
         info.update(path=str(chosen.path), abi=chosen.abi, version=chosen.runtime_version, simulated=True)
         report.add("library", "ok", "librkllmrt", f"simulated NPU, ABI {chosen.abi} (runtime {chosen.runtime_version})")
-        report.facts["library"] = info
-        return info
-    candidates = [Path(library)] if library else [fs.path(p) for p in DEFAULT_SEARCH]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        report.add("library", "fail", "librkllmrt", f"not found (looked in {', '.join(str(c) for c in candidates)})",
-                   "install it: scripts/install-runtime.sh librkllmrt.so --sha256 ...", "rknn-llm rkllm-runtime")
-        report.facts["library"] = info
         return info
     try:
+        path = find_library(library, root=fs.root)
         detection = detect_abi(path)
         machine = elf_machine(path)
+    except LibraryNotFoundError as exc:
+        report.add("library", "fail", "librkllmrt", exc.message, exc.fix, "rknn-llm rkllm-runtime")
+        return info
     except RkedgeError as exc:
-        report.add("library", "fail", "librkllmrt", f"{path}: {exc.message}", exc.fix)
-        report.facts["library"] = info
+        report.add("library", "fail", "librkllmrt", exc.message, exc.fix)
         return info
     simulated = is_simulated_library(path)
-    info.update(path=str(path), abi=detection.abi, version=detection.runtime_version, simulated=simulated,
-                machine=machine)
-    if abi:
-        from rkedge.runtime.abi import normalize
-
-        info["abi"] = normalize(abi)
-        info["version"] = detection.runtime_version or abi
+    info.update(path=str(path), version=detection.runtime_version, simulated=simulated, machine=machine)
     if machine not in ("aarch64",) and not simulated:
         report.add("library", "warn", "librkllmrt", f"{path} is built for {machine}, not aarch64")
-    if info["abi"] is None:
-        report.add("library", "warn", "librkllmrt", f"{path}: {detection.evidence}; the version cannot be told "
-                   f"between {', '.join(detection.candidates)}", "pass --abi with the release you installed")
-    else:
-        report.add("library", "ok", "librkllmrt",
-                   f"{path}: runtime {info['version'] or '?'}, ABI {info['abi']} ({detection.evidence})"
-                   + (" [simulated NPU]" if simulated else ""))
-    report.facts["library"] = info
+    explicit = abi or os.environ.get(ENV_ABI) or None
+    try:
+        chosen = select_abi(path, detection, explicit, "--abi" if abi else f"${ENV_ABI}")
+    except AbiSelectionError as exc:
+        if explicit:  # rkedge chat would refuse this pairing
+            report.add("library", "fail", "librkllmrt", exc.message, exc.fix)
+        else:
+            report.add("library", "warn", "librkllmrt", f"{path}: {detection.evidence}; the version cannot be told "
+                       f"between {', '.join(detection.candidates)}", "pass --abi with the release you installed")
+        return info
+    info.update(abi=chosen.abi, version=detection.runtime_version or explicit)
+    report.add("library", "ok", "librkllmrt",
+               f"{path}: runtime {info['version'] or '?'}, ABI {chosen.abi} ({detection.evidence})"
+               + (" [simulated NPU]" if simulated else ""))
     return info
 
 

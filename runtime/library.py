@@ -70,8 +70,10 @@ def detect_abi(path: str | Path) -> AbiDetection:
     return AbiDetection("1.1", None, "exported symbols (no rkllm_clear_kv_cache or rkllm_set_chat_template)", ("1.1",))
 
 
-def find_library(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The library path: the argument, else ``$RKEDGE_RKLLM_LIB``, else the usual install locations."""
+def find_library(explicit: str | os.PathLike[str] | None = None, *, root: Path | None = None) -> Path:
+    """The library path: the argument, else ``$RKEDGE_RKLLM_LIB``, else the usual install locations (below
+    ``root`` when given: doctor reads a board's file tree there; ``$LD_LIBRARY_PATH`` is this machine's, so it is
+    searched only without a root)."""
     tried: list[str] = []
     for candidate in (explicit, os.environ.get(ENV_LIBRARY)):
         if candidate:
@@ -81,9 +83,12 @@ def find_library(explicit: str | os.PathLike[str] | None = None) -> Path:
             tried.append(str(path))
             raise LibraryNotFoundError(f"runtime library not found: {path}",
                                        fix="check the path, or use --mock for the simulated NPU")
-    search = list(DEFAULT_SEARCH)
-    for directory in filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":")):
-        search.insert(0, os.path.join(directory, "librkllmrt.so"))
+    if root is None:
+        search = list(DEFAULT_SEARCH)
+        for directory in filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":")):
+            search.insert(0, os.path.join(directory, "librkllmrt.so"))
+    else:
+        search = [str(root / p.lstrip("/")) for p in DEFAULT_SEARCH]
     for candidate in search:
         tried.append(candidate)
         if os.path.isfile(candidate):
@@ -115,7 +120,12 @@ def resolve_library(library: str | os.PathLike[str] | None = None, abi: str | No
         return RuntimeLibrary(build_mock_library(name), name, DEFAULT_RUNTIME_VERSION[name],
                               source or "simulated NPU default", True)
     path = find_library(library)
-    detection = detect_abi(path)
+    return select_abi(path, detect_abi(path), explicit, source)
+
+
+def select_abi(path: Path, detection: AbiDetection, explicit: str | None, source: str | None) -> RuntimeLibrary:
+    """The ABI to call ``path`` with: ``explicit`` when the file allows it, else what the file says; an
+    :class:`AbiSelectionError` when they disagree or the file cannot tell."""
     simulated = is_simulated_library(path)
     if explicit:
         name = abi_registry.normalize(explicit)

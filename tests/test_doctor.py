@@ -133,6 +133,24 @@ def test_model_checks_against_board_and_runtime(tmp_path):
     assert statuses(run_doctor(root, model=rk3576))["model.platform"] == "fail"
 
 
+def test_library_is_found_and_its_abi_selected_as_chat_would(tmp_path, monkeypatch):
+    root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=16,
+                     driver="0.9.8", runtime=("1.2.1", "1.2.2"))
+    assert statuses(run_doctor(root))["library"] == "ok"
+    report = run_doctor(root, abi="1.3.0")  # the file says 1.2.2: chat refuses to call it through 1.3.0's structs
+    assert statuses(report)["library"] == "fail" and "wrong struct set" in report.render()
+    monkeypatch.setenv("RKEDGE_RKLLM_ABI", "1.3.0")
+    assert statuses(run_doctor(root))["library"] == "fail", "the environment's ABI counts as chat's does"
+    monkeypatch.delenv("RKEDGE_RKLLM_ABI")
+    elsewhere = tmp_path / "opt" / "librkllmrt.so"
+    elsewhere.parent.mkdir()
+    (root / "usr" / "lib" / "librkllmrt.so").rename(elsewhere)
+    assert statuses(run_doctor(root))["library"] == "fail"
+    monkeypatch.setenv("RKEDGE_RKLLM_LIB", str(elsewhere))
+    report = run_doctor(root)
+    assert statuses(report)["library"] == "ok" and report.facts["library"]["path"] == str(elsewhere)
+
+
 def test_trial_init_reads_the_runtime_log(tmp_path):
     from rkedge.runtime.simmodel import simulated_manifest, write_simulated_model
 
