@@ -17,8 +17,10 @@ from typing import Any
 from rkedge.convert.safetensors_index import TensorInfo, checkpoint_files, read_checkpoint
 from rkedge.errors import InputError
 
+#: A checkpoint's tokenizer, chat-template and generation files (export copies them beside the weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 #: The trailer observed at the end of a vendor .rkllm (one 1.1.4 file; charsiu provenance notes).
 VENDOR_TRAILER = re.compile(rb"rkllm-toolkit version: ?v?(\d+\.\d+\.\d+\w*)")
 

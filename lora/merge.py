@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from rkedge import __version__
 from rkedge._fs import atomic_path, atomic_write_text
 from rkedge.convert.findings import raise_on_errors
+from rkedge.convert.inspect import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from rkedge.convert.safetensors_index import TensorInfo, read_header
 from rkedge.errors import InputError, RkedgeError
 from rkedge.lora._tensors import DTYPE_CODES, EPSILON, FLOAT_CODES, TensorReader, nbytes, safetensors_header, \
@@ -66,9 +67,7 @@ _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf",
                         ".rkllm", ".partial")
 _NOT_COPIED_NAMES = frozenset({"config.json", INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME})
 #: Tokenizer and chat-template files an adapter folder may carry from its fine-tune; they win over the base's.
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                             "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                             "chat_template.json"})
+TOKENIZER_FILES = frozenset(CHECKPOINT_TOKENIZER_FILES) - {"generation_config.json"}
 
 
 @dataclass(frozen=True)

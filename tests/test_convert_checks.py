@@ -195,3 +195,16 @@ def test_host_memory_check(tiny):
     assert _check_host_memory(info, request, (10 << 30, 0)) == []
     tight = _check_host_memory(info, request, (1 << 20, 0))
     assert tight[0].id == "F-11" and tight[0].severity == "error" and "float16" in tight[0].fix
+
+
+def test_export_carries_every_tokenizer_file(tiny, tmp_path):
+    from rkedge.convert.export import export_checkpoint
+    from rkedge.convert.inspect import TOKENIZER_FILES
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny["llama"], source)
+    (source / "added_tokens.json").write_text(json.dumps({"<tool>": 32000}))  # slow tokenizers need it
+    out = export_checkpoint(inspect_checkpoint(source), tmp_path / "export", dtype=None, meta={})
+    for name in TOKENIZER_FILES:
+        assert (out / name).is_file() == (source / name).is_file(), name
+    assert json.loads((out / "added_tokens.json").read_text()) == {"<tool>": 32000}
