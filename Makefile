@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rkedge-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -20,9 +20,15 @@ $(STAMP): pyproject.toml scripts/install-rknn-toolkit2.sh
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash scripts/ci-system-deps.sh
 	$(BIN)/python -m pytest -q
+
+# The quality gates `make test` runs first: ruff (lint + import order) and mypy (configured in pyproject.toml:
+# the whole package, strict on the board side).
+lint: $(STAMP)
+	$(BIN)/ruff check rkedge tests scripts benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_runtime.py

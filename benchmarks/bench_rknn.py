@@ -113,7 +113,7 @@ def main() -> None:
           f"{platform.python_version()})")
     try:
         import rknn.api  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"rknn-toolkit2 is not importable ({exc}); simulator figures skipped")
         board_prediction()
         return

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_perf_model import fit  # noqa: E402
+from fit_perf_model import fit
 
-from rkedge.convert.perf_model import ModelShape, PerfModel, benchmark_rows, load_perf_model, predict  # noqa: E402
+from rkedge.convert.perf_model import ModelShape, PerfModel, benchmark_rows, load_perf_model, predict
 
 LIMITS = {"tokens_per_s": 0.15, "memory_mb": 0.15, "ttft_ms": 0.25}
 SHARES = {"tokens_per_s": 0.8, "memory_mb": 0.8, "ttft_ms": 0.7}

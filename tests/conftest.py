@@ -77,13 +77,6 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"rkedge tests on {platform.machine()} (python {platform.python_version()}, pid {os.getpid()})"
 
 
-import sys as _sys
-
-_sys.path.insert(0, str(Path(__file__).parent))  # tests' helper modules
-_sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # tiny_models (shared with the demo)
-_sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # the perf model's validation
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under emulation the runner says which machine the suite must be on; a wrong one is an error, not a pass."""
     import platform

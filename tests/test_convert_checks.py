@@ -13,7 +13,7 @@ from rkedge.convert.planner import ConversionRequest, plan
 from rkedge.convert.rules import TOOLKIT_VERSIONS, rules_for
 
 pytest.importorskip("transformers")
-from tiny_models import make_checkpoint  # noqa: E402
+from tiny_models import make_checkpoint
 
 
 @pytest.fixture(scope="session")

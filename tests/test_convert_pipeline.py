@@ -14,15 +14,15 @@ import pytest
 from cli_helpers import run_cli
 
 pytest.importorskip("transformers")
-from click.testing import CliRunner  # noqa: E402
-from tiny_models import make_checkpoint, train_lora  # noqa: E402
+from click.testing import CliRunner
+from tiny_models import make_checkpoint, train_lora
 
-from rkedge.cli import main  # noqa: E402
-from rkedge.convert.pipeline import convert  # noqa: E402
-from rkedge.convert.planner import ConversionRequest  # noqa: E402
-from rkedge.manifest import read_manifest  # noqa: E402
-from rkedge.runtime import LLM  # noqa: E402
-from rkedge.runtime.simmodel import read_simulated_model  # noqa: E402
+from rkedge.cli import main
+from rkedge.convert.pipeline import convert
+from rkedge.convert.planner import ConversionRequest
+from rkedge.manifest import read_manifest
+from rkedge.runtime import LLM
+from rkedge.runtime.simmodel import read_simulated_model
 
 KINDS = ("gemma", "gemma2", "gemma3", "llama", "qwen2")
 

@@ -23,12 +23,12 @@ from lora_helpers import (  # noqa: E402
     load_base,
     logits,
     make_adapter,
+    q_proj_pair,
     read_checkpoint_tensors,
     reference_merge,
     save_tiny,
-    write_adapter,
-    q_proj_pair,
     worst,
+    write_adapter,
 )
 
 import rkedge.lora.merge as merge_module  # noqa: E402

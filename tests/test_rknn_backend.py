@@ -40,7 +40,7 @@ BYTE_OFFSET = 3
 def _has_rknn_toolkit() -> bool:
     try:
         import rknn.api  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure means no simulator
+    except Exception:
         return False
     return True
 
@@ -83,7 +83,7 @@ def test_decode_loop_snapshot_restores_the_state(tiny_model):
     first = [loop.step(t) for t in tokens[20:]]
     loop.restore(saved)
     again = [loop.step(t) for t in tokens[20:]]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     loop.reset()
     assert loop.position == 0 and not np.array_equal(loop.step(tokens[20]), first[0])
 
@@ -117,7 +117,7 @@ def test_graph_planning_respects_the_parameter_budget():
     assert len(chunks) == 5
     rows = plan_head_rows(dims, max_params=500_000_000)
     assert rows[0][0] == 0 and rows[-1][1] == 256_000 and len(rows) == 2
-    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
     assert plan_chunks(dims, layer_params, max_params=1) == [[i] for i in range(26)], "at least one layer each"
 
 

@@ -17,13 +17,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from server_helpers import LiveServer  # noqa: E402
 
 from rkedge.runtime import LLM  # noqa: E402
 from rkedge.runtime.server.app import create_app  # noqa: E402
 from rkedge.runtime.server.settings import ServerSettings  # noqa: E402
 from rkedge.runtime.simmodel import write_simulated_model  # noqa: E402
-
-from server_helpers import LiveServer  # noqa: E402
 
 LONG = " ".join(f"tok{i}" for i in range(200))
 REPLY = "Hello! Größe 日本語 🚀."

@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 from rkedge.convert.toolkit import (
-    SIMULATED_DIR, WORKER, ToolkitEnv, build_job, mock_env, probe_python, probe_toolkit, resolve_toolkit, run_job,
+    SIMULATED_DIR,
+    WORKER,
+    ToolkitEnv,
+    build_job,
+    mock_env,
+    probe_python,
+    probe_toolkit,
+    resolve_toolkit,
+    run_job,
 )
 from rkedge.convert.toolkit.known_errors import KNOWN_ERRORS, findings_from_log, simulated_text
 from rkedge.errors import InputError, ToolkitError

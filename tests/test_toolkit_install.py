@@ -17,7 +17,12 @@ import pytest
 
 from rkedge.convert.toolkit import build_job, resolve_toolkit, run_job
 from rkedge.convert.toolkit.environments import (
-    KNOWN_REQUIREMENTS, RECORDS_FILE, REQUIREMENTS_FILE, install_toolkit, list_toolkits, newest_toolkit,
+    KNOWN_REQUIREMENTS,
+    RECORDS_FILE,
+    REQUIREMENTS_FILE,
+    install_toolkit,
+    list_toolkits,
+    newest_toolkit,
     split_glued_requirements,
 )
 from rkedge.errors import InputError, ToolkitError
