@@ -182,7 +182,7 @@ def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, 
                           graph_params=graph_params, name=name, lora=lora)
     reporter = StderrReporter(verbose)
     try:
-        result = convert_rknn(request, dry_run=dry_run, progress=reporter.step)
+        result = convert_rknn(request, dry_run=dry_run, progress=reporter.step, log=reporter.log)
     finally:
         reporter.done()
     lines = [f"plan: RKNN bundle for {model_dir.name}, {dtype}{' hybrid' if request.hybrid_patterns else ''}"]

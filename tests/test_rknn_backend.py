@@ -388,7 +388,7 @@ def test_server_streams_and_aborts_when_the_client_leaves(fp16_bundle):
 
 @needs_simulator
 def test_a_failed_build_leaves_no_bundle(tmp_path, monkeypatch):
-    def broken(staging, name, request, dataset):
+    def broken(staging, name, request, dataset, **_):
         raise ToolkitError(f"rknn-toolkit2 could not build {name}: simulated failure")
 
     monkeypatch.setattr(pipeline, "_build_graph", broken)
@@ -411,3 +411,108 @@ def test_unsupported_runtime_parameters_are_refused():
     _refuse_unsupported(InitParams(top_k=5, temperature=0.7))
     with pytest.raises(InputError, match="base_domain_id"):
         _refuse_unsupported(InitParams(base_domain_id=1))
+
+
+# -- the build worker on the toolkit seam's runner (a stand-in rknn.api: no rknn-toolkit2 needed) ----------------
+
+FAKE_RKNN_API = '''
+import os, signal, subprocess, sys, time
+
+class RKNN:
+    def __init__(self, verbose=False):
+        self.mode = os.environ["FAKE_RKNN_MODE"]
+
+    def config(self, **kwargs):
+        print("I rknn-toolkit2 version: fake")  # the real toolkit prints on stdout
+        return 0
+
+    def load_onnx(self, model):
+        return 0
+
+    def build(self, do_quantization=False):
+        if self.mode == "hang":
+            child = subprocess.Popen(["sleep", "300"])  # something the toolkit started, in the worker's group
+            with open(os.environ["FAKE_RKNN_CHILD"], "w") as out:
+                out.write(str(child.pid))
+            time.sleep(300)
+        if self.mode == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        if self.mode == "fails":
+            print("E build: Meet unsupported op", file=sys.stderr)
+            return -1
+        return 0
+
+    def export_rknn(self, path):
+        with open(path, "wb") as out:
+            out.write(b"RKNN" + bytes(60))
+        return 0
+
+    def release(self):
+        pass
+'''
+
+
+@pytest.fixture
+def fake_rknn(tmp_path, monkeypatch):
+    package = tmp_path / "fake-rknn" / "rknn"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "api.py").write_text(FAKE_RKNN_API)
+    monkeypatch.setenv("PYTHONPATH", str(package.parent))
+    staging = tmp_path / "staging"
+    (staging / "onnx" / "g0").mkdir(parents=True)
+    (staging / "onnx" / "g0" / "g0.onnx").write_bytes(b"")
+
+    def build(mode: str, timeout: float = 60, events: list | None = None) -> dict:
+        monkeypatch.setenv("FAKE_RKNN_MODE", mode)
+        request = RknnRequest(model=TINY, out=tmp_path, dtype="fp16", build_timeout_s=timeout)
+        return pipeline._build_graph(staging, "g0", request, None,
+                                     on_event=events.append if events is not None else None)
+
+    return build
+
+
+def test_build_worker_events_reach_the_reporter(fake_rknn):
+    events: list[dict] = []
+    result = fake_rknn("ok", events=events)
+    assert result["rknn"] == "g0.rknn" and result["rknn_bytes"] == 64 and result["dtype"] == "fp16"
+    assert "I rknn-toolkit2 version: fake" in [e["line"] for e in events if e["type"] == "log"]
+    calls = [(e["step"], e["state"]) for e in events if e["type"] == "progress"]
+    assert calls[:2] == [("config", "start"), ("config", "done")] and ("export_rknn", "done") in calls
+    lines: list[str] = []
+    pipeline._build_events(lines.append)(events[0])
+    assert lines, "the CLI reporter's log receives the worker's events"
+
+
+def test_a_failing_build_worker_reports_the_toolkit_call_and_its_words(fake_rknn):
+    with pytest.raises(ToolkitError, match="rknn-toolkit2 could not build g0: RuntimeError: rknn-toolkit2 build "
+                                           "returned -1") as caught:
+        fake_rknn("fails")
+    assert "Meet unsupported op" in str(caught.value)
+
+
+def test_a_hanging_build_worker_is_killed_with_its_process_group(fake_rknn, tmp_path, monkeypatch):
+    import os
+
+    child_file = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_RKNN_CHILD", str(child_file))
+    started = time.monotonic()
+    with pytest.raises(ToolkitError, match="did not finish within 3 s and was stopped \\(step: build\\)"):
+        fake_rknn("hang", timeout=3)
+    assert time.monotonic() - started < 30
+    child = int(child_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the toolkit's own child went with the worker's process group
+
+
+def test_a_sigkilled_build_worker_is_reported_as_out_of_memory(fake_rknn):
+    with pytest.raises(ToolkitError, match="killed by SIGKILL during step build.*OOM killer.*F-11") as caught:
+        fake_rknn("killed")
+    assert "--graph-params" in caught.value.fix and "F-11" in caught.value.fix

@@ -1,12 +1,17 @@
-"""Builds one decode-step graph with rknn-toolkit2 in a child process: ``python -m rkedge.convert.rknn.build_worker JOB``.
+"""Builds one decode-step graph with rknn-toolkit2 in a child process:
+``python -m rkedge.convert.rknn.build_worker --job JOB.json``, run by :func:`rkedge.convert.toolkit.runner.run_worker`.
 
 A child per graph keeps the host's memory to one graph's build (rknn-toolkit2 needs ~20-28 bytes per parameter;
 recurrentgemma-rknn-feasibility.md section 6) and its working folder to itself (hybrid quantization writes its
 ``.model``/``.data``/``.quantization.cfg`` into the current folder). rknn-toolkit2 both raises and returns -1 on
-failure; both become an error here. The last stdout line is the JSON result.
+failure; both become an error here.
 
-Job: {"onnx", "out_dir", "name", "dtype": "fp16"|"w8a8", "dataset": path|null, "hybrid_patterns": [regex...],
-"algorithm": "normal"}.
+It speaks the rkllm worker's JSON-line protocol (``toolkit/worker.py``): the real stdout carries only events
+(``progress`` per toolkit call, then ``result`` or ``error``); everything the toolkit prints goes to stderr and
+reaches the host as ``log`` events. Exit 0 (built), 1 (the toolkit failed), 2 (bad job file).
+
+Job: {"protocol", "onnx", "out_dir", "name", "dtype": "fp16"|"w8a8", "dataset": path|null,
+"hybrid_patterns": [regex...], "algorithm": "normal"}.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import os
 import re
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_OK, PROTOCOL, exit_with_parent
 
 CFG_HEADER = "custom_quantize_layers: {}\n"
 
@@ -41,12 +50,33 @@ def edit_cfg(cfg: Path, patterns: list[str]) -> list[str]:
     return keys
 
 
-def _check(ret: Any, step: str) -> None:
-    if ret != 0:
-        raise RuntimeError(f"rknn-toolkit2 {step} returned {ret}")
+class Events:
+    """The protocol stream: a copy of the real stdout, taken before fd 1 is pointed at stderr."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self.stream: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+        os.dup2(2, 1)  # the toolkit's prints (Python and C) become log lines on stderr
+        self.step: str | None = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.stream.write(json.dumps(event, default=repr) + "\n")
+        self.stream.flush()
+
+    def call(self, step: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One toolkit call between progress events; a return value other than 0 is a failure."""
+        self.step = step
+        self.emit({"type": "progress", "step": step, "state": "start", "fraction": 0.0})
+        ret = function(*args, **kwargs)
+        if ret != 0:
+            raise RuntimeError(f"rknn-toolkit2 {step} returned {ret}")
+        self.emit({"type": "progress", "step": step, "state": "done", "fraction": 1.0, "ret": ret})
+        return ret
 
 
-def build(job: dict[str, Any]) -> dict[str, Any]:
+def build(job: dict[str, Any], events: Events) -> dict[str, Any]:
     from rknn.api import RKNN
 
     out = Path(job["out_dir"]).resolve()
@@ -58,40 +88,58 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"name": name, "dtype": job["dtype"], "rknn": f"{name}.rknn"}
     rknn = RKNN(verbose=False)
     if job["dtype"] == "fp16":
-        _check(rknn.config(target_platform="rk3588"), "config")
-        _check(rknn.load_onnx(model=str(onnx)), "load_onnx")
-        _check(rknn.build(do_quantization=False), "build")
+        events.call("config", rknn.config, target_platform="rk3588")
+        events.call("load_onnx", rknn.load_onnx, model=str(onnx))
+        events.call("build", rknn.build, do_quantization=False)
         result["simulator"] = {"build": "float", "onnx": onnx.relative_to(out).as_posix()}
     else:
-        _check(rknn.config(target_platform="rk3588", quantized_dtype="w8a8",
-                           quantized_algorithm=job.get("algorithm", "normal"), quantized_method="channel"), "config")
-        _check(rknn.load_onnx(model=str(onnx)), "load_onnx")
-        _check(rknn.hybrid_quantization_step1(dataset=job["dataset"]), "hybrid_quantization_step1")
+        events.call("config", rknn.config, target_platform="rk3588", quantized_dtype="w8a8",
+                    quantized_algorithm=job.get("algorithm", "normal"), quantized_method="channel")
+        events.call("load_onnx", rknn.load_onnx, model=str(onnx))
+        events.call("hybrid_quantization_step1", rknn.hybrid_quantization_step1, dataset=job["dataset"])
         rknn.release()
         stem = onnx.stem
         model, data, cfg = (out / f"{stem}.model", out / f"{stem}.data", out / f"{stem}.quantization.cfg")
         keys = edit_cfg(cfg, job.get("hybrid_patterns") or [])
         rknn = RKNN(verbose=False)  # step 2 takes its config from step 1's files (calling config again can clash)
-        _check(rknn.hybrid_quantization_step2(model_input=str(model), data_input=str(data),
-                                              model_quantization_cfg=str(cfg)), "hybrid_quantization_step2")
+        events.call("hybrid_quantization_step2", rknn.hybrid_quantization_step2, model_input=str(model),
+                    data_input=str(data), model_quantization_cfg=str(cfg))
         result["simulator"] = {"build": "hybrid", "model": model.name, "data": data.name, "cfg": cfg.name}
         result["fp16_tensors"] = keys
-    _check(rknn.export_rknn(str(out / f"{name}.rknn")), "export_rknn")
+    events.call("export_rknn", rknn.export_rknn, str(out / f"{name}.rknn"))
     rknn.release()
     result["seconds"] = round(time.time() - started, 2)
     result["rknn_bytes"] = (out / f"{name}.rknn").stat().st_size
     return result
 
 
+def read_job(path: str) -> dict[str, Any]:
+    job = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(job, dict) or job.get("protocol") != PROTOCOL:
+        raise ValueError(f"job protocol {job.get('protocol') if isinstance(job, dict) else None!r} is not "
+                         f"supported (this worker speaks {PROTOCOL})")
+    return job
+
+
 def main(argv: list[str]) -> int:
-    job = json.loads(Path(argv[0]).read_text())
+    events = Events()
+    if len(argv) != 2 or argv[0] != "--job":
+        events.emit({"type": "error", "step": "job", "message": "usage: build_worker --job JOB.json"})
+        return EXIT_BAD_JOB
     try:
-        result = build(job)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as JSON
-        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
-        return 1
-    print(json.dumps({"ok": True, **result}))
-    return 0
+        job = read_job(argv[1])
+    except (OSError, ValueError) as exc:
+        events.emit({"type": "error", "step": "job", "message": f"cannot read job file {argv[1]}: {exc}"})
+        return EXIT_BAD_JOB
+    exit_with_parent()
+    try:
+        result = build(job, events)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as an event
+        events.emit({"type": "error", "step": events.step, "message": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc()})
+        return EXIT_FAILED
+    events.emit({"type": "result", "ok": True, **result})
+    return EXIT_OK
 
 
 if __name__ == "__main__":

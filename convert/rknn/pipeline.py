@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any, Callable
 from rkedge import __version__
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
+from rkedge.convert.toolkit.runner import Event, EventHandler, child_environment, run_worker
+from rkedge.convert.toolkit.worker import PROTOCOL
 from rkedge.errors import InputError, ToolkitError
 from rkedge.runtime.rknn.bundle import BUNDLE_FILE, SCHEMA, SCHEMA_VERSION
 
@@ -34,7 +35,9 @@ DEFAULT_EVAL_STEPS = 256
 #: The simulator's time per decode step: ~8 ms per graph call (measured on the tiny model, benchmarks/bench_rknn.py)
 #: plus ~22 ns per parameter (about a minute per token for the 2.7B model; feasibility section 6).
 SIMULATOR_S_PER_GRAPH, SIMULATOR_S_PER_PARAM = 0.008, 2.2e-8
-QUALITY_BUDGET_S = 1800  # the default quality report stays within about half an hour
+QUALITY_BUDGET_S = 1800
+#: A graph build that runs this long is stuck: builds at 2b widths measured 91-174 s (feasibility section 6).
+BUILD_TIMEOUT_S = 2 * 3600  # the default quality report stays within about half an hour
 #: Calibration runs each prompt this many decode steps at most (through the window wrap on small windows); the
 #: activation ranges of a 2048-token window's k/v slots do not need the whole window filled.
 CALIBRATION_MAX_STEPS = 256
@@ -74,6 +77,7 @@ class RknnRequest:
     lora: Path | None = None  # a PEFT adapter merged into the weights first
     fp16_patterns: tuple[str, ...] = HYBRID_PATTERNS  # what the hybrid build keeps in fp16 (benchmarks vary it)
     head_dtype: str | None = None  # the LM head graph's dtype (default: dtype)
+    build_timeout_s: float | None = BUILD_TIMEOUT_S  # per graph build; the worker's process group is then killed
 
     @property
     def hybrid_patterns(self) -> list[str]:
@@ -124,7 +128,9 @@ def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
 
 
 def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
-                 progress: Callable[[str, str], None] | None = None) -> RknnResult:
+                 progress: Callable[[str, str], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> RknnResult:
+    """``progress(step, detail)`` at each step; ``log(line)`` for every line the build workers print."""
     report = progress or (lambda step, detail: None)
     info, findings = check(request)
     if dry_run:
@@ -143,13 +149,13 @@ def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
             merge_lora(request.model, request.lora, merged_dir, dtype="float32")
             steps.append({"name": "merge", "adapter": str(request.lora.resolve())})
         return _convert(request, info, merged_dir if request.lora is not None else request.model, findings, steps,
-                        started, report)
+                        started, report, _build_events(log))
     finally:
         shutil.rmtree(merged_dir, ignore_errors=True)
 
 
 def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Finding], steps: list[dict[str, Any]],
-             started: float, report: Callable[[str, str], None]) -> RknnResult:
+             started: float, report: Callable[[str, str], None], on_event: EventHandler | None) -> RknnResult:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -201,7 +207,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         built = []
         for index, (graph_name, module) in enumerate(graphs):
             report("build", f"{graph_name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
-            built.append(_build_graph(staging, graph_name, request, datasets.get(index)))
+            built.append(_build_graph(staging, graph_name, request, datasets.get(index), on_event=on_event))
         np.save(staging / "embedding.npy", embedding_table(model, dims).numpy().astype(np.float16))
         for file in tokenizer_files:
             shutil.copyfile(file, staging / file.name)
@@ -336,21 +342,41 @@ def _onnx_path(staging: Path, name: str) -> Path:
     return staging / "onnx" / name / f"{name}.onnx"
 
 
-def _build_graph(staging: Path, name: str, request: RknnRequest, dataset: Path | None) -> dict[str, Any]:
+def _build_events(log: Callable[[str], None] | None) -> EventHandler | None:
+    """The build workers' log lines and toolkit calls as ``log`` lines."""
+    if log is None:
+        return None
+
+    def on_event(event: Event) -> None:
+        if event.get("type") == "log":
+            log(str(event.get("line", "")))
+        elif event.get("type") == "progress":
+            log(f"[{event.get('step')}] {event.get('state')}")
+
+    return on_event
+
+
+def _build_graph(staging: Path, name: str, request: RknnRequest, dataset: Path | None, *,
+                 on_event: EventHandler | None = None) -> dict[str, Any]:
+    """Builds one graph in a build worker on the toolkit seam's runner (timeout, process-group kill, events)."""
     dtype = (request.head_dtype or request.dtype) if name.startswith("head") else request.dtype
-    job = {"onnx": str(_onnx_path(staging, name).resolve()), "out_dir": str(staging.resolve()), "name": name,
-           "dtype": dtype, "dataset": str(dataset) if dataset else None, "hybrid_patterns": request.hybrid_patterns}
-    job_file = staging / f".{name}.job.json"
-    job_file.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "rkedge.convert.rknn.build_worker", str(job_file)],
-                          capture_output=True, text=True)
-    job_file.unlink(missing_ok=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {"ok": False, "error": proc.stderr[-2000:] or proc.stdout[-2000:]}
-    if not result.get("ok"):
-        raise ToolkitError(f"rknn-toolkit2 could not build {name}: {result.get('error')}",
-                           fix="rerun with the same rknn-toolkit2 version; see the toolkit's log")
-    return result
+    job = {"protocol": PROTOCOL, "onnx": str(_onnx_path(staging, name).resolve()), "out_dir": str(staging.resolve()),
+           "name": name, "dtype": dtype, "dataset": str(dataset) if dataset else None,
+           "hybrid_patterns": request.hybrid_patterns}
+    run = run_worker([sys.executable, "-m", "rkedge.convert.rknn.build_worker", "--job"], job, what="rknn-toolkit2",
+                     env=child_environment(), on_event=on_event, timeout=request.build_timeout_s, cwd=staging)
+    result = run.result_event
+    if run.error is not None or result is None or not result.get("ok"):
+        if run.killed_by_sigkill:
+            fix = (f"the build needs ~{BUILD_BYTES_PER_PARAM} bytes of host RAM per parameter: pass a smaller "
+                   "--graph-params, free memory or add swap (F-11)")
+        elif run.timed_out:
+            fix = "a graph build takes minutes (about 3 at 2b widths); look for what stalled in the log (-v)"
+        else:
+            fix = "rerun with the same rknn-toolkit2 version; see the toolkit's log (-v)"
+        said = "".join(f"\n  the toolkit said: {line.strip()}" for line in run.log_lines[-3:] if line.strip())
+        raise ToolkitError(f"rknn-toolkit2 could not build {name}: {run.error or 'no result'}{said}", fix=fix)
+    return {k: v for k, v in result.items() if k not in ("type", "ok")}
 
 
 def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], specs: list[Any],

@@ -14,27 +14,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from rkedge.convert.findings import Finding
+from rkedge.convert.toolkit.runner import EventHandler, child_environment, run_worker
+from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_IMPORT, EXIT_OK, PROTOCOL
 from rkedge.errors import InputError, ToolkitError
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
 SIMULATED_DIR = HERE / "simulated"
-PROTOCOL = 1
 DEFAULT_MOCK_VERSION = "1.3.0"
-EXIT_MEANINGS = {1: "the toolkit failed", 2: "the worker refused the job file (a bug in rkedge)",
-                 3: "rkllm.api could not be imported in the toolkit's interpreter"}
+EXIT_MEANINGS = {EXIT_FAILED: "the toolkit failed", EXIT_BAD_JOB: "the worker refused the job file (a bug in rkedge)",
+                 EXIT_IMPORT: "rkllm.api could not be imported in the toolkit's interpreter"}
 
 
 @dataclass(frozen=True)
@@ -69,15 +66,18 @@ class ToolkitResult:
     duration_s: float = 0.0
     pid: int | None = None  # the worker's process id (its process group is gone when run_job returns)
 
-    def raise_for_error(self) -> None:
-        """Raises :class:`ToolkitError` with the first error finding's fix when the job failed."""
+    def raise_for_error(self, *, what: str = "the toolkit", said: int = 3) -> None:
+        """Raises :class:`ToolkitError` when the job failed: the error, the error findings, the last ``said`` log
+        lines (the toolkit's own words, which the findings paraphrase), and the first error finding's fix."""
         if self.ok:
             return
         errors = [f for f in self.findings if f.severity == "error"]
         details = "".join(f"\n{f.render()}" for f in errors)
-        fix = errors[0].fix if errors and errors[0].fix else "read the toolkit log above"
+        tail = [line.strip() for line in self.log_lines if line.strip()][-said:] if said else []
+        details += "".join(f"\n  the toolkit said: {line}" for line in tail)
+        fix = errors[0].fix if errors and errors[0].fix else "rerun with -v to see the toolkit's whole log"
         code = errors[0].id.lower().replace("-", "") if errors else None
-        raise ToolkitError(f"{self.error or 'the toolkit failed'}{details}", fix=fix, code=code)
+        raise ToolkitError(f"{what} failed: {self.error or 'no result'}{details}", fix=fix, code=code)
 
 
 def mock_env(version: str | None = None) -> ToolkitEnv:
@@ -168,10 +168,8 @@ def parse_probe(stdout: str) -> dict[str, Any] | None:
 
 
 def _child_env(env: ToolkitEnv, extra_env: Mapping[str, str] | None) -> dict[str, str]:
-    child = dict(os.environ)
-    child["PYTHONIOENCODING"] = "utf-8"
-    child["PYTHONUNBUFFERED"] = "1"
-    if env.kind == "mock":
+    child = child_environment()
+    if env.simulated:
         # Same interpreter, so site-packages (and an installed or editable rkedge) come along; add the sys.path
         # entries this process found rkedge in, for a checkout used without installing.
         paths = [str(SIMULATED_DIR)] + [p for p in sys.path if p and (Path(p) / "rkedge" / "__init__.py").is_file()]
@@ -214,7 +212,7 @@ def probe_toolkit(env: ToolkitEnv, *, extra_env: Mapping[str, str] | None = None
     return probe
 
 
-def run_job(env: ToolkitEnv, job: dict[str, Any], *, on_event: Callable[[dict[str, Any]], None] | None = None,
+def run_job(env: ToolkitEnv, job: Mapping[str, Any], *, on_event: EventHandler | None = None,
             timeout: float | None = None, extra_env: Mapping[str, str] | None = None,
             cwd: str | os.PathLike[str] | None = None) -> ToolkitResult:
     """Runs one load -> build -> export job in the toolkit's interpreter; never leaves the worker running.
@@ -228,177 +226,29 @@ def run_job(env: ToolkitEnv, job: dict[str, Any], *, on_event: Callable[[dict[st
     export_path = Path(str(job.get("export", {}).get("kwargs", {}).get("export_path", "")))
     if cwd is None and export_path.parent.is_dir():
         cwd = export_path.parent
-    started = time.monotonic()
-    handle, job_file = tempfile.mkstemp(prefix="rkedge-job-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(job, out, indent=1)
-    lines: list[str] = []
-    calls: list[dict[str, Any]] = []
-    outputs: list[dict[str, Any]] = []
-    error_event: dict[str, Any] | None = None
-    result_event: dict[str, Any] | None = None
-    timed_out = False
-    try:
-        proc = subprocess.Popen([env.python, str(WORKER), "--job", job_file], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_child_env(env, extra_env),
-                                cwd=cwd, start_new_session=True)  # own process group: killable as a whole
-        events = _EventPump(proc)
-        try:
-            for event in events.iterate(deadline=None if timeout is None else started + timeout):
-                kind = event.get("type")
-                if kind == "log":
-                    lines.append(str(event.get("line", "")))
-                elif kind == "error":
-                    error_event = event
-                elif kind == "result":
-                    result_event = event
-                if on_event is not None:
-                    on_event(event)
-            timed_out = events.timed_out
-            if timed_out:
-                _kill_group(proc)
-            returncode = proc.wait()
-            _reap_group(proc.pid)  # anything the toolkit started and left behind
-        except BaseException:  # KeyboardInterrupt, or an exception from on_event
-            _kill_group(proc)
-            raise
-        finally:
-            events.close()
-    finally:
-        os.unlink(job_file)
-
-    error: str | None = None
-    if result_event is not None:
-        outputs = list(result_event.get("outputs") or [])
-        calls = list(result_event.get("calls") or [])
-    if timed_out:
-        error = f"the toolkit did not finish within {timeout:g} s and was stopped (step: {events.step or '?'})"
-    elif returncode < 0:
-        name = _signal_name(-returncode)
-        error = f"the toolkit worker was killed by {name} during step {events.step or '?'}"
-        if -returncode == signal.SIGKILL:
-            error += " (the kernel's OOM killer sends SIGKILL: host memory, F-11)"
-    elif error_event is not None:
-        error = str(error_event.get("message") or "the toolkit failed")
-    elif returncode != 0 or result_event is None:
-        error = f"the toolkit worker exited with code {returncode} ({EXIT_MEANINGS.get(returncode, 'no result')})"
-    ok = error is None and returncode == 0 and bool(result_event and result_event.get("ok"))
-    scan = list(lines)
-    if error_event is not None:
-        scan += [str(error_event.get("message") or "")] + str(error_event.get("traceback") or "").splitlines()
-        scan += [str(p) for p in error_event.get("problems") or []]
+    run = run_worker([env.python, str(WORKER), "--job"], job, what="the toolkit", env=_child_env(env, extra_env),
+                     on_event=on_event, timeout=timeout, cwd=cwd, exit_meanings=EXIT_MEANINGS)
+    result_event = run.result_event or {}
+    ok = run.error is None and run.returncode == EXIT_OK and bool(result_event.get("ok"))
+    scan = list(run.log_lines)
+    if run.error_event is not None:
+        scan += [str(run.error_event.get("message") or "")] + str(run.error_event.get("traceback") or "").splitlines()
+        scan += [str(p) for p in run.error_event.get("problems") or []]
     findings = findings_from_log(scan)
-    if not ok and not timed_out and returncode == -signal.SIGKILL:
+    if not ok and run.killed_by_sigkill:
         findings.append(Finding("F-11", "error", "the toolkit was killed by SIGKILL, most likely by the kernel's "
                                 "OOM killer (host memory).", "free memory or add swap, or load with dtype float16 "
                                 "(1.2.0+)", "F-11"))
     return ToolkitResult(
-        ok=ok, returncode=returncode, outputs=outputs, calls=calls, log_lines=lines,
-        error=error, findings=findings,
-        toolkit_version=(result_event or {}).get("toolkit_version") or env.version, error_event=error_event,
-        timed_out=timed_out, duration_s=round(time.monotonic() - started, 3), pid=proc.pid)
-
-
-class _EventPump:
-    """Reads the worker's stdout (events) and stderr (log lines) on threads; yields events in this thread."""
-
-    _END = object()
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        import queue
-
-        self.proc = proc
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self.timed_out = False
-        self.step: str | None = None
-        self.threads = [threading.Thread(target=self._pump, args=(proc.stdout, "stdout"), daemon=True),
-                        threading.Thread(target=self._pump, args=(proc.stderr, "stderr"), daemon=True)]
-        for thread in self.threads:
-            thread.start()
-
-    def _pump(self, stream: Any, name: str) -> None:
-        try:
-            for raw in iter(stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                event: Any = None
-                if name == "stdout" and line.startswith("{"):
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        event = None
-                if not isinstance(event, dict) or "type" not in event:
-                    if not line.strip():
-                        continue
-                    event = {"type": "log", "line": line, "stream": name}
-                self.queue.put(event)
-        finally:
-            self.queue.put(self._END)
-
-    def iterate(self, deadline: float | None) -> Any:
-        import queue
-
-        ended = 0
-        while ended < len(self.threads):
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                self.timed_out = True
-                return
-            try:
-                event = self.queue.get(timeout=wait)
-            except queue.Empty:
-                self.timed_out = True
-                return
-            if event is self._END:
-                ended += 1
-                continue
-            if event.get("type") == "progress":
-                self.step = event.get("step")
-            elif event.get("type") == "error" and event.get("step"):
-                self.step = event.get("step")
-            yield event
-
-    def close(self) -> None:
-        for thread in self.threads:
-            thread.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the worker's process group, SIGKILL if it is still there after 5 s."""
-    if proc.poll() is not None:
-        return
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _reap_group(pgid: int) -> None:
-    """SIGKILL to what is left of the worker's own process group (the worker itself has been reaped)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
+        ok=ok, returncode=run.returncode, outputs=list(result_event.get("outputs") or []),
+        calls=list(result_event.get("calls") or []), log_lines=run.log_lines, error=run.error, findings=findings,
+        toolkit_version=result_event.get("toolkit_version") or env.version, error_event=run.error_event,
+        timed_out=run.timed_out, duration_s=run.duration_s, pid=run.pid)
 
 
 def build_job(*, load_method: str, load_kwargs: Mapping[str, Any], build_kwargs: Mapping[str, Any],
               export_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """A protocol-1 job from the three kwargs dicts (passed verbatim: the host decides them)."""
+    """A job of the worker's protocol from the three kwargs dicts (passed verbatim: the host decides them)."""
     return {"protocol": PROTOCOL, "load": {"method": load_method, "kwargs": dict(load_kwargs)},
             "build": {"kwargs": dict(build_kwargs)}, "export": {"kwargs": dict(export_kwargs)}}
 

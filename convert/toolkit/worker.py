@@ -330,7 +330,7 @@ def run_job(path):
     return EXIT_OK
 
 
-def _exit_with_parent():
+def exit_with_parent():
     """Ends the worker when rkedge dies (even by SIGKILL, when it cannot clean up): an orphaned toolkit would
     go on converting for hours, holding tens of GB of RAM, for a result nobody will collect."""
     parent = os.getppid()
@@ -349,7 +349,7 @@ def main(argv=None):
     if argv == ["--probe"]:
         return probe()
     if len(argv) == 2 and argv[0] == "--job":
-        _exit_with_parent()
+        exit_with_parent()
         return run_job(argv[1])
     sys.stderr.write("usage: worker.py --probe | --job JOB.json\n")
     return EXIT_BAD_JOB
