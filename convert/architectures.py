@@ -2,7 +2,8 @@
 
 Keyed by ``config.json`` ``architectures[0]`` and ``model_type`` (also inside a nested ``text_config``).
 Each entry says which toolkit version added the family, its chat-template family (rkedge's renderer) and
-the LoRA target modules of its linear layers. Source: converter-anchors-and-failure-modes.md section 3.3
+the LoRA target modules of its linear layers. Architectures no version converts, and the architecture rules
+with the toolkit's own words, are plan rules of the failure catalogue (:mod:`rkedge.failures`). Source: converter-anchors-and-failure-modes.md section 3.3
 and Appendix A ("architectures_added"), the SDK manuals' model lists; class names as transformers spells them.
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rkedge.convert.findings import Finding
+from rkedge.failures import PLAN, Applies, KnownFailure, plan_rules, refused_architecture
+from rkedge.versions import version_key
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,12 +35,20 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class RefusedArch:
+    """A view of a ``refused-architecture`` rule of :mod:`rkedge.failures` (where the data lives)."""
+
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
     reason: str
     fix: str
     source: str
     alternatives: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, rule: KnownFailure) -> RefusedArch:
+        applies = rule.applies or Applies()
+        return cls(applies.architectures, applies.model_types, rule.message, rule.fix or "", rule.source,
+                   rule.alternatives)
 
 
 S33 = "converter-anchors-and-failure-modes.md section 3.3 / Appendix A"
@@ -80,25 +91,8 @@ REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("SmolLM3", ("SmolLM3ForCausalLM",), ("smollm3",), "1.3.0", None, LLAMA_TARGETS, S33),
 )
 
-REFUSED: tuple[RefusedArch, ...] = (
-    RefusedArch(
-        ("RecurrentGemmaForCausalLM",), ("recurrent_gemma",),
-        "RecurrentGemma's RG-LRU recurrent blocks are implemented by no rkllm-toolkit version (1.0.0 to 1.3.0), and "
-        "the toolkit's custom-model template needs RMSNorm + attention/FFN blocks",
-        "convert it with the RKNN backend instead (rkedge convert --backend rknn), which compiles its fixed-size "
-        "decode step with rknn-toolkit2; or pick a Gemma / Gemma 2 / Gemma 3 model",
-        "converter-anchors-and-failure-modes.md section 3.3; recurrentgemma-rknn-feasibility.md",
-        alternatives=("rknn backend",),
-    ),
-    RefusedArch(
-        ("Gemma3ForConditionalGeneration",), ("gemma3",),
-        "multimodal Gemma 3 (4b and up) fails in the toolkit: 'Gemma3Config' object has no attribute 'vocab_size' "
-        "(rknn-llm#240)",
-        "save the text model alone (model.language_model with its config.text_config) and convert that "
-        "folder as Gemma3ForCausalLM",
-        "F-8; rknn-llm#240",
-    ),
-)
+# shim: callers move to rkedge.failures
+REFUSED: tuple[RefusedArch, ...] = tuple(RefusedArch.of(rule) for rule in PLAN if rule.kind == "refused-architecture")
 
 
 def config_identity(config: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -120,23 +114,17 @@ def find_spec(arch: str | None, model_type: str | None) -> ArchSpec | None:
 
 
 def find_refused(arch: str | None, model_type: str | None) -> RefusedArch | None:
-    for refused in REFUSED:
-        if (arch and arch in refused.architectures) or (not arch and model_type in refused.model_types):
-            return refused
-    return None
+    rule = refused_architecture(arch, model_type)
+    return RefusedArch.of(rule) if rule is not None else None
 
 
 def supported_list(toolkit_version: str | None = None) -> str:
-    from rkedge.convert.rules import version_key
-
     specs = [s for s in REGISTRY if toolkit_version is None or version_key(s.since) <= version_key(toolkit_version)]
     return ", ".join(f"{s.family} ({s.architectures[0]}, {s.since}+)" for s in specs)
 
 
 def check_architecture(config: dict[str, Any], toolkit_version: str) -> tuple[ArchSpec | None, list[Finding]]:
     """The registry entry for a config and the findings for this toolkit version."""
-    from rkedge.convert.rules import version_key
-
     arch, model_type = config_identity(config)
     refused = find_refused(arch, model_type)
     if refused is not None:
@@ -151,17 +139,14 @@ def check_architecture(config: dict[str, Any], toolkit_version: str) -> tuple[Ar
             "F-8; " + S33)]
     findings: list[Finding] = []
     if version_key(toolkit_version) < version_key(spec.since):
-        text = {"Gemma3ForCausalLM": " (toolkit 1.1.4 prints 'ERROR: Not support Gemma3ForCausalLM!', rknn-llm#220)"}
+        said = "".join(f" ({rule.message})" for rule in plan_rules("toolkit-too-old", architecture=arch))
         findings.append(Finding(
             "F-8", "error",
             f"{spec.family} ({arch}) needs rkllm-toolkit {spec.since} or newer; this request uses {toolkit_version}"
-            f"{text.get(arch or '', '')}.",
+            f"{said}.",
             f"use --toolkit-version {spec.since} or newer (and a board runtime of the same generation)",
             "F-8; " + S33))
-    rope = (config.get("rope_scaling") or {}) if isinstance(config.get("rope_scaling"), dict) else {}
-    if rope.get("rope_type") == "llama3" and version_key(toolkit_version) < version_key("1.1.0"):
-        findings.append(Finding(
-            "F-8", "error", "Llama 3.x rope_scaling (rope_type 'llama3') is not understood by toolkit 1.0.x "
-            "(\"`rope_scaling` must be a dictionary with with two fields\", ezrknn-llm#16).",
-            "use --toolkit-version 1.1.0 or newer", "F-8; ezrknn-llm#16"))
+    for rule in plan_rules("config", architecture=arch, model_type=model_type, toolkit_version=toolkit_version,
+                           config=config):
+        findings.append(Finding(rule.id, rule.severity, rule.message, rule.fix, rule.source))
     return spec, findings

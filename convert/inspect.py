@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 
 from rkedge.convert.safetensors_index import TensorInfo, checkpoint_files, read_checkpoint
 from rkedge.errors import InputError
+from rkedge.modelfile import is_simulated_file, sniff_rkllm
 
 #: A checkpoint's tokenizer, chat-template and generation files (export copies them beside the weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-#: The trailer observed at the end of a vendor .rkllm (one 1.1.4 file; charsiu provenance notes).
-VENDOR_TRAILER = re.compile(rb"rkllm-toolkit version: ?v?(\d+\.\d+\.\d+\w*)")
 
 
 @dataclass
@@ -183,82 +181,73 @@ def _snapshot_revision(folder: Path) -> str | None:
     return None
 
 
-# --- GGUF -----------------------------------------------------------------------------------------------
+# --- GGUF ---------------------------------------------------------------------------------------------------------
 
-GGUF_FILE_TYPES = {0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 7: "MOSTLY_Q8_0",
-                   8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 15: "MOSTLY_Q4_K_M",
-                   17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16"}
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file, read with gguf-py's ``GGUFReader`` (memory-mapped: the tensors are
+    not read). Arrays are reduced to ``{"array_length": n}`` (a tokenizer's vocabulary is 150k strings).
+
+    Raises:
+        InputError: the file is not a GGUF file gguf-py can read.
+    """
+    try:
+        from gguf import GGUFReader, GGUFValueType
+    except ImportError as exc:
+        raise InputError(f"reading GGUF files needs the gguf package ({exc}).",
+                         fix="pip install 'rkedge[convert]'") from None
+    try:
+        reader = GGUFReader(Path(path))
+    except (ValueError, OSError, IndexError) as exc:
+        raise InputError(f"{path} is not a GGUF file ({exc}).",
+                         fix="pass a .gguf file (or convert the Hugging Face checkpoint instead)") from None
+    metadata: dict[str, Any] = {}
+    for key, gguf_field in reader.fields.items():
+        if gguf_field.types and gguf_field.types[0] == GGUFValueType.ARRAY:
+            metadata[key] = {"array_length": len(gguf_field.data)}
+        else:
+            metadata[key] = gguf_field.contents()
+    return metadata
+
+
+def gguf_file_type_name(file_type: int) -> str | None:
+    """``general.file_type`` by the name gguf-py gives it (the toolkit prints the same, rknn-llm#312)."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(file_type).name
+    except ValueError:
+        return None
 
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
     """``general.architecture``, ``general.name`` and ``general.file_type`` of a GGUF file (header only)."""
     path = Path(path)
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise InputError(f"{path} is not a GGUF file.")
-        version, _tensors, kv_count = struct.unpack("<IQQ", handle.read(20))
-        wanted = {"general.architecture", "general.name", "general.file_type"}
-        found: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = _gguf_string(handle)
-            (value_type,) = struct.unpack("<I", handle.read(4))
-            value = _gguf_value(handle, value_type)
-            if key in wanted:
-                found[key] = value
-            if wanted <= set(found):
-                break
-    file_type = found.get("general.file_type")
-    return {"kind": "gguf", "path": str(path), "gguf_version": version,
-            "architecture": found.get("general.architecture"), "name": found.get("general.name"),
-            "file_type": GGUF_FILE_TYPES.get(file_type, f"type {file_type}") if file_type is not None else None}
-
-
-def _gguf_string(handle: Any) -> str:
-    (length,) = struct.unpack("<Q", handle.read(8))
-    return handle.read(length).decode("utf-8", "replace")
-
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _gguf_value(handle: Any, value_type: int) -> Any:
-    if value_type in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[value_type]
-        return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
-    if value_type == 8:
-        return _gguf_string(handle)
-    if value_type == 9:
-        (item_type,) = struct.unpack("<I", handle.read(4))
-        (count,) = struct.unpack("<Q", handle.read(8))
-        return [_gguf_value(handle, item_type) for _ in range(count)]
-    raise InputError(f"unknown GGUF metadata type {value_type}; the file may be corrupt.")
+    metadata = read_gguf_metadata(path)
+    file_type = metadata.get("general.file_type")
+    type_name = (gguf_file_type_name(file_type) or f"type {file_type}") if isinstance(file_type, int) else None
+    return {"kind": "gguf", "path": str(path), "gguf_version": metadata.get("GGUF.version"),
+            "architecture": metadata.get("general.architecture"), "name": metadata.get("general.name"),
+            "file_type": type_name}
 
 
 # --- .rkllm files ----------------------------------------------------------------------------------------
 
 def inspect_rkllm(path: str | Path) -> dict[str, Any]:
     """A ``.rkllm``: simulated (our header + manifest) or vendor (trailer, sidecar manifest)."""
-    from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
+    from rkedge.runtime.simmodel import read_simulated_model
 
     path = Path(path)
     sidecar = path.with_name(path.name + ".json")
     manifest = read_json(sidecar) if sidecar.is_file() else None
-    if is_simulated_model(path):
-        return {"kind": "simulated-rkllm", "path": str(path), "size": path.stat().st_size,
+    sniffed = sniff_rkllm(path)
+    if sniffed.simulated:
+        return {"kind": "simulated-rkllm", "path": str(path), "size": sniffed.size,
                 "note": "rkedge simulated model: runs on the simulated NPU only (no weights)",
                 "simulated_manifest": read_simulated_model(path), "manifest": manifest}
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-        handle.seek(max(size - 128, 0))
-        tail = handle.read()
-    trailer = VENDOR_TRAILER.search(tail)
-    info: dict[str, Any] = {"kind": "rkllm", "path": str(path), "size": size,
-                            "toolkit_version_trailer": trailer.group(1).decode() if trailer else None,
-                            "manifest": manifest}
-    if head.startswith(b"RKLL") and struct.unpack_from("<I", head, 4)[0] == 1:
-        info["problem"] = ("F-13: this looks like rkllama's fabricated layout ('RKLL' + version 1), which the runtime "
-                           "rejects with 'E rkllm: invalid rkllm model!'; convert with rkllm-toolkit instead")
+    info: dict[str, Any] = {"kind": "rkllm", "path": str(path), "size": sniffed.size,
+                            "toolkit_version_trailer": sniffed.toolkit_version_trailer, "manifest": manifest}
+    if sniffed.problem:
+        info["problem"] = sniffed.problem
     return info
 
 
@@ -276,16 +265,10 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         return inspect_checkpoint(path).summary()
     if path.suffix == ".gguf":
         return inspect_gguf(path)
-    if path.suffix == ".rkllm" or _magic(path) == b"RKEDGE-S":
+    if path.suffix == ".rkllm" or is_simulated_file(path):
         return inspect_rkllm(path)
     raise InputError(f"don't know how to inspect {path}.",
                      fix="pass a checkpoint folder, a config.json, an adapter folder, a .gguf or a .rkllm file")
-
-
-def _magic(path: Path) -> bytes:
-    """The first 8 bytes (a file handed to inspect may be a multi-GB safetensors)."""
-    with path.open("rb") as file:
-        return file.read(8)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -2,16 +2,18 @@
 
 Source for every table: converter-anchors-and-failure-modes.md section 3 (3.1 dtypes per platform, 3.2
 build/load/export arguments, 3.4 Python versions) and Appendix A. The planner reads these tables; no other
-module encodes a version rule in an ``if``.
+module encodes a version rule in an ``if``. Version ordering itself lives in :mod:`rkedge.versions` (the board
+needs it too).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from rkedge.errors import InputError
+from rkedge.versions import version_key as version_key  # shim: callers move to rkedge.versions
 
 TOOLKIT_VERSIONS: tuple[str, ...] = (
     "1.0.0", "1.0.1", "1.0.2", "1.1.0", "1.1.1", "1.1.2", "1.1.3", "1.1.4",
@@ -22,12 +24,6 @@ W4A16_FAMILY = ("w4a16", "w4a16_g32", "w4a16_g64", "w4a16_g128")
 RK3588_11 = ("w8a8", "w8a8_g128", "w8a8_g256", "w8a8_g512")
 RK3576_11 = ("w4a16", "w4a16_g32", "w4a16_g64", "w4a16_g128", "w8a8")
 RK3562_12 = ("w8a8", "w4a16_g32", "w4a16_g64", "w4a16_g128", "w4a8_g32")
-
-
-def version_key(version: str) -> tuple[int, int, int]:
-    """``"1.2.1b1"`` -> (1, 2, 1); pre-release suffixes sort with their release."""
-    parts = [int(p) for p in re.findall(r"\d+", version)[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

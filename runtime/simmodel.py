@@ -1,6 +1,6 @@
 """The simulated-model file format: what the simulated NPU loads instead of a vendor ``.rkllm``.
 
-A simulated model is one line of our own magic, ``RKEDGE-SIMULATED-RKLLM-MODEL/1``, then a JSON manifest
+A simulated model is one line of our own magic (``rkedge.modelfile.SIMULATED_MODEL_MAGIC``), then a JSON manifest
 (platform, dtype, toolkit version, architecture, context limit, chat template, BOS/EOS, optional scripted
 responses, pace and faults). It can never be mistaken for a vendor file: it holds no weights, and the
 real-runtime path of :class:`rkedge.runtime.LLM` refuses it before ``rkllm_init`` with a clear message.
@@ -16,10 +16,14 @@ from typing import Any
 
 from rkedge._fs import atomic_write_bytes
 from rkedge.errors import ModelFileError
+from rkedge.modelfile import SIMULATED_CACHE_MAGIC as CACHE_MAGIC
+from rkedge.modelfile import SIMULATED_LORA_MAGIC as LORA_MAGIC
+from rkedge.modelfile import SIMULATED_MODEL_MAGIC as MODEL_MAGIC
+from rkedge.modelfile import is_simulated_model
 
-MODEL_MAGIC = b"RKEDGE-SIMULATED-RKLLM-MODEL/1\n"
-LORA_MAGIC = b"RKEDGE-SIMULATED-RKLLM-LORA/1\n"
-CACHE_MAGIC = b"RKEDGE-SIMULATED-PROMPT-CACHE/1\n"
+__all__ = ["BOARD_PACE", "CACHE_MAGIC", "FORMAT_VERSION", "LORA_MAGIC", "MODEL_MAGIC", "build_cli_manifest",
+           "is_simulated_model", "model_id_for", "read_magic", "read_simulated_model", "simulated_manifest",
+           "write_simulated_lora", "write_simulated_model"]
 FORMAT_VERSION = 1
 
 #: Board pace from Rockchip's RK3588 benchmark (Qwen2.5-1.5B w8a8, runtime 1.3.0: TTFT 378.31 ms for 128
@@ -99,13 +103,6 @@ def read_magic(path: str | Path, length: int = 64) -> bytes:
         return handle.read(length)
 
 
-def is_simulated_model(path: str | Path) -> bool:
-    try:
-        return read_magic(path).startswith(MODEL_MAGIC)
-    except OSError:
-        return False
-
-
 def read_simulated_model(path: str | Path) -> dict[str, Any]:
     """The manifest of a simulated model file.
 
@@ -157,5 +154,5 @@ def build_cli_manifest(*, responses: tuple[str, ...] = (), pace: str = "unlimite
         from rkedge.runtime.templates import get_template
 
         fields["chat_template"] = dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"),
-                                           get_template(chat_family).runtime_parts()))
+                                           get_template(chat_family).runtime_parts(), strict=True))
     return simulated_manifest(responses=rules, pace=pace_map, faults=fault_map, chat_family=chat_family, **fields)

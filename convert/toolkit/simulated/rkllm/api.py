@@ -5,7 +5,9 @@ Which keyword arguments each method accepts, and which platform/dtype/algorithm 
 argument the version lacks raises ``TypeError`` as Python does for the real function. Failures print the
 vendor's own text where the catalogue has one (F-2, F-8, F-9, GGUF types, the max_context INFO line) and
 ``ERROR: [rkedge simulated toolkit] <id>: ...`` where it has none; the method then returns -1 like the
-toolkit. ``export_rkllm`` writes an rkedge simulated model (plus ``<stem>_lora.rkllm`` for a LoRA).
+toolkit. Every such text comes from the failure catalogue (``rkedge.failures``): this module runs in the
+interpreter of ``rkedge convert`` itself (``--toolkit mock``: ``convert/toolkit/__init__.py`` puts rkedge on the
+worker's path), so it imports rkedge, and reads GGUF headers with rkedge's own reader (gguf-py). ``export_rkllm`` writes an rkedge simulated model (plus ``<stem>_lora.rkllm`` for a LoRA).
 
 Test hooks: ``$RKEDGE_SIM_TOOLKIT_FAIL=step:kind[,step:kind]`` (step: import|load|build|export; kind: F-2,
 F-7, F-8, F-9, F-14, fail, crash, hang, segfault, killed) forces a failure; ``$RKEDGE_SIM_TOOLKIT_RECORD=FILE``
@@ -17,14 +19,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from rkedge.convert.rules import GGUF_TYPES
-from rkedge.convert.toolkit.known_errors import simulated_text
+from rkedge.failures import simulated_toolkit_text, vendor_text
+from rkedge.versions import version_key
 
 DEFAULT_VERSION = "1.3.0"
 EXPORT_META = "rkedge_export.json"  # written by the host's export step (rkedge.convert.export)
@@ -43,11 +45,6 @@ BUILD_PARAMS: tuple[tuple[str, Any], ...] = (
 EXPORT_PARAMS: tuple[tuple[str, Any], ...] = (
     ("export_path", _REQUIRED), ("export_tokenizer", True), ("export_embedding", True))
 
-#: gguf-py LlamaFileType values (general.file_type) and the names the toolkit prints (rknn-llm#312).
-GGUF_FILE_TYPES = {0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 7: "MOSTLY_Q8_0",
-                   8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S", 12: "MOSTLY_Q3_K_M",
-                   13: "MOSTLY_Q3_K_L", 14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S",
-                   17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16"}
 GGUF_READABLE = GGUF_TYPES  # fp16 and q4_0 only
 
 
@@ -70,7 +67,7 @@ def _say(line: str) -> None:
 
 
 def _fail(id: str, message: str) -> int:
-    _say(simulated_text(id, message))
+    _say(simulated_toolkit_text(id, message))
     return -1
 
 
@@ -132,14 +129,12 @@ def _inject(step: str, context: dict[str, Any]) -> int | None:
         return _fail("F-7", f"max_context {context.get('max_context', 20000)} is out of range: at most 16384 and a "
                             "multiple of 32 (injected)")
     if kind == "F-8":
-        _say(f"ERROR: Not support {context.get('architecture') or 'Gemma3ForCausalLM'}!")
+        _say(vendor_text("toolkit.F-8.not-support", arch=context.get("architecture") or "Gemma3ForCausalLM"))
         return -1
     if kind == "F-9":
-        _say("ERROR: Catch exception when loading model: bitsandbytes")
-        _say("Load model failed!")
-        return -1
+        return _bitsandbytes_refusal()
     if kind == "F-14":
-        raise NameError("name 'exit' is not defined")
+        raise NameError(vendor_text("toolkit.F-14.exit").partition("NameError: ")[2])
     if kind == "crash":
         raise RuntimeError(f"[rkedge simulated toolkit] injected crash in step {step}")
     if kind == "hang":
@@ -161,15 +156,20 @@ def _inject(step: str, context: dict[str, Any]) -> int | None:
 
 def _dtype_refusal(platform: str, dtype: str, version: str) -> int:
     """F-2 in the vendor's words: 1.3.0 (rknn-llm#535), earlier (rknn-llm#186)."""
-    from rkedge.convert.rules import version_key
-
     if version_key(version) >= version_key("1.3.0"):
-        _say(f"ERROR: target_platform: {platform} not support quantized_dtype: {dtype}!")
+        _say(vendor_text("toolkit.F-2.1.3", platform=platform, dtype=dtype))
     else:
         if version_key(version) < version_key("1.2.0"):
-            _say(simulated_text("F-2", f"whether toolkit {version} refused {dtype} for {platform} at build time is "
-                                       "not documented; the 1.2.x text follows"))
-        _say(f"The quantized_dtype = '{dtype}' is not supported in '{platform}'!")
+            _say(simulated_toolkit_text("F-2", f"whether toolkit {version} refused {dtype} for {platform} at build "
+                                               "time is not documented; the 1.2.x text follows"))
+        _say(vendor_text("toolkit.F-2.1.2", platform=platform, dtype=dtype))
+    return -1
+
+
+def _bitsandbytes_refusal() -> int:
+    """F-9 in the vendor's words (rknn-llm#212): the specific line, then the generic one."""
+    _say(vendor_text("toolkit.F-9.bitsandbytes"))
+    _say(vendor_text("toolkit.load-failed"))
     return -1
 
 
@@ -182,45 +182,6 @@ def _sub_config(config: dict[str, Any], key: str) -> Any:
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get(key)
     return value
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (versions 2 and 3); arrays are reduced to their length."""
-    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-    with open(path, "rb") as handle:
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = handle.read(size)
-            if len(data) != size:
-                raise ValueError("truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def string() -> str:
-            return handle.read(read("<Q")).decode("utf-8", "replace")
-
-        def value(kind: int) -> Any:
-            if kind in scalar:
-                return read(scalar[kind])
-            if kind == 8:
-                return string()
-            if kind == 9:
-                item, count = read("<I"), read("<Q")
-                for _ in range(count):
-                    value(item)
-                return {"array_length": count}
-            raise ValueError(f"unknown GGUF value type {kind}")
-
-        if handle.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file (no GGUF magic)")
-        version = read("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported")
-        read("<Q")  # tensor count
-        metadata: dict[str, Any] = {}
-        for _ in range(read("<Q")):
-            key = string()
-            metadata[key] = value(read("<I"))
-        return metadata
 
 
 class RKLLM:
@@ -275,7 +236,8 @@ class RKLLM:
 
     def load_gguf(self, *args: Any, **kwargs: Any) -> int:
         from rkedge.convert.architectures import find_spec
-        from rkedge.convert.rules import version_key
+        from rkedge.convert.inspect import gguf_file_type_name, read_gguf_metadata
+        from rkedge.errors import InputError
 
         _record("load_gguf", args, kwargs)
         if version_key(self.version) < version_key("1.1.0"):
@@ -290,14 +252,14 @@ class RKLLM:
             return _fail("toolkit.model", f"load_gguf needs a .gguf file path; {path} is not a file")
         try:
             metadata = read_gguf_metadata(path)
-        except (OSError, ValueError) as exc:
-            return _fail("toolkit.model", f"{path} is not a readable GGUF file ({exc})")
+        except InputError as exc:
+            return _fail("toolkit.model", f"{path} is not a readable GGUF file ({exc.message})")
         file_type = metadata.get("general.file_type")
-        type_name = GGUF_FILE_TYPES.get(file_type, str(file_type)) if isinstance(file_type, int) else None
+        type_name = (gguf_file_type_name(file_type) or str(file_type)) if isinstance(file_type, int) else None
         if type_name is None:
             return _fail("toolkit.model", f"{path} has no general.file_type; the GGUF type cannot be checked")
         if type_name not in GGUF_READABLE:
-            _say(f"Not support GGMLQuantizationType: {type_name}!")
+            _say(vendor_text("toolkit.gguf.type", type=type_name))
             return -1
         gguf_arch = metadata.get("general.architecture")
         spec = find_spec(None, gguf_arch) if isinstance(gguf_arch, str) else None
@@ -316,7 +278,7 @@ class RKLLM:
     # -- build -----------------------------------------------------------------------------------------------
 
     def build(self, *args: Any, **kwargs: Any) -> int:
-        from rkedge.convert.rules import algorithm_stem, version_key
+        from rkedge.convert.rules import algorithm_stem
 
         _record("build", args, kwargs)
         bound = _bind("RKLLM.build", BUILD_PARAMS, self.rules.build_args, args, kwargs)
@@ -332,7 +294,7 @@ class RKLLM:
         rules = self.rules
         gguf_type = self._model["gguf_type"]
         if gguf_type == "MOSTLY_F16" and bound["do_quantization"]:
-            _say("ERROR: do_quantization must be False, when GGMLQuantizationType is MOSTLY_F16!")
+            _say(vendor_text("toolkit.gguf.fp16-quantization"))
             return -1
         if gguf_type == "MOSTLY_Q4_0":
             dtype = GGUF_READABLE[gguf_type] or dtype  # a q4_0 GGUF is w4a16_g32 (manual section 3.1)
@@ -379,8 +341,8 @@ class RKLLM:
         max_context = bound.get("max_context", _UNSET)
         if "max_context" in rules.build_args:
             if max_context is _UNSET or max_context is None:
-                _say("INFO: Setting max_context_limit to 4096")  # rknn-llm#220
-                max_context = 4096
+                max_context = 4096  # the toolkit's default (rknn-llm#220)
+                _say(vendor_text("toolkit.F-7.default-limit", limit=max_context))
             elif not isinstance(max_context, int) or isinstance(max_context, bool) or not 0 < max_context <= 16384 \
                     or max_context % 32:
                 return _fail("F-7", f"max_context {max_context!r} must be at most 16384 and a multiple of 32 "
@@ -481,16 +443,14 @@ class RKLLM:
         return None
 
     def _check_quantization(self, config: dict[str, Any]) -> int | None:
-        from rkedge.convert.rules import GPTQ, version_key
+        from rkedge.convert.rules import GPTQ
 
         quant = config.get("quantization_config")
         if not isinstance(quant, dict):
             return None
         method = str(quant.get("quant_method", "")).lower()
         if method == "bitsandbytes" or quant.get("load_in_4bit") or quant.get("load_in_8bit"):
-            _say("ERROR: Catch exception when loading model: bitsandbytes")  # rknn-llm#212
-            _say("Load model failed!")
-            return -1
+            return _bitsandbytes_refusal()
         if method == "gptq":
             rule = GPTQ.get(quant.get("bits"))  # type: ignore[call-overload]
             if rule is None or version_key(self.version) < version_key(rule["since"]) \
@@ -505,27 +465,26 @@ class RKLLM:
 
     def _check_architecture(self, config: dict[str, Any], arch: str | None) -> int | None:
         from rkedge.convert.architectures import find_refused, find_spec
-        from rkedge.convert.rules import version_key
 
         model_type = _sub_config(config, "model_type")
         if arch == "Gemma3ForConditionalGeneration" and version_key(self.version) >= version_key("1.2.0"):
-            _say("ERROR: Catch exception when loading model: 'Gemma3Config' object has no attribute 'vocab_size'")
-            return -1  # rknn-llm#240
+            _say(vendor_text("toolkit.F-8.gemma3-multimodal"))
+            return -1
         spec = find_spec(arch, model_type)
         if spec is None or find_refused(arch, model_type) is not None:
             # Custom models (1.2.0+, RMSNorm decoders with custom_config, manual 3.1.6) are not simulated.
             return _fail("F-8", f"architecture {arch or model_type or '?'} is in no rkllm-toolkit model list")
         if version_key(self.version) < version_key(spec.since):
             if spec.family == "Gemma4" and version_key(self.version) == version_key("1.2.3"):
-                _say("ERROR: Catch exception when loading model: The size of tensor a (2048) must match the size of "
-                     "tensor b (4096) at non-singleton dimension 0")  # rknn-llm#495/#496
+                # UNKNOWN: the sizes are those of the report (rknn-llm#495/#496), not computed from the model.
+                _say(vendor_text("toolkit.F-8.tensor-size", a=2048, b=4096))
                 return -1
-            _say(f"ERROR: Not support {arch}!")  # rknn-llm#220 (Gemma3ForCausalLM on 1.1.4)
+            _say(vendor_text("toolkit.F-8.not-support", arch=arch))  # Gemma3ForCausalLM on 1.1.4: rknn-llm#220
             return -1
         rope = config.get("rope_scaling")
         if isinstance(rope, dict) and rope.get("rope_type") == "llama3" and version_key(self.version) < (1, 1, 0):
-            _say(f"Error: `rope_scaling` must be a dictionary with with two fields, `type` and `factor`, got {rope}")
-            return -1  # ezrknn-llm#16
+            _say(vendor_text("toolkit.F-8.rope-scaling", rope=rope))
+            return -1
         return None
 
     def _manifest_fields(self, stem: str) -> dict[str, Any]:
