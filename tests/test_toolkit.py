@@ -493,7 +493,7 @@ def test_known_error_texts(line: str, finding: str) -> None:
 
 def test_known_error_table_is_sourced() -> None:
     for entry in KNOWN_ERRORS:
-        assert entry.source and entry.message and entry.pattern.pattern
+        assert entry.source and entry.message and entry.regex is not None
     found = findings_from_log(["ERROR: Catch exception when loading model: bitsandbytes", "Load model failed!"])
     assert [f.id for f in found] == ["F-9"]  # the generic "load failed" is dropped when a specific entry matched
     assert findings_from_log(["Load model failed!"])[0].id == "toolkit.load-failed"
