@@ -131,3 +131,29 @@ def algorithm_stem(algorithm: str) -> tuple[str, int | None]:
     """``normal_r16`` -> ("normal", 16)."""
     match = re.fullmatch(r"([a-z]+)_r(\d+)", algorithm)
     return (match.group(1), int(match.group(2))) if match else (algorithm, None)
+
+
+# --- rules the planner and the pipeline apply (added by the toolkit-seam work; kept out of their ifs) ---------
+
+#: optimization_level 1 costs runtime speed; Rockchip's benchmarks convert with 0 from this version on
+#: (benchmark.md, v1.2.1+), so the planner warns from here.
+OPTIMIZATION_SPEED_WARNING_SINCE = "1.2.1"
+#: Versions whose runtime-LoRA conversion errors the maintainers answered with "use 1.2.1" (rknn-llm#357).
+RUNTIME_LORA_WEAK_VERSIONS: tuple[str, ...] = ("1.2.0",)
+#: Host memory the toolkit holds per parameter while converting, by load dtype (model + calibration state;
+#: F-11: rknn-llm#30, ez-er#2, BEG measurements), and the margin added on top.
+HOST_BYTES_PER_PARAM: Mapping[str, float] = {"float32": 4.4, "float16": 2.2, "bfloat16": 2.2}
+HOST_MEMORY_MARGIN = 1.1
+
+
+@dataclass(frozen=True)
+class RuntimeRecommendations:
+    """What a manifest recommends to the board's runtime (F-1: the maintainers' standard advice)."""
+
+    min_rknpu_driver: str = "0.9.8"  # rknpu < 0.9.8 fails to map weight buffers above 2 GiB
+    base_domain_above_bytes: int = 2 << 30  # weights above this get their own IOMMU domain...
+    base_domain_id: int = 1  # ...base_domain_id=1
+    source: str = "F-1: rknpu_iommu.c dma_limit; rknn-llm#139, #195, #232"
+
+
+RUNTIME_RECOMMENDATIONS = RuntimeRecommendations()
