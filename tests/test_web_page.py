@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -17,7 +20,16 @@ from test_server import LiveServer, make_app  # noqa: E402
 from rkedge.runtime.simmodel import build_cli_manifest, write_simulated_model  # noqa: E402
 
 ANSWER = "The page streams this answer token by token: Größe 日本語."
+T = TypeVar("T")
 ARTIFACTS = Path(os.environ.get("RKEDGE_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
+
+
+def wait_until(probe: Callable[[], T], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return value
 
 
 def test_the_page_shows_a_streamed_answer(tmp_path, monkeypatch):
@@ -37,9 +49,9 @@ def test_the_page_shows_a_streamed_answer(tmp_path, monkeypatch):
             page.fill("#input", "Hello page")
             page.click("#send")
             # streaming: part of the answer is visible before all of it (40 tokens/s)
-            page.wait_for_function("document.querySelector('.assistant') && "
-                                   "document.querySelector('.assistant').textContent.length > 3")
-            partial = page.text_content(".assistant")
+            # Polled from here: wait_for_function evaluates a string, which the page's CSP rightly forbids.
+            partial = wait_until(lambda: len(page.text_content(".assistant") or "") > 3 and
+                                 page.text_content(".assistant"))
             page.wait_for_selector(".assistant[data-state=done]", timeout=30000)
             text = page.text_content(".assistant")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -48,8 +60,7 @@ def test_the_page_shows_a_streamed_answer(tmp_path, monkeypatch):
             stats = page.text_content("#stats")
             page.fill("#input", "Second turn")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.assistant[data-state=done]').length == 2",
-                                   timeout=30000)
+            wait_until(lambda: len(page.query_selector_all(".assistant[data-state=done]")) == 2)
             browser.close()
     finally:
         server.stop()

@@ -1,15 +1,33 @@
 """OpenAI- and Ollama-compatible HTTP server over one model (``rkedge serve``).
 
 ``create_app(settings)`` builds the FastAPI app; tests pass an already-open :class:`~rkedge.runtime.LLM`.
-FastAPI is imported only here and below (the ``serve`` extra).
+FastAPI is imported only by the modules in :data:`WEB_MODULES` (the ``serve`` extra).
+
+Modules: ``app`` wires everything; ``openai`` (``/v1``), ``ollama`` (``/api``) and ``pages`` (``/``, ``/health``,
+``/metrics``, docs) hold the routers; ``deps`` the dependencies (engine, key, bodies); ``schemas`` the request
+bodies; ``responses`` the response that owns a request's NPU turn; ``engine`` the queue and runs; ``errors``
+the HTTP error translation; ``middleware`` the access log, metrics and request guards; ``run`` uvicorn.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rkedge.runtime.server.settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from rkedge.runtime.llm import LLM
+
+__all__ = ["ServerSettings", "WEB_MODULES", "create_app"]
+
+#: Modules that import FastAPI or Starlette at module level (they exist to drive it).
+WEB_MODULES = tuple(f"rkedge.runtime.server.{name}" for name in (
+    "app", "deps", "errors", "middleware", "ollama", "openai", "pages", "responses", "schemas"))
 
 
-def create_app(settings: ServerSettings, llm: object | None = None) -> object:
+def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
     from rkedge.runtime.server.app import create_app as _create
 
-    return _create(settings, llm)  # type: ignore[arg-type]
+    return _create(settings, llm)

@@ -1,37 +1,48 @@
 """One model, one NPU generation at a time, a bounded FIFO queue in front of it.
 
-Requests wait in arrival order (``asyncio.Lock`` wakes waiters first-in first-out); when ``max_queue`` are
-already waiting, the next gets 429 with ``Retry-After``. A generation runs on a worker thread and its chunks
-cross into the event loop through an ``asyncio.Queue``; when the client goes away the generation is aborted
-on the NPU (the runtime stops within one token) and the next request is served.
+A request is shaped once into a :class:`Job` (prompt rendered and counted, parameters mapped to what the ABI
+takes), then waits for the NPU in arrival order. The queue's entries belong to their clients: a client that
+leaves while queued takes its entry out before it reaches the NPU, and one that leaves mid-run has its run
+aborted. Each run happens on a worker thread (:class:`Run`) that owns the NPU slot from the start of the run
+until the *native* run has ended, and releases it itself: a cancelled or never-started response can neither
+keep the slot nor free it while an orphan run is still on the NPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rkedge.errors import BusyError, ContextLengthExceeded, RkedgeError
+from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, RkedgeError
 from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
 from rkedge.runtime.server.metrics import Metrics
 from rkedge.runtime.tokens import TokenCounter
 
+#: Service time assumed before the first generation has been measured (for Retry-After only).
+FIRST_GUESS_S = 2.0
+
 
 class QueueFull(BusyError):
     def __init__(self, retry_after: int) -> None:
         super().__init__("the model is busy and its queue is full.",
-                         fix=f"retry in about {retry_after} s, or start rkedge serve with a larger --max-queue")
+                         fix=f"retry in about {retry_after} s, or start rkedge serve with a larger --max-queue",
+                         code="queue_full")
         self.retry_after = retry_after
 
 
 class QueueTimeout(BusyError):
-    pass
+    def __init__(self, waited_s: float, retry_after: int) -> None:
+        super().__init__(f"waited {waited_s:.0f} s for the NPU.", fix=f"retry in about {retry_after} s")
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -58,55 +69,232 @@ class Outcome:
     completion_tokens: int
 
 
+@dataclass
+class Job:
+    """A request shaped for the NPU: built once by :meth:`Engine.prepare_chat` or :meth:`Engine.prepare_text`."""
+
+    params: Params
+    prompt_tokens: int | None
+    start: Callable[[], GenerationStream]  # starts the run (on the worker thread)
+
+
+class NpuQueue:
+    """The NPU slot and the FIFO of requests waiting for it. Used from the event loop only."""
+
+    def __init__(self, max_queue: int, timeout_s: float) -> None:
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.busy = False
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def full(self) -> bool:
+        return self.busy and len(self._waiting) >= self.max_queue
+
+    async def acquire(self, gone: asyncio.Event) -> float | None:
+        """Waits for the slot; returns the seconds waited, or None when ``gone`` was set first (the entry is
+        removed, so it never reaches the NPU). Raises :class:`asyncio.TimeoutError` after ``timeout_s``."""
+        if not self.busy and not self._waiting:
+            self.busy = True
+            return 0.0
+        started = time.monotonic()
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(granted)
+        left = asyncio.ensure_future(gone.wait())
+        either: list[asyncio.Future[Any]] = [granted, left]
+        try:
+            await asyncio.wait(either, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (shutdown, the response torn down)
+            left.cancel()
+            self._leave(granted)
+            raise
+        left.cancel()
+        if granted.done() and not gone.is_set():
+            return time.monotonic() - started
+        self._leave(granted)
+        if gone.is_set():
+            return None
+        raise asyncio.TimeoutError
+
+    def _leave(self, granted: asyncio.Future[None]) -> None:
+        if granted.done() and not granted.cancelled():
+            self.release()  # the slot was handed over just as the client left: pass it on
+            return
+        granted.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(granted)
+
+    def release(self) -> None:
+        while self._waiting:
+            granted = self._waiting.popleft()
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self.busy = False
+
+
+class Run:
+    """One generation on a worker thread, holding the NPU slot until the native run has ended."""
+
+    def __init__(self, engine: Engine, job: Job, waited_s: float) -> None:
+        self._engine = engine
+        self._job = job
+        self.waited_s = waited_s
+        self._loop = asyncio.get_running_loop()
+        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self._abort = threading.Event()
+        self._stream: GenerationStream | None = None
+        self._started = time.monotonic()
+        self.ended = asyncio.Event()
+        self.outcome: Outcome | None = None
+        threading.Thread(target=self._work, name="rkedge-serve-generation", daemon=True).start()
+
+    def abort(self) -> None:
+        """Stops the run if it has not ended (safe to call any number of times, from the event loop)."""
+        if self.ended.is_set():
+            return  # the slot may already serve another run: llm.abort() would hit that one
+        self._abort.set()
+        if self._stream is not None:
+            self._engine.llm.abort()
+
+    async def chunks(self) -> AsyncIterator[str]:
+        while (chunk := await self._chunks.get()) is not None:
+            yield chunk
+
+    async def wait(self) -> Outcome:
+        await self.ended.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+    def _work(self) -> None:
+        stream: GenerationStream | None = None
+        error: RkedgeError | None = None
+        try:
+            if self._abort.is_set():
+                return  # the client left between being granted the slot and the start
+            stream = self._job.start()
+            self._stream = stream
+            for chunk in stream:
+                if self._abort.is_set():
+                    # The runtime resets its abort flag when a run begins, so an abort sent just before
+                    # rkllm_run started is lost: send it again at each token until the run ends.
+                    self._engine.llm.abort()
+                    continue
+                self._deliver(self._chunks.put_nowait, chunk)
+        except RkedgeError as exc:
+            error = exc
+        except Exception as exc:  # reported to the client as a server error
+            error = GenerationError(f"generation failed: {exc}")
+        finally:
+            result = None
+            if stream is not None:
+                stream.close()  # returns at once when the run ended; else aborts and waits for the native run
+                result = stream.result
+            self._deliver(self._ended, result, error)
+
+    def _deliver(self, callback: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter shutdown): nobody to tell
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _ended(self, result: GenerationResult | None, error: RkedgeError | None) -> None:
+        self.outcome = self._engine.outcome(result, error, self._job, aborted=self._abort.is_set())
+        self._engine.finished(time.monotonic() - self._started)
+        self._chunks.put_nowait(None)
+        self.ended.set()
+
+
 class Engine:
     def __init__(self, llm: LLM, *, max_queue: int, queue_timeout_s: float, counter: TokenCounter | None,
                  metrics: Metrics | None = None) -> None:
         self.llm = llm
         self.session = ChatSession(llm)  # shares the KV cache across requests whose history matches
-        self.max_queue = max_queue
-        self.queue_timeout_s = queue_timeout_s
+        self.queue = NpuQueue(max_queue, queue_timeout_s)
         self.counter = counter
         self.metrics = metrics or Metrics()
-        self.waiting = 0
-        self.running = 0
-        self._lock: asyncio.Lock | None = None
-        self._recent_seconds: list[float] = []
+        self.metrics.watch_queue(lambda: self.queue.waiting, lambda: int(self.queue.busy))
+        self._service_s: deque[float] = deque(maxlen=32)
+        self._runs: set[Run] = set()
+
+    @property
+    def max_queue(self) -> int:
+        return self.queue.max_queue
+
+    @property
+    def waiting(self) -> int:
+        return self.queue.waiting
+
+    @property
+    def running(self) -> int:
+        return int(self.queue.busy)
 
     # -- queue --------------------------------------------------------------------------------------------
 
     def retry_after(self) -> int:
-        typical = sorted(self._recent_seconds)[len(self._recent_seconds) // 2] if self._recent_seconds else 5.0
-        return max(1, int(typical * (self.waiting + 1) + 0.999))
+        """Seconds until a queue place is likely to free: one typical generation (measured, median of the
+        recent ones), since the head of the queue moves on when the running generation ends."""
+        typical = statistics.median(self._service_s) if self._service_s else FIRST_GUESS_S
+        return max(1, math.ceil(typical))
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Waits for the NPU in FIFO order; yields how long the request waited."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        lock = self._lock
-        if lock.locked() and self.waiting >= self.max_queue:
+    def admit(self) -> None:
+        """Raises :class:`QueueFull` (429) up front, before any response starts."""
+        if self.queue.full():
             raise QueueFull(self.retry_after())
-        started = time.monotonic()
-        self.waiting += 1
+
+    async def start(self, job: Job, gone: asyncio.Event) -> Run | None:
+        """Waits for the NPU and starts ``job``; None when the client left while queued."""
         try:
-            await asyncio.wait_for(lock.acquire(), timeout=self.queue_timeout_s)
+            waited = await self.queue.acquire(gone)
         except asyncio.TimeoutError:
-            raise QueueTimeout(f"waited {self.queue_timeout_s:.0f} s for the NPU.", fix="retry later") from None
-        finally:
-            self.waiting -= 1
-        waited = time.monotonic() - started
+            raise QueueTimeout(self.queue.timeout_s, self.retry_after()) from None
+        if waited is None:
+            return None
         self.metrics.queue_wait.observe(waited)
-        self.running = 1
-        try:
-            yield waited
-        finally:
-            self.running = 0
-            self._recent_seconds = (self._recent_seconds + [time.monotonic() - started - waited])[-20:]
-            lock.release()
+        run = Run(self, job, waited)
+        self._runs.add(run)
+        return run
+
+    def finished(self, service_s: float) -> None:
+        self._service_s.append(service_s)
+        self._runs = {run for run in self._runs if not run.ended.is_set()}
+        self.queue.release()
+
+    def abort_all(self) -> None:
+        """Aborts the running generation (shutdown after the grace period)."""
+        for run in list(self._runs):
+            run.abort()
 
     # -- request shaping ----------------------------------------------------------------------------------
 
-    def runtime_kwargs(self, params: Params) -> tuple[dict[str, Any], Callable[[str], Any] | None]:
+    def prepare_chat(self, messages: list[dict[str, str]], params: Params) -> Job:
+        # Rendered here to count it; ChatSession.respond renders it again (it has no way to take a rendering:
+        # a ChatSession change, left to the runtime's owner).
+        template = self.llm.template
+        text = template.render(messages, True) if template is not None else messages[-1]["content"]
+        prompt_tokens = self._check_context(text, params)
+        kwargs, hook = self._runtime_kwargs(params)
+
+        def start() -> GenerationStream:
+            stream = self.session.respond(messages, stop=params.stop, on_token=hook, **kwargs)
+            assert isinstance(stream, GenerationStream)
+            return stream
+
+        return Job(params, prompt_tokens, start)
+
+    def prepare_text(self, prompt: str, params: Params) -> Job:
+        prompt_tokens = self._check_context(prompt, params)
+        kwargs, hook = self._runtime_kwargs(params)
+
+        def start() -> GenerationStream:
+            stream = self.llm.generate(prompt, stop=params.stop, on_token=hook, **kwargs)
+            assert isinstance(stream, GenerationStream)
+            return stream
+
+        return Job(params, prompt_tokens, start)
+
+    def _runtime_kwargs(self, params: Params) -> tuple[dict[str, Any], Callable[[str], bool] | None]:
         """What the ABI can take per run, and a token hook that enforces max_tokens where it cannot."""
         kwargs: dict[str, Any] = {}
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
@@ -128,7 +316,7 @@ class Engine:
 
         return kwargs, stop_at_limit
 
-    def check_context(self, prompt_text: str, params: Params) -> int | None:
+    def _check_context(self, prompt_text: str, params: Params) -> int | None:
         """The prompt's token count when it can be known; 400 context_length_exceeded when it cannot fit."""
         if self.counter is None:
             return None
@@ -144,62 +332,15 @@ class Engine:
             params.max_tokens = max(1, limit - tokens)
         return tokens
 
-    def chat_prompt_text(self, messages: list[dict[str, str]]) -> str:
-        template = self.llm.template
-        return template.render(messages, True) if template is not None else messages[-1]["content"]
+    # -- outcome ------------------------------------------------------------------------------------------
 
-    # -- generation ---------------------------------------------------------------------------------------
-
-    async def generate(self, start: Callable[[], GenerationStream], params: Params,
-                       prompt_tokens: int | None) -> AsyncIterator[str | Outcome]:
-        """Yields text chunks, then one :class:`Outcome`. Closing the iterator early aborts the generation."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def worker() -> None:
-            stream = None
-            try:
-                stream = start()
-                box["stream"] = stream
-                for chunk in stream:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except RkedgeError as exc:
-                box["error"] = exc
-            except Exception as exc:  # noqa: BLE001 - reported to the client as a server error
-                box["error"] = RkedgeError(f"generation failed: {exc}")
-            finally:
-                box["result"] = stream.result if stream is not None else None
-                done.set()
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        thread = threading.Thread(target=worker, name="rkedge-serve-generation", daemon=True)
-        thread.start()
-        completed = False
-        try:
-            while True:
-                chunk = await queue.get()
-                if chunk is None:
-                    break
-                yield chunk
-            completed = True
-        finally:
-            if not completed:  # the client went away: stop the NPU now, then wait for the run to end
-                stream = box.get("stream")
-                if stream is not None:
-                    stream.abort()
-                else:
-                    self.llm.abort()
-                await asyncio.get_running_loop().run_in_executor(None, done.wait)
-        result: GenerationResult | None = box.get("result")
-        error: RkedgeError | None = box.get("error")
-        yield self._outcome(result, error, params, prompt_tokens)
-
-    def _outcome(self, result: GenerationResult | None, error: RkedgeError | None, params: Params,
-                 prompt_tokens: int | None) -> Outcome:
+    def outcome(self, result: GenerationResult | None, error: RkedgeError | None, job: Job, *,
+                aborted: bool = False) -> Outcome:
+        params, prompt_tokens = job.params, job.prompt_tokens
         if result is None:
-            return Outcome("", None, error or RkedgeError("generation did not start"), "error", prompt_tokens, 0)
+            if error is None and aborted:
+                return Outcome("", None, None, "abort", prompt_tokens, 0)
+            return Outcome("", None, error or GenerationError("generation did not start"), "error", prompt_tokens, 0)
         stats = result.stats
         reason = result.finish_reason
         if reason == "stop" and params.max_tokens and stats.completion_tokens >= params.max_tokens and not \
@@ -208,4 +349,6 @@ class Engine:
         prompt = stats.prompt_tokens if stats.prompt_tokens is not None else prompt_tokens
         self.metrics.generation(stats.ttft_ms / 1000 if stats.ttft_ms is not None else None, stats.tokens_per_s,
                                 prompt, stats.completion_tokens)
+        if error is None and reason == "error":
+            error = GenerationError(f"generation failed: {result.error or 'the runtime reported an error'}.")
         return Outcome(result.text, result, error, "error" if error else reason, prompt, stats.completion_tokens)

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Host names a loopback server answers to (the Host header), against DNS rebinding.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
 
 @dataclass
 class ServerSettings:
@@ -20,3 +25,22 @@ class ServerSettings:
     port: int = 8080
     template: str | None = None
     llm_params: dict[str, Any] = field(default_factory=dict)
+    # -- limits (enforced while reading; see README "Serving: limits and exposure") ------------------------
+    max_body_bytes: int = 4 * 2**20  # a chat history of a 32k-token context is well under 1 MB
+    max_connections: int = 64  # uvicorn's limit_concurrency: more get 503 at once
+    header_timeout_s: float = 10.0  # a connection that has not sent its request headers by then is closed
+    body_timeout_s: float = 30.0  # reading one request body
+    shutdown_grace_s: float = 10.0  # in-flight generations may finish this long after SIGTERM, then are aborted
+    # -- browser exposure ------------------------------------------------------------------------------------
+    allowed_hosts: tuple[str, ...] = ()  # Host header values; default: see hosts()
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (opt-in)
+
+    def hosts(self) -> tuple[str, ...] | None:
+        """The Host allow-list: as given; else loopback names, plus the address bound when it is a specific
+        one. None (any Host) when bound to all interfaces without a list: the API key guards that case."""
+        if self.allowed_hosts:
+            return tuple(h.lower() for h in self.allowed_hosts)
+        if self.host in WILDCARD_ADDRESSES:
+            return None
+        names = LOOPBACK_NAMES if self.host in LOOPBACK_ADDRESSES else (*LOOPBACK_NAMES, self.host.lower())
+        return tuple(names)
