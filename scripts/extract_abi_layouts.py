@@ -9,27 +9,40 @@ Usage: python scripts/extract_abi_layouts.py [ABI.md] [out.json]
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
 from pathlib import Path
 
 HEADING = re.compile(r"^## ABI (\S+)")
+#: A section that documents only its changes against an older ABI ("Identical to ABI 1.3.0 except ...").
+DELTA = re.compile(r"^Identical to ABI (\S+) except")
 STRUCT = re.compile(r"^### `(\w+)` — sizeof (\d+)")
-ROW = re.compile(r"^\|(?P<indent>\s*)(?P<name>[\w\[\]]+) \| (?P<ctype>[^|]+) \| (?P<offset>\d+) \| (?P<size>\d+) \|")
+#: A member row; "(union) name" rows name a member of the anonymous union (ABI 1.3.1's RKLLMInput table).
+ROW = re.compile(r"^\|(?P<indent>\s*)(?:\(union\) )?(?P<name>[\w\[\]]+) \| (?P<ctype>[^|]+) \| (?P<offset>\d+) \| "
+                 r"(?P<size>\d+) \|")
 
 
 def extract(text: str) -> dict[str, dict[str, dict[str, object]]]:
-    """Returns {abi: {struct: {"sizeof": n, "fields": {name: [offset, size]}}}} (top-level fields only)."""
+    """Returns {abi: {struct: {"sizeof": n, "fields": {name: [offset, size]}, "nested": {...}}}}.
+
+    A delta section ("Identical to ABI X except ...") starts from a copy of ABI X's structs; each struct table
+    it gives replaces that struct's size and adds or moves the members it lists (ABI 1.3.1 appends ``audio``
+    to ``RKLLMMultiModalInput`` and grows ``RKLLMInput``'s union: nothing is removed).
+    """
     layouts: dict[str, dict[str, dict[str, object]]] = {}
     abi = struct = None
     for line in text.splitlines():
         if m := HEADING.match(line):
             abi, struct = m.group(1), None
             layouts[abi] = {}
+        elif abi and struct is None and (m := DELTA.match(line)):
+            layouts[abi] = copy.deepcopy(layouts[m.group(1)])
         elif abi and (m := STRUCT.match(line)):
             struct = m.group(1)
-            layouts[abi][struct] = {"sizeof": int(m.group(2)), "fields": {}, "nested": {}}
+            base = layouts[abi].get(struct, {"fields": {}, "nested": {}})
+            layouts[abi][struct] = {"sizeof": int(m.group(2)), "fields": base["fields"], "nested": base["nested"]}
         elif abi and struct and (m := ROW.match(line)):
             name = m.group("name").split("[")[0]
             entry = [int(m.group("offset")), int(m.group("size"))]

@@ -42,8 +42,9 @@ def test_struct_layout_matches_abi_md(abi: str, struct_name: str) -> None:
         assert field in members, f"{struct_name}.{field} is missing"
         assert members[field] == (offset, size), f"{struct_name}.{field}: (offset, size)"
     top_level = {name for name, *_ in struct._fields_ if not name.startswith("_")}
-    assert top_level == set(expected["fields"]) | ({"extend_param"} & top_level) | (
-        {"image", "video"} & top_level), f"{struct_name} declares fields ABI.md does not list"
+    nested_blocks = {"extend_param", "image", "video", "audio"}  # ABI.md lists their members, not the blocks
+    assert top_level == set(expected["fields"]) | (nested_blocks & top_level), \
+        f"{struct_name} declares fields ABI.md does not list"
 
 
 def test_every_abi_declares_every_documented_struct() -> None:
@@ -69,7 +70,7 @@ def test_callback_and_function_signatures(abi: str) -> None:
     assert callback_restype is (ctypes.c_int if module.FEATURES.callback_returns_int else None)
     functions = {f.name: f for f in module.FUNCTIONS}
     init_last = functions["rkllm_init"].argtypes[-1]
-    if abi == "1.3.0":
+    if module.FEATURES.init_takes_callback_struct:
         assert init_last._type_ is module.RKLLMCallback  # RKLLMCallback*
     else:
         assert init_last is module.LLMResultCallback  # a bare function pointer
@@ -78,6 +79,24 @@ def test_callback_and_function_signatures(abi: str) -> None:
     assert (len(clear.argtypes) if clear else 0) == module.FEATURES.clear_kv_cache_arity
     for func in module.FUNCTIONS:
         assert func.restype is not None, f"{func.name} has an explicit restype"
+    for name in ("rkllm_run", "rkllm_run_async"):  # the input passed is this ABI's own RKLLMInput*
+        assert functions[name].argtypes[1]._type_ is module.RKLLMInput, name
+
+
+def test_abi_1_3_1_is_1_3_0_plus_audio() -> None:
+    """ABI.md "ABI 1.3.1": only the multimodal input (and so the input union) changes; everything else is 1.3.0's."""
+    old, new = abi_registry.for_version("1.3.0"), abi_registry.for_version("1.3.1")
+    assert (ctypes.sizeof(old.RKLLMInput), ctypes.sizeof(new.RKLLMInput)) == (160, 208)
+    assert (ctypes.sizeof(old.RKLLMMultiModalInput), ctypes.sizeof(new.RKLLMMultiModalInput)) == (144, 192)
+    assert new.RKLLMMultiModalInput.audio.offset == 144
+    changed = {"RKLLMMultiModalInput", "RKLLMInput"}
+    assert {s.__name__ for s in new.STRUCTS} == {s.__name__ for s in old.STRUCTS}
+    for struct in new.STRUCTS:
+        if struct.__name__ not in changed:
+            assert struct is getattr(old, struct.__name__), f"{struct.__name__} is 1.3.0's declaration, reused"
+    assert [(f.name, len(f.argtypes)) for f in new.FUNCTIONS] == [(f.name, len(f.argtypes)) for f in old.FUNCTIONS]
+    assert new.FEATURES.has_audio_input and not old.FEATURES.has_audio_input
+    assert new.RUNTIME_RELEASES == ("1.3.1",) and abi_registry.normalize("1.3.1") == "1.3.1"
 
 
 def test_enums_per_abi() -> None:

@@ -11,6 +11,10 @@ loaded library) and ``FEATURES`` (behavioural differences). Nothing outside this
 | 1.2.1 | 1.2.1, 1.2.2          | v1_2_1  |
 | 1.2.3 | 1.2.3                 | v1_2_3  |
 | 1.3.0 | 1.3.0                 | v1_3_0  |
+| 1.3.1 | 1.3.1                 | v1_3_1  |
+
+:data:`ABI_RELEASES` is the one release <-> ABI table: the version modules, the simulated NPU builds, library
+detection and the tests all read it.
 """
 
 from __future__ import annotations
@@ -28,17 +32,29 @@ ABI_MODULES: dict[str, str] = {
     "1.2.1": "v1_2_1",
     "1.2.3": "v1_2_3",
     "1.3.0": "v1_3_0",
+    "1.3.1": "v1_3_1",
 }
 SUPPORTED_ABIS: tuple[str, ...] = tuple(ABI_MODULES)
 
-#: Runtime release -> ABI (runtime-anchors section 3: header identities by md5 across releases).
-RELEASE_TO_ABI: dict[str, str] = {
-    "1.1.0": "1.1", "1.1.1": "1.1", "1.1.2": "1.1", "1.1.3": "1.1", "1.1.4": "1.1",
-    "1.2.0": "1.2.0",
-    "1.2.1": "1.2.1", "1.2.2": "1.2.1",
-    "1.2.3": "1.2.3",
-    "1.3.0": "1.3.0",
+#: ABI name -> the runtime releases that use it, oldest first (runtime-anchors section 3: header identities by
+#: md5 across releases; 1.3.1: shared/rkllm-abi/ABI.md, section "ABI 1.3.1").
+ABI_RELEASES: dict[str, tuple[str, ...]] = {
+    "1.1": ("1.1.0", "1.1.1", "1.1.2", "1.1.3", "1.1.4"),
+    "1.2.0": ("1.2.0",),
+    "1.2.1": ("1.2.1", "1.2.2"),
+    "1.2.3": ("1.2.3",),
+    "1.3.0": ("1.3.0",),
+    "1.3.1": ("1.3.1",),
 }
+
+#: Runtime release -> ABI, derived from :data:`ABI_RELEASES`.
+RELEASE_TO_ABI: dict[str, str] = {release: abi for abi, releases in ABI_RELEASES.items() for release in releases}
+
+
+def newest_release(abi: str) -> str:
+    """The newest runtime release of an ABI name (the release a simulated NPU of that ABI reports)."""
+    return ABI_RELEASES[abi][-1]
+
 
 #: Releases whose ABI is known but not supported, with the reason (runtime-anchors section 3).
 UNSUPPORTED_RELEASES: dict[str, str] = {
@@ -46,11 +62,12 @@ UNSUPPORTED_RELEASES: dict[str, str] = {
 }
 
 
-def normalize(version: str) -> str:
-    """Maps an ABI name or a runtime release ("1.1.4", "v1.2.2", "1.2") to an ABI name.
+def abi_of(version: str) -> str | None:
+    """The ABI name of an ABI name or a runtime release ("1.1.4", "v1.2.2", "1.3.1"); None when rkedge does not
+    know the version (a release newer than this table, or not a version at all).
 
     Raises:
-        AbiSelectionError: for versions that are unknown or whose ABI rkedge does not support.
+        AbiSelectionError: for releases whose ABI is known and not supported (1.0.x, 1.2.1b1).
     """
     text = version.strip().lower().lstrip("v")
     if text in ABI_MODULES:
@@ -59,18 +76,29 @@ def normalize(version: str) -> str:
         return RELEASE_TO_ABI[text]
     if text in UNSUPPORTED_RELEASES:
         raise AbiSelectionError(f"librkllmrt {text} is not supported: {UNSUPPORTED_RELEASES[text]}.")
-    match = re.fullmatch(r"1\.1(\.\d+)?", text)
-    if match:
+    if re.fullmatch(r"1\.1(\.\d+)?", text):
         return "1.1"
     if re.fullmatch(r"1\.0(\.\d+\w*)?", text):
         raise AbiSelectionError(
             f"librkllmrt {text} (1.0.x) has a different API (rkllm_run takes a bare prompt) and is not supported.",
             fix="install runtime 1.1.4 or newer together with a model converted by the same toolkit version",
         )
-    raise AbiSelectionError(
-        f"unknown rkllm ABI or runtime version {version!r}.",
-        fix=f"pass one of: {', '.join(SUPPORTED_ABIS)} (or a runtime release such as 1.2.2)",
-    )
+    return None
+
+
+def normalize(version: str) -> str:
+    """Maps an ABI name or a runtime release ("1.1.4", "v1.2.2", "1.3.1") to an ABI name.
+
+    Raises:
+        AbiSelectionError: for versions that are unknown or whose ABI rkedge does not support.
+    """
+    abi = abi_of(version)
+    if abi is None:
+        raise AbiSelectionError(
+            f"unknown rkllm ABI or runtime version {version!r}.",
+            fix=f"pass one of: {', '.join(SUPPORTED_ABIS)} (or a runtime release such as 1.2.2)",
+        )
+    return abi
 
 
 def for_version(version: str) -> ModuleType:
@@ -79,4 +107,5 @@ def for_version(version: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{ABI_MODULES[abi]}")
 
 
-__all__ = ["ABI_MODULES", "SUPPORTED_ABIS", "RELEASE_TO_ABI", "normalize", "for_version"]
+__all__ = ["ABI_MODULES", "ABI_RELEASES", "SUPPORTED_ABIS", "RELEASE_TO_ABI", "UNSUPPORTED_RELEASES", "abi_of",
+           "normalize", "for_version", "newest_release"]

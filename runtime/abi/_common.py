@@ -8,11 +8,12 @@ review is a diff against the vendor header. Layouts: ``shared/rkllm-abi/ABI.md``
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from ctypes import POINTER, Structure, c_char_p, c_float, c_int, c_int32, c_size_t, c_void_p
 from dataclasses import dataclass
 from enum import IntEnum
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 # typedef void* LLMHandle;
 LLMHandle = c_void_p
@@ -140,6 +141,9 @@ class AbiFeatures:
     has_kv_cache_size: bool
     supports_release: bool  # 1.3.0 callback return value 2
     hidden_layer_state: int | None  # ABI 1.1 reports hidden states with state 4
+    # 1.3.1: RKLLMMultiModalInput carries an audio block. A default, so backends that predate it (the RKNN
+    # engine) need not name it.
+    has_audio_input: bool = False
 
 
 def core_functions(param: Any, rkllm_input: Any, infer: Any, init_callback: Any) -> tuple[Func, ...]:

@@ -24,7 +24,7 @@ from rkedge.runtime.types import CallState, InferMode, InitParams, PerfStats, Ru
 #: Called for every callback: (run id from userdata, event) -> the int to return to the runtime.
 EventHandler = Callable[[int, RunEvent], int]
 
-_loaded: dict[str, "NativeLibrary"] = {}
+_loaded: dict[str, NativeLibrary] = {}
 _loaded_lock = threading.Lock()
 
 
@@ -51,7 +51,7 @@ class NativeLibrary:
             ) from exc
 
     @classmethod
-    def load(cls, path: str | Path, abi: str) -> "NativeLibrary":
+    def load(cls, path: str | Path, abi: str) -> NativeLibrary:
         """Loads (once per process) ``path`` with ABI ``abi``; refuses a second ABI for the same file."""
         key = str(Path(path).resolve())
         with _loaded_lock:
@@ -122,7 +122,7 @@ class NativeModel:
         # returns an undefined value (0 on x86_64, 1 on aarch64 - "pause" on ABI >= 1.2.1).
         try:
             return int(self._on_event(userdata or 0, self._read_event(result_ptr, state)))
-        except BaseException:  # noqa: BLE001 - nothing may propagate into the runtime's thread
+        except BaseException:  # nothing may propagate into the runtime's thread
             return 0
 
     def _read_event(self, result_ptr: Any, state: int) -> RunEvent:
@@ -147,7 +147,7 @@ class NativeModel:
             return RunEvent(state, None, -1, None, *(values or (None, 0, 0)))
         return RunEvent(state, None, -1)
 
-    def _read_buffer(self, result: Any) -> tuple[array, int, int] | None:
+    def _read_buffer(self, result: Any) -> tuple[array[float], int, int] | None:
         hidden = result.last_hidden_layer
         if hidden.hidden_states:
             return _copy_floats(hidden.hidden_states, hidden.num_tokens, hidden.embd_size)
@@ -284,7 +284,7 @@ class NativeModel:
         return rc
 
 
-def _copy_floats(pointer: Any, rows: int, width: int) -> tuple[array, int, int]:
+def _copy_floats(pointer: Any, rows: int, width: int) -> tuple[array[float], int, int]:
     count = max(rows, 0) * max(width, 0)
     values = array("f")
     values.frombytes(ctypes.string_at(pointer, count * 4))

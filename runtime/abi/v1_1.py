@@ -5,12 +5,25 @@ Declarations follow ``shared/rkllm-abi/ABI.md`` section "ABI 1.1"; the C is quot
 
 from __future__ import annotations
 
-from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t, c_uint8, c_void_p  # noqa: E501
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    Union,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_uint8,
+    c_void_p,
+)
 from enum import IntEnum
 
+from . import ABI_RELEASES
 from ._common import (
     AbiFeatures,
-    core_functions,
     LLMHandle,
     RKLLMEmbedInput,
     RKLLMInputType,
@@ -19,10 +32,11 @@ from ._common import (
     RKLLMPromptCacheParam,
     RKLLMResultLastHiddenLayer,
     RKLLMTokenInput,
+    core_functions,
 )
 
 ABI = "1.1"
-RUNTIME_RELEASES = ("1.1.0", "1.1.1", "1.1.2", "1.1.3", "1.1.4")
+RUNTIME_RELEASES = ABI_RELEASES[ABI]  # the registry's release table
 
 
 class LLMCallState(IntEnum):

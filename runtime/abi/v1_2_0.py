@@ -8,17 +8,32 @@ and ``rkllm_set_chat_template``. The callback still returns ``void``.
 
 from __future__ import annotations
 
-from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p  # noqa: E501
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    Union,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int8,
+    c_int32,
+    c_size_t,
+    c_uint8,
+    c_uint32,
+    c_void_p,
+)
 
+from . import ABI_RELEASES
 from ._common import (
     SET_CHAT_TEMPLATE,
     AbiFeatures,
     Func,
-    RKLLMInferMode,
-    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMEmbedInput,
+    RKLLMInferMode,
     RKLLMInputType,
     RKLLMLoraAdapter,
     RKLLMLoraParam,
@@ -26,10 +41,11 @@ from ._common import (
     RKLLMResultLastHiddenLayer,
     RKLLMResultLogits,
     RKLLMTokenInput,
+    core_functions,
 )
 
 ABI = "1.2.0"
-RUNTIME_RELEASES = ("1.2.0",)
+RUNTIME_RELEASES = ABI_RELEASES[ABI]  # the registry's release table
 
 
 # typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;

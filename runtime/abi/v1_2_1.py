@@ -9,17 +9,32 @@ gains ``n_batch`` and ``use_cross_attn``; ``RKLLMResult`` gains ``perf``; **the 
 
 from __future__ import annotations
 
-from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint8, c_uint32, c_void_p  # noqa: E501
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    Union,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int8,
+    c_int32,
+    c_size_t,
+    c_uint8,
+    c_uint32,
+    c_void_p,
+)
 
+from . import ABI_RELEASES
 from ._common import (
     FUNCTIONS_ADDED_121,
     AbiFeatures,
-    RKLLMInferMode,
-    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMCrossAttnParam,
     RKLLMEmbedInput,
+    RKLLMInferMode,
     RKLLMInputType,
     RKLLMLoraAdapter,
     RKLLMLoraParam,
@@ -28,10 +43,11 @@ from ._common import (
     RKLLMResultLastHiddenLayer,
     RKLLMResultLogits,
     RKLLMTokenInput,
+    core_functions,
 )
 
 ABI = "1.2.1"
-RUNTIME_RELEASES = ("1.2.1", "1.2.2")
+RUNTIME_RELEASES = ABI_RELEASES[ABI]  # the registry's release table
 
 
 # typedef struct { int32_t base_domain_id; int8_t embed_flash; int8_t enabled_cpus_num;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from . import ABI_RELEASES
 from . import v1_2_1 as _v1_2_1
 from .v1_2_1 import (
     FUNCTIONS,
@@ -34,7 +35,7 @@ from .v1_2_1 import (
 )
 
 ABI = "1.2.3"
-RUNTIME_RELEASES = ("1.2.3",)
+RUNTIME_RELEASES = ABI_RELEASES[ABI]  # the registry's release table
 
 # typedef struct { char* prompt; float* image_embed; size_t n_image_tokens; size_t n_image; size_t image_width;
 #                  size_t image_height; } RKLLMMultiModalInput;

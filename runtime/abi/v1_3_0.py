@@ -10,18 +10,31 @@ returns 1 while running. The exported symbols equal 1.2.1's, so 1.3.0 cannot be 
 
 from __future__ import annotations
 
-from ctypes import CFUNCTYPE, POINTER, Structure, Union, c_bool, c_char_p, c_float, c_int, c_int32, c_size_t, c_uint64, c_void_p  # noqa: E501
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    Union,
+    c_bool,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_uint64,
+    c_void_p,
+)
 
+from . import ABI_RELEASES
 from . import v1_2_1 as _v1_2_1
 from ._common import (
     FUNCTIONS_ADDED_121,
     AbiFeatures,
-    RKLLMInferMode,
-    core_functions,
     LLMCallState,
     LLMHandle,
     RKLLMCrossAttnParam,
     RKLLMEmbedInput,
+    RKLLMInferMode,
     RKLLMInputType,
     RKLLMLoraAdapter,
     RKLLMLoraParam,
@@ -30,10 +43,11 @@ from ._common import (
     RKLLMResultLastHiddenLayer,
     RKLLMResultLogits,
     RKLLMTokenInput,
+    core_functions,
 )
 
 ABI = "1.3.0"
-RUNTIME_RELEASES = ("1.3.0",)
+RUNTIME_RELEASES = ABI_RELEASES[ABI]  # the registry's release table
 
 
 # RKLLMExtendParam: unchanged from 1.2.1 (base_domain_id, embed_flash, enabled_cpus_num, enabled_cpus_mask,

@@ -2,8 +2,9 @@
 
 :func:`build_mock_library` compiles ``rkllm_mock.c`` with the system C compiler into one shared library per
 ABI version and caches it by a hash of the sources, flags and compiler (``~/.cache/rkedge/mock``). The result
-exports exactly that ABI's functions (``-fvisibility=hidden`` plus explicit exports) and carries its layouts
-(static assertions against ``shared/rkllm-abi/ABI.md`` sizes).
+exports exactly that ABI's functions (``-fvisibility=hidden`` plus explicit exports), carries its layouts
+(static assertions against ``shared/rkllm-abi/ABI.md`` sizes) and the version marker real libraries carry
+(``RKLLM SDK (version: X.Y.Z | target: Linux | build: ...)``), so ABI detection reads it like a vendor file.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from importlib import resources
 from pathlib import Path
 
 from rkedge.errors import InputError, LibraryNotFoundError
+from rkedge.runtime.abi import SUPPORTED_ABIS, newest_release
 
-#: ABI name -> the RKEDGE_ABI code the C source is compiled with.
-ABI_CODES: dict[str, int] = {"1.1": 110, "1.2.0": 120, "1.2.1": 121, "1.2.3": 123, "1.3.0": 130}
-#: The runtime release each build reports by default (the newest release of that ABI).
-DEFAULT_RUNTIME_VERSION: dict[str, str] = {
-    "1.1": "1.1.4", "1.2.0": "1.2.0", "1.2.1": "1.2.2", "1.2.3": "1.2.3", "1.3.0": "1.3.0",
-}
+#: ABI name -> the RKEDGE_ABI code the C source is compiled with ("1.1" -> 110, "1.3.1" -> 131).
+ABI_CODES: dict[str, int] = {abi: int("".join(abi.split(".")).ljust(3, "0")) for abi in SUPPORTED_ABIS}
+#: The runtime release each build reports by default (the newest release of that ABI, from the registry).
+DEFAULT_RUNTIME_VERSION: dict[str, str] = {abi: newest_release(abi) for abi in SUPPORTED_ABIS}
 #: The ABI ``--mock`` uses when none is given.
 DEFAULT_MOCK_ABI = "1.3.0"
 SOURCES = ("rkllm_mock.c", "rkllm_abi.h", "json_mini.h")
@@ -69,10 +69,10 @@ def build_mock_library(
     """Builds (or reuses) the simulated ``librkllmrt.so`` for one ABI and returns its path.
 
     Args:
-        abi: an ABI name (``1.1``, ``1.2.0``, ``1.2.1``, ``1.2.3``, ``1.3.0``).
+        abi: an ABI name (``1.1``, ``1.2.0``, ``1.2.1``, ``1.2.3``, ``1.3.0``, ``1.3.1``).
         runtime_version: the release the library reports (default: the newest release of the ABI).
-        embed_version_string: leave out the "rkllm-runtime version" string to simulate a library that
-            carries none (ABI detection must then fall back on exported symbols).
+        embed_version_string: False leaves out the ``RKLLM SDK (version: ...)`` marker, to simulate a library
+            that carries none (ABI detection must then fall back on exported symbols).
         cc: the compiler command, e.g. ``aarch64-linux-gnu-gcc`` for a cross build.
         cache_dir: where builds are cached (default :func:`cache_root` / ``mock``).
     """

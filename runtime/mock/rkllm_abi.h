@@ -1,7 +1,7 @@
 /*
  * The librkllmrt.so C interface of one ABI version, selected with -DRKEDGE_ABI=<code>:
  *   110 = ABI 1.1 (runtime 1.1.0-1.1.4)   120 = ABI 1.2.0   121 = ABI 1.2.1 (runtime 1.2.1, 1.2.2)
- *   123 = ABI 1.2.3                       130 = ABI 1.3.0
+ *   123 = ABI 1.2.3                       130 = ABI 1.3.0   131 = ABI 1.3.1
  * Layouts follow shared/rkllm-abi/ABI.md (LP64). This header is written for the simulated NPU only; it is
  * not Rockchip's rkllm.h, but every struct, enum and prototype here has the same layout and signature.
  */
@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 #ifndef RKEDGE_ABI
-#error "define RKEDGE_ABI (110, 120, 121, 123 or 130)"
+#error "define RKEDGE_ABI (110, 120, 121, 123, 130 or 131)"
 #endif
 
 #define ABI_AT_LEAST(code) (RKEDGE_ABI >= (code))
@@ -132,6 +132,17 @@ typedef struct {
         size_t frame_width;
         size_t frame_height;
     } video;
+#if ABI_AT_LEAST(131)
+    /* 1.3.1 appends audio (ABI.md "ABI 1.3.1"): audio_embed holds n_audio * n_audio_tokens * dim floats. */
+    struct {
+        float *audio_embed;
+        size_t n_audio_tokens;
+        size_t n_audio;
+        const char *audio_start;
+        const char *audio_end;
+        const char *audio_content;
+    } audio;
+#endif
 } RKLLMMultiModalInput;
 #elif ABI_AT_LEAST(121)
 typedef struct {

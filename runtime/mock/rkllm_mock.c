@@ -1,6 +1,6 @@
 /*
  * rkedge simulated NPU: a stand-in for Rockchip's librkllmrt.so with the exact C ABI of one version
- * (compile with -DRKEDGE_ABI=110|120|121|123|130, see rkllm_abi.h).
+ * (compile with -DRKEDGE_ABI=110|120|121|123|130|131 and -DRKEDGE_RUNTIME_VERSION, see rkllm_abi.h).
  *
  * What it simulates, and where each behaviour comes from (shared/rkllm-abi/SEMANTICS.md unless noted):
  *  - rkllm_init reads model_path. It loads only rkedge *simulated* models (our own first line, then a JSON
@@ -39,43 +39,58 @@
 
 #if RKEDGE_ABI == 110
 #define ABI_NAME "1.1"
-#define DEFAULT_RUNTIME_VERSION "1.1.4"
 #define EXPECT_SIZES(e, p, i, f, r) e == 116 && p == 200 && i == 32 && f == 24 && r == 32
+#define EXPECT_MULTIMODAL_SIZE 24
 #elif RKEDGE_ABI == 120
 #define ABI_NAME "1.2.0"
-#define DEFAULT_RUNTIME_VERSION "1.2.0"
 #define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 32 && f == 32 && r == 48
+#define EXPECT_MULTIMODAL_SIZE 24
 #elif RKEDGE_ABI == 121
 #define ABI_NAME "1.2.1"
-#define DEFAULT_RUNTIME_VERSION "1.2.2"
 #define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 64 && f == 32 && r == 72
+#define EXPECT_MULTIMODAL_SIZE 48
 #elif RKEDGE_ABI == 123
 #define ABI_NAME "1.2.3"
-#define DEFAULT_RUNTIME_VERSION "1.2.3"
 #define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 208 && i == 64 && f == 32 && r == 72
+#define EXPECT_MULTIMODAL_SIZE 48
 #elif RKEDGE_ABI == 130
 #define ABI_NAME "1.3.0"
-#define DEFAULT_RUNTIME_VERSION "1.3.0"
 #define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 184 && i == 160 && f == 40 && r == 72
+#define EXPECT_MULTIMODAL_SIZE 144
+#elif RKEDGE_ABI == 131
+#define ABI_NAME "1.3.1"
+#define EXPECT_SIZES(e, p, i, f, r) e == 120 && p == 184 && i == 208 && f == 40 && r == 72
+#define EXPECT_MULTIMODAL_SIZE 192
 #else
 #error "unsupported RKEDGE_ABI"
 #endif
 
+/* The release this build reports. Python passes it (rkedge.runtime.abi.ABI_RELEASES is the one release table). */
 #ifndef RKEDGE_RUNTIME_VERSION
-#define RKEDGE_RUNTIME_VERSION DEFAULT_RUNTIME_VERSION
+#error "define RKEDGE_RUNTIME_VERSION (the runtime release this build reports, e.g. \"1.3.1\")"
 #endif
 
 /* The struct sizes of shared/rkllm-abi/ABI.md for this ABI: a layout slip fails the build. */
 _Static_assert(EXPECT_SIZES(sizeof(RKLLMExtendParam), sizeof(RKLLMParam), sizeof(RKLLMInput),
                             sizeof(RKLLMInferParam), sizeof(RKLLMResult)),
                "struct sizes differ from ABI.md");
+_Static_assert(sizeof(RKLLMMultiModalInput) == EXPECT_MULTIMODAL_SIZE, "RKLLMMultiModalInput layout");
+#if ABI_AT_LEAST(131)
+_Static_assert(offsetof(RKLLMMultiModalInput, audio) == 144 && sizeof(((RKLLMMultiModalInput *)0)->audio) == 48,
+               "RKLLMMultiModalInput.audio layout");
+#endif
+#if ABI_AT_LEAST(130)
+_Static_assert(sizeof(RKLLMCallback) == 48, "RKLLMCallback layout");
+#endif
 _Static_assert(sizeof(RKLLMResultLastHiddenLayer) == 16, "RKLLMResultLastHiddenLayer layout");
 _Static_assert(sizeof(RKLLMLoraAdapter) == 24, "RKLLMLoraAdapter layout");
 
 #ifndef RKEDGE_NO_VERSION_STRING
-/* A version string inside the file lets tools tell 1.2.1 from 1.2.3 and 1.3.0 without loading it.
- * Builds with -DRKEDGE_NO_VERSION_STRING leave it out, like a library that carries none. */
-__attribute__((used)) static const char runtime_version_tag[] = "rkllm-runtime version: " RKEDGE_RUNTIME_VERSION;
+/* The version marker real libraries carry (ABI.md, "Version marker"): tools read the release from it, without
+ * loading the file, to tell 1.2.1 from 1.2.3, 1.3.0 and 1.3.1. The build field names this stand-in instead of a
+ * vendor hash and date. Builds with -DRKEDGE_NO_VERSION_STRING leave it out, like a library that carries none. */
+__attribute__((used)) static const char runtime_version_marker[] =
+    "RKLLM SDK (version: " RKEDGE_RUNTIME_VERSION " | target: Linux | build: rkedge-simulated-npu)";
 #endif
 
 #define SIM_MODEL_MAGIC "RKEDGE-SIMULATED-RKLLM-MODEL/1\n"
@@ -1014,6 +1029,10 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         text = input->multimodal_input.prompt;
 #if ABI_AT_LEAST(130)
         extra_tokens = (int)input->multimodal_input.image.n_image_tokens;
+#if ABI_AT_LEAST(131)
+        /* UNKNOWN (stand-in choice): audio adds n_audio * n_audio_tokens positions, the rows of audio_embed. */
+        extra_tokens += (int)(input->multimodal_input.audio.n_audio * input->multimodal_input.audio.n_audio_tokens);
+#endif
 #else
         extra_tokens = (int)input->multimodal_input.n_image_tokens;
 #endif
