@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from rkedge.convert.rules import group_size
+from rkedge.fit import IOMMU_DOMAIN_BYTES as IOMMU_DOMAIN_BYTES  # rknpu: dma_limit = 1 << 32 per domain (F-1)
 
 WEIGHT_BYTES = {"w8a8": 1.0, "w4a16": 0.5, "w4a8": 0.5}
 SCALE_BYTES = 2.0  # one fp16 scale per group
 KV_BYTES = 2.0  # fp16 keys and values
 GIB = 1 << 30
-IOMMU_DOMAIN_BYTES = 4 * GIB  # rknpu: dma_limit = 1 << 32 per domain (F-1)
 
 
 def bytes_per_param(dtype: str) -> float:

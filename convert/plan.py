@@ -2,7 +2,7 @@
 
 Memory, TTFT (128-token prompt) and decode tokens/s come from the fitted model in :mod:`.perf_model`; the
 verdict per RAM size weighs them against the board's RAM, the 4 GiB-per-IOMMU-domain rule and the driver gate
-(F-1). The same functions serve ``convert``'s board-fit check and ``doctor``.
+(F-1). The thresholds and verdicts are :mod:`rkedge.fit`'s, which ``doctor`` uses on the board too.
 """
 
 from __future__ import annotations
@@ -12,15 +12,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES
 from rkedge.convert.perf_model import ModelShape, Prediction, load_perf_model, predict
 from rkedge.errors import InputError
+from rkedge.fit import (
+    DRIVER_GATE_BYTES,
+    DRIVER_GATE_FIXED_IN,
+    GIB,
+    SYSTEM_RESERVE_BYTES,
+    iommu_domains,
+    memory_verdict,
+    needs_driver_gate,
+    spans_iommu_domains,
+    usable_bytes,
+)
 
-#: RAM the system keeps for itself on a headless board image (kernel, CMA, services): an assumption, stated.
-SYSTEM_RESERVE_BYTES = int(0.75 * GIB)
-#: Below this share of the usable RAM a model "fits"; up to all of it, it is "tight".
-COMFORT_SHARE = 0.85
-DRIVER_GATE_BYTES = 2 * GIB  # rknpu < 0.9.8 fails to map weight buffers above 2 GiB (F-1 hypothesis)
+__all__ = ["SYSTEM_RESERVE_BYTES", "BoardFit", "PlanReport", "plan_model", "ram_verdict", "report_json", "shape_of"]
 
 
 @dataclass
@@ -63,28 +69,24 @@ class PlanReport:
 
 def ram_verdict(prediction: Prediction, ram_gb: float) -> BoardFit:
     """Fits / tight / does not fit, with the reasons: RAM, IOMMU domains, driver gate."""
-    usable = ram_gb * GIB - SYSTEM_RESERVE_BYTES
+    usable = usable_bytes(ram_gb)
     need = prediction.total_bytes
     reasons = [f"needs ~{need / GIB:.1f} GiB of ~{usable / GIB:.1f} GiB usable "
                f"({ram_gb:g} GB minus ~{SYSTEM_RESERVE_BYTES / GIB:.2f} GiB for the system)"]
-    if need > usable:
-        verdict = "does not fit"
+    verdict: str = memory_verdict(need, usable)
+    if verdict == "does not fit":
         reasons.append("use a smaller model, a smaller --max-context, or a board with more RAM")
-    elif need > COMFORT_SHARE * usable:
-        verdict = "tight"
+    elif verdict == "tight":
         reasons.append("little left for anything else; swap makes it slow")
-    else:
-        verdict = "fits"
     weights = prediction.weight_bytes
-    if weights > IOMMU_DOMAIN_BYTES and verdict != "does not fit":
-        domains = -(-weights // IOMMU_DOMAIN_BYTES)
+    if spans_iommu_domains(weights) and verdict != "does not fit":
         verdict = "tight"
-        reasons.append(f"the {weights / GIB:.1f} GiB of quantized weights span {domains} NPU IOMMU domains of 4 GiB; "
-                       "large models have failed here with 'failed to malloc npu memory' (F-1): run with "
-                       "--base-domain-id 1 and rknpu 0.9.8")
-    elif weights > DRIVER_GATE_BYTES:
-        reasons.append(f"{weights / GIB:.1f} GiB of weights: needs rknpu driver 0.9.8 (0.9.6 cannot map buffers over "
-                       "2 GiB; F-1, F-5); rkedge doctor shows the driver")
+        reasons.append(f"the {weights / GIB:.1f} GiB of quantized weights span {iommu_domains(weights)} NPU IOMMU "
+                       "domains of 4 GiB; large models have failed here with 'failed to malloc npu memory' (F-1): "
+                       f"run with --base-domain-id 1 and rknpu {DRIVER_GATE_FIXED_IN}")
+    elif needs_driver_gate(weights):
+        reasons.append(f"{weights / GIB:.1f} GiB of weights: needs rknpu driver {DRIVER_GATE_FIXED_IN} (0.9.6 cannot "
+                       f"map buffers over {DRIVER_GATE_BYTES // GIB} GiB; F-1, F-5); rkedge doctor shows the driver")
     return BoardFit(ram_gb, verdict, reasons)
 
 
@@ -115,7 +117,8 @@ def plan_model(path: Path, *, dtype: str = "w8a8", max_context: int = 4096, boar
     if refused is not None and "rknn backend" in refused.alternatives:
         from rkedge.convert.rknn_plan import plan_recurrent_gemma
 
-        return plan_recurrent_gemma(path, config, dtype=dtype, board=board, ram_gb=ram_gb)
+        report: PlanReport = plan_recurrent_gemma(path, config, dtype=dtype, board=board, ram_gb=ram_gb)
+        return report
     notes: list[str] = []
     if refused is not None:
         notes.append(f"{arch}: {refused.reason}")

@@ -132,6 +132,7 @@ def predict_griffin(shape: GriffinShape, dtype: str = "w8a8", prompt_tokens: int
 def plan_recurrent_gemma(path: Path, config: dict[str, Any], *, dtype: str = "w8a8", board: str | None = None,
                          ram_gb: float | None = None) -> Any:
     from rkedge.convert.plan import SYSTEM_RESERVE_BYTES, BoardFit, PlanReport
+    from rkedge.fit import memory_verdict
 
     tensors = None
     if Path(path).is_dir():
@@ -150,7 +151,7 @@ def plan_recurrent_gemma(path: Path, config: dict[str, Any], *, dtype: str = "w8
     fits = []
     for ram in rams or [4, 8, 16]:
         usable = ram * GIB - SYSTEM_RESERVE_BYTES
-        verdict = "fits" if p.total_bytes <= 0.85 * usable else "tight" if p.total_bytes <= usable else "does not fit"
+        verdict = memory_verdict(p.total_bytes, usable)
         fits.append(BoardFit(ram, verdict, [f"needs ~{p.total_bytes / GIB:.1f} GiB (NPU weights, host embedding "
                                             f"table, state; the RKNN runtime's own overhead is not measured) of "
                                             f"~{usable / GIB:.1f} GiB usable"]))

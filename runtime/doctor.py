@@ -5,6 +5,8 @@ Reads only files (device tree, /proc/meminfo, sysfs, debugfs, the library and th
 additionally initialises the model with a tiny context in a child process and scans its stderr for the known
 failure texts, because ``rkllm_init`` on 1.1.x returns 0 after some failures (SEMANTICS.md).
 Facts: shared/knowledge/boards.md sections 4-7, converter-anchors-and-failure-modes.md F-1, F-3..F-7, 3.5.
+The RAM/IOMMU/driver verdicts are :mod:`rkedge.fit`'s (the same as ``rkedge plan``'s), the failure texts come
+from :mod:`rkedge.failures`, and nothing here imports the host side (``rkedge.convert``, ``rkedge.lora``).
 """
 
 from __future__ import annotations
@@ -14,21 +16,20 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rkedge import fit
 from rkedge.boards import SYSFS, match_board, soc_from_compatible
-from rkedge.convert.rules import version_key
 from rkedge.errors import RkedgeError
-from rkedge.runtime import failures
+from rkedge.failures import scan
+from rkedge.fit import DRIVER_FAIL_BELOW, DRIVER_WARN_BELOW, GIB, RUNTIME_OVERHEAD_BYTES
+from rkedge.versions import version_key
 
 RKLLM_SOCS = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3588s2": "rk3588", "rk3582": "rk3588",
               "rk3576": "rk3576", "rk3562": "rk3562", "rv1126b": "rv1126b"}  # SoC -> rkllm target_platform
-DRIVER_FAIL_BELOW = "0.9.6"
-DRIVER_WARN_BELOW = "0.9.8"
-RUNTIME_OVERHEAD_BYTES = 400 << 20
-GIB = 1 << 30
 DENIED = object()
 
 
@@ -136,10 +137,10 @@ def _check_board(fs: Root, report: DoctorReport) -> str | None:
                    "RK3576, RK3562 and RV1126B only (on other SoCs it stops with 'Platform error ... Your platform "
                    "is lite')", "use an RK3588 board", "F-6: rknn-llm#416")
     elif platform != "rk3588":
-        report.add("soc", "warn", "SoC", f"{soc.upper()} on {name}: an RKLLM platform, but rkedge's board profiles "  # type: ignore[union-attr]
-                   f"and speed figures are for RK3588", f"convert models with --platform {platform}", "F-6")
+        report.add("soc", "warn", "SoC", f"{(soc or '').upper()} on {name}: an RKLLM platform, but rkedge's board "
+                   "profiles and speed figures are for RK3588", f"convert models with --platform {platform}", "F-6")
     else:
-        detail = f"{soc.upper()} on {name}" if soc else name  # type: ignore[union-attr]
+        detail = f"{soc.upper()} on {name}" if soc else name
         if board is None:
             detail += " (board not in rkedge's profiles; the SoC is supported)"
         report.add("soc", "ok", "SoC", detail, source="boards/*.json")
@@ -175,8 +176,9 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
         version, where = (match.group(1), SYSFS["rknpu_version_debugfs"]) if match else (None, None)
     if version is None:
         module = fs.read(SYSFS["rknpu_version_module"])
-        if isinstance(module, str) and re.search(r"\d+\.\d+\.\d+", module):
-            version, where = re.search(r"\d+\.\d+\.\d+", module).group(0), SYSFS["rknpu_version_module"]  # type: ignore[union-attr]
+        found = re.search(r"\d+\.\d+\.\d+", module) if isinstance(module, str) else None
+        if found:
+            version, where = found.group(0), SYSFS["rknpu_version_module"]
     if version is None:
         for log in ("/var/log/kern.log", "/var/log/dmesg"):
             text = fs.read(log)
@@ -201,15 +203,17 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
                "/sys/kernel/debug)" if hidden else "use a vendor kernel image with the rknpu driver (0.9.8)")
         report.add("driver", "warn" if hidden else "fail", "NPU driver", detail, fix, "boards.md section 6")
         return None
-    if version_key(version) < version_key(DRIVER_FAIL_BELOW):
-        report.add("driver", "fail", "NPU driver", f"rknpu {version} (read from {where}) is older than 0.9.6; "
-                   "RKLLM runs fail ('matmul(w8a8) run failed', NPU malloc errors)",
-                   "update the board's kernel to one with rknpu 0.9.8", "F-5; SDK manual section 2.4")
-    elif version_key(version) < version_key(DRIVER_WARN_BELOW):
-        report.add("driver", "warn", "NPU driver", f"rknpu {version} (read from {where}); the runtime wants 0.9.8 "
-                   "and warns 'driver version is too low'; weight buffers over 2 GiB fail to map on 0.9.6",
-                   "update to rknpu 0.9.8 (Radxa: rsetup -> System Update; Armbian vendor rkr4.1+; Orange Pi 2025-04+)",
-                   "F-5, F-1 hypothesis; boards.md section 6")
+    verdict = fit.driver_verdict(version)
+    if verdict == "fail":
+        report.add("driver", "fail", "NPU driver", f"rknpu {version} (read from {where}) is older than "
+                   f"{DRIVER_FAIL_BELOW}; RKLLM runs fail ('matmul(w8a8) run failed', NPU malloc errors)",
+                   f"update the board's kernel to one with rknpu {DRIVER_WARN_BELOW}", fit.SOURCES["DRIVER_FAIL_BELOW"])
+    elif verdict == "warn":
+        report.add("driver", "warn", "NPU driver", f"rknpu {version} (read from {where}); the runtime wants "
+                   f"{DRIVER_WARN_BELOW} and warns 'driver version is too low'; weight buffers over "
+                   f"{fit.DRIVER_GATE_BYTES // GIB} GiB fail to map on 0.9.6",
+                   f"update to rknpu {DRIVER_WARN_BELOW} (Radxa: rsetup -> System Update; Armbian vendor rkr4.1+; "
+                   "Orange Pi 2025-04+)", fit.SOURCES["DRIVER_WARN_BELOW"])
     else:
         report.add("driver", "ok", "NPU driver", f"rknpu {version} (read from {where})", source="SDK manual 2.4")
     return version
@@ -219,8 +223,14 @@ def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str
     """librkllmrt found and its ABI selected the way ``rkedge chat`` will (library.find_library/select_abi)."""
     from rkedge.errors import AbiSelectionError, LibraryNotFoundError
     from rkedge.runtime._elf import elf_machine
-    from rkedge.runtime.library import (ENV_ABI, detect_abi, find_library, is_simulated_library,
-                                        resolve_library, select_abi)
+    from rkedge.runtime.library import (
+        ENV_ABI,
+        detect_abi,
+        find_library,
+        is_simulated_library,
+        resolve_library,
+        select_abi,
+    )
 
     info: dict[str, Any] = {"path": None, "abi": None, "version": None, "simulated": False}
     report.facts["library"] = info
@@ -286,8 +296,9 @@ def _check_clocks(fs: Root, report: DoctorReport) -> None:
 
 # --- the model -------------------------------------------------------------------------------------------
 
-def _model_metadata(model: Path) -> tuple[dict[str, Any], str]:
+def _model_metadata(model: Path) -> tuple[Mapping[str, Any], str]:
     from rkedge.manifest import read_manifest
+    from rkedge.modelfile import toolkit_version_trailer
     from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
 
     if is_simulated_model(model):
@@ -295,9 +306,7 @@ def _model_metadata(model: Path) -> tuple[dict[str, Any], str]:
     manifest = read_manifest(model)
     if manifest is not None:
         return manifest, "manifest"
-    from rkedge.convert.inspect import inspect_rkllm
-
-    trailer = inspect_rkllm(model).get("toolkit_version_trailer")
+    trailer = toolkit_version_trailer(model)
     return ({"toolkit_version": trailer} if trailer else {}), "file trailer" if trailer else "nothing"
 
 
@@ -345,7 +354,7 @@ def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: 
     _check_model_memory(report, meta, memory, driver)
 
 
-def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict[str, int], driver: str | None, *,
+def _check_model_memory(report: DoctorReport, meta: Mapping[str, Any], memory: dict[str, int], driver: str | None, *,
                         iommu_domain_selector: bool = True) -> None:
     estimate = meta.get("estimate") or {}  # rkedge plan's estimate, recorded by convert
     weight = int(estimate.get("weight_bytes") or 0)
@@ -360,22 +369,26 @@ def _check_model_memory(report: DoctorReport, meta: dict[str, Any], memory: dict
         need = parts + RUNTIME_OVERHEAD_BYTES
     ram = memory.get("total") or 0
     if ram:
-        if need > ram:
+        # MemTotal is what the kernel left after its own reservations: it is the usable RAM already.
+        verdict = fit.memory_verdict(need, ram)
+        if verdict == "does not fit":
             report.add("model.memory", "fail", "model memory", f"~{need / GIB:.1f} GiB needed, {ram / GIB:.1f} GiB RAM",
                        "use a smaller model or a smaller max_context", "rkedge plan")
-        elif need > 0.85 * ram:
+        elif verdict == "tight":
             report.add("model.memory", "warn", "model memory", f"~{need / GIB:.1f} GiB of {ram / GIB:.1f} GiB RAM",
                        "close other programs; consider a smaller max_context", "rkedge plan")
         else:
             report.add("model.memory", "ok", "model memory", f"~{need / GIB:.1f} GiB of {ram / GIB:.1f} GiB RAM")
-    if weight > 4 * GIB and iommu_domain_selector:
-        report.add("model.iommu", "warn", "NPU IOMMU", f"~{weight / GIB:.1f} GiB of weights span more than one 4 GiB "
-                   "NPU IOMMU domain", "use --base-domain-id 1 if init fails with 'failed to malloc npu memory'",
-                   "F-1: rknpu_iommu.c dma_limit 1<<32")
-    if driver and version_key(driver) < version_key("0.9.8") and weight > 2 * GIB:
-        report.add("model.iommu-driver", "fail", "NPU IOMMU", f"rknpu {driver} cannot map weight buffers over 2 GiB "
-                   f"(this model has ~{weight / GIB:.1f} GiB; every reported >2 GiB failure was on 0.8.2/0.9.6)",
-                   "update rknpu to 0.9.8", "F-1 hypothesis (size-aligned IOVA allocator before 0.9.8)")
+    if fit.spans_iommu_domains(weight) and iommu_domain_selector:
+        report.add("model.iommu", "warn", "NPU IOMMU", f"~{weight / GIB:.1f} GiB of weights span more than one "
+                   f"{fit.IOMMU_DOMAIN_BYTES // GIB} GiB NPU IOMMU domain",
+                   "use --base-domain-id 1 if init fails with 'failed to malloc npu memory'",
+                   fit.SOURCES["IOMMU_DOMAIN_BYTES"])
+    if fit.driver_cannot_map(driver, weight):
+        report.add("model.iommu-driver", "fail", "NPU IOMMU", f"rknpu {driver} cannot map weight buffers over "
+                   f"{fit.DRIVER_GATE_BYTES // GIB} GiB (this model has ~{weight / GIB:.1f} GiB; every reported "
+                   ">2 GiB failure was on 0.8.2/0.9.6)", f"update rknpu to {fit.DRIVER_GATE_FIXED_IN}",
+                   fit.SOURCES["DRIVER_GATE_BYTES"])
 
 
 # --- RKNN bundles (RecurrentGemma) -----------------------------------------------------------------------------
@@ -460,8 +473,8 @@ def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], libr
     except subprocess.TimeoutExpired:
         report.add("trial-init", "fail", "trial init", "rkllm_init did not return within 300 s")
         return
-    found = failures.scan(proc.stderr)
-    errors = [m for m in found if m.failure.severity == "error"]
+    found = scan(proc.stderr, "runtime")
+    errors = [m for m in found if m.severity == "error"]
     result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     report.facts["trial_init"] = {"returncode": proc.returncode, "result": result,
                                   "stderr_tail": proc.stderr.splitlines()[-12:]}
@@ -470,12 +483,11 @@ def _trial_init(report: DoctorReport, model: Path, runtime: dict[str, Any], libr
                    "1.3.0 segfaults when NPU memory runs out (rknn-llm#522): free memory, try --base-domain-id 1")
     elif errors:
         first = errors[0]
-        report.add("trial-init", "fail", "trial init", f"{first.failure.id}: {first.summary} (runtime said: {first.line})",
-                   failures.fix_for(first), first.failure.source)
+        report.add("trial-init", "fail", "trial init", f"{first.id}: {first.message} (runtime said: {first.line})",
+                   first.fix, first.failure.source)
     elif result.get("ok"):
         report.add("trial-init", "ok", "trial init", f"the model initialised ({result.get('detail', '')})")
     else:
         report.add("trial-init", "fail", "trial init", result.get("error") or proc.stderr.strip()[-300:] or "failed")
-    for warning in (m for m in found if m.failure.severity == "warning"):
-        report.add("trial-init.warning", "warn", "runtime warning", f"{warning.failure.id}: {warning.summary}",
-                   failures.fix_for(warning))
+    for warning in (m for m in found if m.severity == "warning"):
+        report.add("trial-init.warning", "warn", "runtime warning", f"{warning.id}: {warning.message}", warning.fix)
