@@ -15,10 +15,12 @@ evaluated into the KV cache, so the next turn's delta starts with the end-of-tur
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 from rkedge.errors import InputError
-from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
+from rkedge.runtime._stream import GenerationResult, GenerationStream, TokenHook
+from rkedge.runtime.llm import LLM
 from rkedge.runtime.types import RunRequest, Sampling
 
 
@@ -39,8 +41,23 @@ class ChatSession:
     def uses_kv_cache(self) -> bool:
         return self.llm.features.has_keep_history
 
-    def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: tuple[str, ...] = (),
-             enable_thinking: bool = False, on_token: Any = None,
+    @overload
+    def send(self, content: str, *, stream: Literal[True] = ..., lora: str | None = None, stop: Sequence[str] = (),
+             enable_thinking: bool = False, on_token: TokenHook | None = None,
+             **sampling: Any) -> GenerationStream: ...
+
+    @overload
+    def send(self, content: str, *, stream: Literal[False], lora: str | None = None, stop: Sequence[str] = (),
+             enable_thinking: bool = False, on_token: TokenHook | None = None,
+             **sampling: Any) -> GenerationResult: ...
+
+    @overload
+    def send(self, content: str, *, stream: bool, lora: str | None = None, stop: Sequence[str] = (),
+             enable_thinking: bool = False, on_token: TokenHook | None = None,
+             **sampling: Any) -> GenerationStream | GenerationResult: ...
+
+    def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: Sequence[str] = (),
+             enable_thinking: bool = False, on_token: TokenHook | None = None,
              **sampling: Any) -> GenerationStream | GenerationResult:
         """Adds a user turn and generates the reply (appended to :attr:`messages` when it ends)."""
         if not content:
@@ -48,8 +65,23 @@ class ChatSession:
         return self.respond([*self.messages, {"role": "user", "content": content}], stream=stream, lora=lora,
                             stop=stop, enable_thinking=enable_thinking, on_token=on_token, **sampling)
 
+    @overload
+    def respond(self, messages: list[dict[str, str]], *, stream: Literal[True] = ..., lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
+                **sampling: Any) -> GenerationStream: ...
+
+    @overload
+    def respond(self, messages: list[dict[str, str]], *, stream: Literal[False], lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
+                **sampling: Any) -> GenerationResult: ...
+
+    @overload
+    def respond(self, messages: list[dict[str, str]], *, stream: bool, lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
+                **sampling: Any) -> GenerationStream | GenerationResult: ...
+
     def respond(self, messages: list[dict[str, str]], *, stream: bool = True, lora: str | None = None,
-                stop: tuple[str, ...] = (), enable_thinking: bool = False, on_token: Any = None,
+                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
                 **sampling: Any) -> GenerationStream | GenerationResult:
         """Generates the reply to a whole conversation (ending with a user turn), reusing the KV cache for
         whatever prefix of it the cache already holds (an OpenAI-style server sends the history each time)."""
@@ -72,7 +104,7 @@ class ChatSession:
         sampling = {k: v for k, v in sampling.items() if v is not None}
         if sampling:
             request.sampling = Sampling(**sampling)
-        result = self.llm._start(request, stop=stop, on_token=on_token, owner=self, on_done=record)
+        result = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record)
         return result if stream else result.collect()
 
     def _prompt_for(self, conversation: list[dict[str, str]], content: str) -> tuple[str, str | None]:
@@ -82,24 +114,24 @@ class ChatSession:
             if not self.uses_kv_cache and len(conversation) > 1:
                 raise InputError("multi-turn chat on ABI 1.1 needs the model's chat template.",
                                  fix="pass --template FAMILY")
-            if self.llm._kv_owner is not self or conversation[:-1] != self.messages:
+            if self.llm.kv_cache_owner is not self or conversation[:-1] != self.messages:
                 # The cache holds another conversation: start over from this turn alone.
-                if self.llm._kv_owner is self:
+                if self.llm.kv_cache_owner is self:
                     self.llm.clear_kv_cache()
                 conversation[:] = [conversation[-1]]
             return content, None
         full = template.render(conversation, add_generation_prompt=True)
         cached = self._cached_text
-        if self.uses_kv_cache and cached is not None and self.llm._kv_owner is self and full.startswith(cached):
+        if self.uses_kv_cache and cached is not None and self.llm.kv_cache_owner is self and full.startswith(cached):
             return full[len(cached):], full
-        if self.llm._kv_owner is self:
+        if self.llm.kv_cache_owner is self:
             self.llm.clear_kv_cache()
         return full, full
 
     def reset(self) -> None:
         """Forgets the conversation (keeps the system prompt) and clears the KV cache."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        if self.llm._kv_owner is self:
+        if self.llm.kv_cache_owner is self:
             self.llm.clear_kv_cache()
         self._cached_text = None
 

@@ -23,7 +23,7 @@ def library_options(func: F) -> F:
 
 def runtime_param_options(func: F) -> F:
     """RKLLMParam fields set at init."""
-    for decl, kwargs in reversed([
+    options: list[tuple[str, dict[str, Any]]] = [
         ("--max-context", dict(type=int, default=None, help="max_context_len (default 4096, or the model's limit).")),
         ("--max-new-tokens", dict(type=int, default=1024, show_default=True, help="max_new_tokens per reply.")),
         ("--temperature", dict(type=float, default=None, help="Sampling temperature.")),
@@ -35,7 +35,8 @@ def runtime_param_options(func: F) -> F:
                             help="Chat template family when the model has no manifest: gemma, llama3, qwen2, "
                                  "qwen2.5, chatml, phi3.")),
         ("--verbose", dict(is_flag=True, help="Show the runtime's init log.")),
-    ]):
+    ]
+    for decl, kwargs in reversed(options):
         func = click.option(decl, **kwargs)(func)
     return func
 

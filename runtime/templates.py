@@ -13,9 +13,8 @@ text leads the first user turn).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from rkedge.errors import InputError
 
@@ -30,7 +29,7 @@ class ChatTemplate:
 
     family: str
     bos_token: str
-    renderer: Callable[["ChatTemplate", Sequence[Message], bool], str]
+    renderer: Callable[[ChatTemplate, Sequence[Message], bool], str]
     default_system: str | None = None
     #: Llama 3.2 writes today's date into its system header (Hugging Face: strftime_now("%d %b %Y")).
     #: Fixed when the template object is made, so the prompt prefix stays stable across a session's turns.
@@ -45,7 +44,7 @@ class ChatTemplate:
         text = self.renderer(self, messages, add_generation_prompt)
         return (self.bos_token + text) if include_bos else text
 
-    def with_date(self, date_string: str) -> "ChatTemplate":
+    def with_date(self, date_string: str) -> ChatTemplate:
         from dataclasses import replace
 
         return replace(self, date_string=date_string)

@@ -7,7 +7,7 @@ per 4 bytes); otherwise nothing, and the runtime's perf stats (ABI >= 1.2.1) rep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ class TokenCounter:
         return self._count(text)
 
 
-def counter_for(model_path: Path, metadata: dict[str, Any],
+def counter_for(model_path: Path, metadata: Mapping[str, Any],
                 encode: Callable[[str], list[int]] | None = None) -> TokenCounter | None:
     """How to count a prompt's tokens: ``encode`` (the loaded model's own tokenizer, when its backend has one on
     the host), the simulated NPU's rule, or a tokenizer.json beside the model."""
@@ -31,11 +31,18 @@ def counter_for(model_path: Path, metadata: dict[str, Any],
         return TokenCounter(lambda text: (len(text.encode("utf-8")) + 3) // 4, "simulated NPU rule (4 bytes/token)")
     for candidate in (model_path.with_name("tokenizer.json"), model_path.parent / "tokenizer" / "tokenizer.json"):
         if candidate.is_file():
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                return None
-            tokenizer = Tokenizer.from_file(str(candidate))
-            return TokenCounter(lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids),
-                                f"tokenizer {candidate.name}")
+            return _file_counter(candidate)
     return None
+
+
+def _file_counter(path: Path) -> TokenCounter | None:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tokenizer = Tokenizer.from_file(str(path))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    return TokenCounter(count, f"tokenizer {path.name}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 
 class CallState(IntEnum):
@@ -46,42 +46,9 @@ class RunEvent(NamedTuple):
     text: bytes | None
     token_id: int
     perf: PerfStats | None = None
-    values: array | None = None  # logits or hidden states, row-major num_tokens x width
+    values: array[float] | None = None  # logits or hidden states, row-major num_tokens x width
     num_tokens: int = 0
     width: int = 0
-
-
-@dataclass
-class InitParams:
-    """Fields of ``RKLLMParam`` (and its ``extend_param``). ``None`` keeps ``rkllm_createDefaultParam``'s value.
-
-    Fields a given ABI lacks are refused when set (a value must never be silently dropped).
-    """
-
-    max_context_len: int | None = 4096
-    max_new_tokens: int | None = 1024
-    top_k: int | None = None
-    top_p: float | None = None
-    temperature: float | None = None
-    repeat_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    skip_special_token: bool | None = True
-    ignore_eos_token: bool | None = None
-    n_keep: int | None = None
-    base_domain_id: int | None = None
-    embed_flash: int | None = None
-    enabled_cpus_num: int | None = None
-    enabled_cpus_mask: int | None = None
-    n_batch: int | None = None
-
-    EXTEND_FIELDS = ("base_domain_id", "embed_flash", "enabled_cpus_num", "enabled_cpus_mask", "n_batch")
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
 
 
 @dataclass(frozen=True)
@@ -99,7 +66,34 @@ class Sampling:
     mirostat_eta: float | None = None
 
     def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        """No sampling field is set."""
+        return all(getattr(self, f.name) is None for f in fields(Sampling))
+
+
+@dataclass(frozen=True)
+class InitParams(Sampling):
+    """Fields of ``RKLLMParam`` (and its ``extend_param``). ``None`` keeps ``rkllm_createDefaultParam``'s value.
+
+    The sampling fields are :class:`Sampling`'s (``RKLLMParam`` holds the same nine as ``RKLLMSamplingParam``);
+    fields a given ABI lacks are refused when set (a value must never be silently dropped).
+    """
+
+    max_context_len: int | None = 4096
+    max_new_tokens: int | None = 1024
+    skip_special_token: bool | None = True
+    ignore_eos_token: bool | None = None
+    n_keep: int | None = None
+    base_domain_id: int | None = None
+    embed_flash: int | None = None
+    enabled_cpus_num: int | None = None
+    enabled_cpus_mask: int | None = None
+    n_batch: int | None = None
+
+    EXTEND_FIELDS: ClassVar[tuple[str, ...]] = ("base_domain_id", "embed_flash", "enabled_cpus_num",
+                                                "enabled_cpus_mask", "n_batch")
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
 
 
 @dataclass
@@ -108,7 +102,7 @@ class RunRequest:
 
     prompt: bytes | None = None
     token_ids: list[int] | None = None
-    embeddings: array | None = None  # float32, n_tokens x hidden
+    embeddings: array[float] | None = None  # float32, n_tokens x hidden
     embed_tokens: int = 0
     role: str | None = "user"
     enable_thinking: bool = False

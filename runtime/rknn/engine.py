@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import sys
 import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import numpy as np
 
-from rkedge.errors import InputError, LibraryNotFoundError, RuntimeInitError
+from rkedge.errors import GenerationError, InputError, LibraryNotFoundError, RuntimeInitError
+from rkedge.manifest import RknnGraph
 from rkedge.runtime._proc import process_rss_mb
 from rkedge.runtime._stderr import capture_native_output
 from rkedge.runtime.abi._common import AbiFeatures
+from rkedge.runtime.backend import EventHandler, RuntimeInfo
 from rkedge.runtime.rknn.bundle import read_bundle
-from rkedge.runtime.rknn.loop import DecodeLoop
+from rkedge.runtime.rknn.loop import DecodeLoop, Floats
 from rkedge.runtime.types import CallState, InferMode, InitParams, PerfStats, RunEvent, RunRequest
 
 FEATURES = AbiFeatures(
@@ -44,11 +48,13 @@ class _GraphSet:
     """The bundle's graphs, one runtime context each (RKNN and RKNNLite share ``inference`` and ``release``)."""
 
     kind = ""
-    graphs: list[Any]
+    version: str | None = None  # of the rknn package that runs the graphs
+    graphs: list[Any]  # RKNN / RKNNLite objects (untyped packages), None once released
 
-    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
         # Our inputs are at most 3-D, so the layout flag changes nothing; setting it silences a warning per call.
-        return self._graph(index).inference(inputs=inputs, data_format=["nchw"] * len(inputs))
+        outputs: list[Floats] = self._graph(index).inference(inputs=inputs, data_format=["nchw"] * len(inputs))
+        return outputs
 
     def _graph(self, index: int) -> Any:
         return self.graphs[index]
@@ -73,7 +79,7 @@ class SimulatorGraphs(_GraphSet):
 
     kind = "simulator"
 
-    def __init__(self, folder: Path, graphs: list[dict[str, Any]], *, lazy: bool = False) -> None:
+    def __init__(self, folder: Path, graphs: Sequence[Mapping[str, Any]], *, lazy: bool = False) -> None:
         try:
             from rknn.api import RKNN  # noqa: F401 - fail here, with the fix, rather than at the first token
         except ImportError as exc:
@@ -92,12 +98,13 @@ class SimulatorGraphs(_GraphSet):
             self.graphs[index] = self._build(self.specs[index])
         return self.graphs[index]
 
-    def _build(self, graph: dict[str, Any]) -> Any:
+    def _build(self, graph: Mapping[str, Any]) -> Any:
         from rknn.api import RKNN
 
         folder = self.folder
         rknn = RKNN(verbose=False)
         sim = graph["simulator"]
+        steps: list[tuple[str, Callable[[Any], Any]]]
         if sim["build"] == "float":
             steps = [("config", lambda r: r.config(target_platform="rk3588")),
                      ("load_onnx", lambda r: r.load_onnx(model=str(folder / sim["onnx"]))),
@@ -109,7 +116,7 @@ class SimulatorGraphs(_GraphSet):
                 model_quantization_cfg=str(folder / sim["cfg"])))]
         steps.append(("init_runtime", lambda r: r.init_runtime()))
         for step, call in steps:
-            if _returns_nonzero(lambda: call(rknn)):  # noqa: B023 - called at once
+            if _returns_nonzero(call, rknn):
                 rknn.release()
                 raise RuntimeInitError(f"rknn-toolkit2 {step} failed for graph {graph['name']}.",
                                        fix="rebuild the bundle with the same rknn-toolkit2 version")
@@ -121,7 +128,7 @@ class LiteGraphs(_GraphSet):
 
     kind = "rknnlite"
 
-    def __init__(self, folder: Path, graphs: list[dict[str, Any]]) -> None:
+    def __init__(self, folder: Path, graphs: Sequence[Mapping[str, Any]]) -> None:
         from rknnlite.api import RKNNLite
 
         self.version = _package_version("rknn-toolkit-lite2")
@@ -131,10 +138,10 @@ class LiteGraphs(_GraphSet):
                 rknn = RKNNLite(verbose=False)
                 self.graphs.append(rknn)
                 # RKNNLite both returns -1 and raises on failure; both end here with the same message.
-                if _returns_nonzero(lambda: rknn.load_rknn(str(folder / graph["rknn"]))):
+                if _returns_nonzero(rknn.load_rknn, str(folder / graph["rknn"])):
                     raise RuntimeInitError(f"RKNNLite could not load {graph['rknn']}.",
                                            fix="check the librknnrt version on the board (rkedge doctor)")
-                if _returns_nonzero(lambda: rknn.init_runtime(core_mask=RKNNLite.NPU_CORE_0_1_2)):
+                if _returns_nonzero(rknn.init_runtime, core_mask=RKNNLite.NPU_CORE_0_1_2):
                     raise RuntimeInitError(f"RKNNLite could not initialise {graph['rknn']} on the NPU.",
                                            fix="run rkedge doctor; check free memory and the rknpu driver")
         except BaseException:
@@ -142,10 +149,11 @@ class LiteGraphs(_GraphSet):
             raise
 
 
-def _returns_nonzero(call: Callable[[], Any]) -> bool:
+def _returns_nonzero(call: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """``call(*args, **kwargs)`` failed: returned non-zero or raised (the error is printed like a runtime's E line)."""
     try:
-        return call() != 0
-    except Exception as exc:  # noqa: BLE001 - the toolkit raises bare Exceptions
+        return bool(call(*args, **kwargs) != 0)
+    except Exception as exc:  # the toolkit raises bare Exceptions
         print(f"E rkedge-rknn: {type(exc).__name__}: {exc}", file=sys.stderr)
         return True
 
@@ -155,14 +163,30 @@ def _package_version(name: str) -> str | None:
         from importlib.metadata import version
 
         return version(name)
-    except Exception:  # noqa: BLE001 - informational only
+    except Exception:  # informational only
         return None
+
+
+class Tokenizer(Protocol):
+    """The host-side tokenizer of a bundle."""
+
+    bos: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` adds to the text decoded so far (empty while a character is incomplete)."""
+        ...
+
+    def start(self) -> None:
+        """Forget the text decoded so far (a new reply begins)."""
+        ...
 
 
 class ByteTokenizer:
     """id = byte + offset (the byte-level test models)."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: Mapping[str, Any]) -> None:
         self.offset = int(spec.get("offset", 3))
         self.bos = spec.get("bos_token_id")
 
@@ -179,7 +203,7 @@ class ByteTokenizer:
 class HfTokenizer:
     """A Hugging Face tokenizer.json through the ``tokenizers`` package (no transformers on the board)."""
 
-    def __init__(self, folder: Path, spec: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, spec: Mapping[str, Any]) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -191,12 +215,13 @@ class HfTokenizer:
         self._text = ""
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
 
     def piece(self, token: int) -> bytes:
         # Decode the running sequence and emit what is new: SentencePiece pieces only read right in context.
         self._ids.append(token)
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        text: str = self.tokenizer.decode(self._ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return b""
         new, self._text = text[len(self._text):], text
@@ -206,7 +231,7 @@ class HfTokenizer:
         self._ids, self._text = [], ""
 
 
-def make_tokenizer(folder: Path, spec: dict[str, Any]) -> Any:
+def make_tokenizer(folder: Path, spec: Mapping[str, Any]) -> Tokenizer:
     if spec.get("type") == "bytes":
         return ByteTokenizer(spec)
     if spec.get("type") == "tokenizers":
@@ -215,47 +240,62 @@ def make_tokenizer(folder: Path, spec: dict[str, Any]) -> Any:
 
 
 class RknnModel:
-    """A model from an RKNN bundle, driven like librkllmrt (see module docstring)."""
+    """A model from an RKNN bundle: a :class:`~rkedge.runtime.backend.Backend` (see module docstring)."""
 
-    def __init__(self, bundle_path: str | Path, library: str | None, params: InitParams,
-                 on_event: Callable[[int, RunEvent], int], *, verbose: bool = False) -> None:
+    def __init__(self, bundle_path: str | Path, library: str | None, params: InitParams, on_event: EventHandler,
+                 *, verbose: bool = False) -> None:
         self.folder, self.bundle = read_bundle(bundle_path)
         self.features = FEATURES
+        self.warnings: list[str] = []
         self._on_event = on_event
         self.init_rc = -1
-        graphs = [*self.bundle["graphs"], *self.bundle["heads"]]
+        graphs = [*(self.bundle.graphs or []), *(self.bundle.heads or [])]
+        tokenizer_spec = self.bundle.tokenizer or {}
         with capture_native_output(echo=verbose) as captured:  # rknn-toolkit2 logs to stdout and stderr
-            self.graphs = self._open_graphs(library, graphs)
+            self.graphs: _GraphSet | None = self._open_graphs(library, graphs)
             self.loop = DecodeLoop.from_bundle(self.folder, self.bundle, self.graphs)
-            self.loop.step(self.bundle["tokenizer"].get("bos_token_id") or 0)  # warm-up: first runs print
+            self.loop.step(tokenizer_spec.get("bos_token_id") or 0)  # warm-up: first runs print
             self.loop.reset()
         self.init_log = captured.text
-        self.tokenizer = make_tokenizer(self.folder, self.bundle["tokenizer"])
-        eos = self.bundle["tokenizer"].get("eos_token_id")
+        self._kind = self.graphs.kind
+        self.runtime = RuntimeInfo(self.folder, "rknn", self.graphs.version, f"RKNN bundle ({self.graphs.kind})",
+                                   self.graphs.kind == "simulator")
+        self.tokenizer = make_tokenizer(self.folder, tokenizer_spec)
+        eos = tokenizer_spec.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         _refuse_unsupported(params)
         self.max_new_tokens = params.max_new_tokens or 1024
         self.ignore_eos = bool(params.ignore_eos_token)
         self._rng = np.random.default_rng()
         # Greedy unless asked otherwise, like RKLLM's top_k=1 default.
-        self.sampling = {"top_k": 1, "top_p": 1.0, "temperature": 1.0, "repeat_penalty": 1.0,
-                         "frequency_penalty": 0.0, "presence_penalty": 0.0}
+        self.sampling: dict[str, float] = {"top_k": 1, "top_p": 1.0, "temperature": 1.0, "repeat_penalty": 1.0,
+                                           "frequency_penalty": 0.0, "presence_penalty": 0.0}
         self.sampling.update({k: v for k, v in params.items() if k in self.sampling})
-        self.init_values = {"max_context_len": NO_CONTEXT_LIMIT, "max_new_tokens": self.max_new_tokens,
-                            **self.sampling}
+        self.init_values: dict[str, Any] = {"max_context_len": NO_CONTEXT_LIMIT,
+                                            "max_new_tokens": self.max_new_tokens, **self.sampling}
         self._running = False
         self._abort = False
         self.init_rc = 0
 
     @property
     def backend(self) -> str:
-        return self.graphs.kind
+        """Which engine runs the graphs: ``rknnlite`` (board) or ``simulator``."""
+        return self._kind
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self.bundle
+
+    @property
+    def encode(self) -> Callable[[str], list[int]]:
+        encode: Callable[[str], list[int]] = self.tokenizer.encode
+        return encode
 
     @property
     def alive(self) -> bool:
         return self.graphs is not None and self.init_rc == 0
 
-    def _open_graphs(self, library: str | None, graphs: list[dict[str, Any]]) -> Any:
+    def _open_graphs(self, library: str | None, graphs: Sequence[RknnGraph]) -> _GraphSet:
         if library in ("mock", "simulator"):
             return SimulatorGraphs(self.folder, graphs)
         try:
@@ -272,15 +312,13 @@ class RknnModel:
 
     # -- runs -----------------------------------------------------------------------------------------------
 
-    def run(self, run_id: int, request: RunRequest, *, asynchronous: bool = False) -> int:
-        if asynchronous:
-            raise InputError("the RKNN backend runs synchronously (rkedge calls it from its own worker thread)")
+    def run(self, run_id: int, request: RunRequest) -> int:
         if request.lora_name or request.prompt_cache_path:
             raise InputError("LoRA adapters and prompt caches are not supported by the RKNN backend.")
         self._running, self._abort = True, False
         try:
             return self._generate(run_id, request)
-        except Exception as exc:  # noqa: BLE001 - the runtime reports ERROR, like librkllmrt
+        except Exception as exc:  # the runtime reports ERROR, like librkllmrt
             print(f"E rkedge-rknn: {type(exc).__name__}: {exc}", file=sys.stderr)
             self._on_event(run_id, RunEvent(CallState.ERROR, None, -1))
             return -1
@@ -297,7 +335,7 @@ class RknnModel:
             tokens = [int(self.tokenizer.bos), *tokens]
         if not tokens:
             raise InputError("empty prompt")
-        logits = None
+        logits: Floats | None = None
         for index, token in enumerate(tokens):
             if self._abort:
                 break
@@ -317,8 +355,11 @@ class RknnModel:
                                  if getattr(request.sampling, k) is not None})
             history = list(tokens[-PENALTY_WINDOW:])
             self.tokenizer.start()
-            while not self._abort:
-                token = _sample(logits, self._rng, history, **sampling)
+            while not self._abort and logits is not None:
+                token = _sample(logits, self._rng, history, top_k=int(sampling["top_k"]), top_p=sampling["top_p"],
+                                temperature=sampling["temperature"], repeat_penalty=sampling["repeat_penalty"],
+                                frequency_penalty=sampling["frequency_penalty"],
+                                presence_penalty=sampling["presence_penalty"])
                 if token in self.eos and not self.ignore_eos:
                     break
                 history = [*history[1 - PENALTY_WINDOW:], token]
@@ -339,49 +380,48 @@ class RknnModel:
         return 0
 
     def forget_run(self, run_id: int) -> None:
-        pass
+        """Nothing is kept per run (librkllmrt's async runs keep their buffers until here)."""
 
-    def abort(self) -> int:
+    def abort(self) -> None:
         self._abort = True
-        return 0
 
     def is_running(self) -> bool:
         return self._running
 
     # -- cache and the rest of the librkllmrt surface --------------------------------------------------------
 
-    def clear_kv_cache(self, keep_system_prompt: bool = False, start: list[int] | None = None,
-                       end: list[int] | None = None) -> int:
-        if self._running or start is not None:
-            return -1  # a recurrent state cannot drop a range of positions
-        self.loop.reset()
-        return 0
+    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None:
+        if self._running:
+            raise GenerationError("the RKNN state cannot be cleared while a generation is running.",
+                                  fix="wait for the generation to end, or abort it")
+        self.loop.reset()  # a recurrent state has no system-prompt part to keep
 
     def kv_cache_sizes(self, batches: int = 1) -> list[int]:
         return [self.loop.position] * max(batches, 1)
 
-    def set_chat_template(self, system_prompt: str, prefix: str, postfix: str) -> int:
+    def set_chat_template(self, system_prompt: str, prefix: str, postfix: str) -> None:
         raise InputError("the RKNN backend has no embedded chat template (rkedge renders it).")
 
-    def set_function_tools(self, system_prompt: str, tools_json: str, tool_response_str: str) -> int:
+    def set_function_tools(self, system_prompt: str, tools_json: str, tool_response_str: str) -> None:
         raise InputError("function tools are not supported by the RKNN backend.")
 
-    def load_lora(self, path: str, name: str, scale: float) -> int:
-        return -1
+    def load_lora(self, path: str, name: str, scale: float) -> None:
+        raise InputError(f"the RKNN backend cannot load LoRA adapters ({path}).",
+                         fix="merge the adapter before converting: rkedge convert --backend rknn --lora ADAPTER")
 
-    def load_prompt_cache(self, path: str) -> int:
-        return -1
+    def load_prompt_cache(self, path: str) -> None:
+        raise InputError(f"the RKNN backend has no prompt caches ({path}).",
+                         fix="send the whole prompt instead")
 
-    def release_prompt_cache(self) -> int:
-        return 0
+    def release_prompt_cache(self) -> None:
+        """Nothing to release: this backend never loads a prompt cache."""
 
-    def destroy(self) -> int:
+    def close(self) -> None:
         if self.graphs is not None:
             self._abort = True
             self.graphs.release()
             self.graphs = None
         self.init_rc = -1
-        return 0
 
 
 def _refuse_unsupported(values: Any) -> None:
@@ -392,7 +432,7 @@ def _refuse_unsupported(values: Any) -> None:
             raise InputError(f"{name}={value} is not supported by the RKNN backend ({why}).", fix=f"leave {name} unset")
 
 
-def _sample(logits: np.ndarray, rng: np.random.Generator, history: list[int], *, top_k: int, top_p: float,
+def _sample(logits: Floats, rng: np.random.Generator, history: list[int], *, top_k: int, top_p: float,
             temperature: float, repeat_penalty: float, frequency_penalty: float, presence_penalty: float) -> int:
     scores = logits.astype(np.float64)
     if history and (repeat_penalty != 1.0 or frequency_penalty or presence_penalty):
@@ -419,7 +459,5 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, history: list[int], *,
     return int(rng.choice(len(probs), p=probs))
 
 
-def _as_array(values: np.ndarray) -> Any:
-    from array import array
-
+def _as_array(values: Floats) -> array[float]:
     return array("f", values.astype(np.float32).tobytes())

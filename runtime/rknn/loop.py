@@ -6,17 +6,26 @@ verification and calibration, the rknn-toolkit2 simulator, or RKNNLite on the bo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
+
+#: What flows between the graphs: float32 tensors (numpy.typing is not followed by the type checker).
+Floats: TypeAlias = "np.ndarray[Any, np.dtype[np.float32]]"
 
 MASK_VALUE = -30.0
 
 
+def _floats(value: Any) -> Floats:
+    """``value`` as float32, no copy when it already is (numpy's own types are not followed: its results are Any)."""
+    return cast(Floats, np.asarray(value, dtype=np.float32))
+
+
 class GraphRunner(Protocol):
-    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, index: int, inputs: list[Floats]) -> list[Floats]: ...
 
 
 @dataclass(frozen=True)
@@ -28,12 +37,12 @@ class GraphSpec:
     shapes: dict[str, tuple[int, ...]]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GraphSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> GraphSpec:
         return cls(data["name"], tuple(data.get("layers", ())), tuple(data["inputs"]), tuple(data["outputs"]),
                    {k: tuple(v) for k, v in data["shapes"].items()})
 
 
-def position_features(position: int, *, rotary_dim: int, rope_theta: float, window: int) -> dict[str, np.ndarray]:
+def position_features(position: int, *, rotary_dim: int, rope_theta: float, window: int) -> dict[str, Floats]:
     """cos/sin of RoPE, the reset flag and the attention window mask for one position."""
     inv_freq = 1.0 / (rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
     freqs = np.float32(position) * inv_freq
@@ -51,13 +60,13 @@ class DecodeLoop:
     numbers the graphs chunks first, then heads; the heads' logits are concatenated in order (vocabulary slices)."""
 
     def __init__(self, chunks: Sequence[GraphSpec], heads: Sequence[GraphSpec], runner: GraphRunner,
-                 embedding: np.ndarray, *, rotary_dim: int, rope_theta: float, window: int) -> None:
+                 embedding: Floats, *, rotary_dim: int, rope_theta: float, window: int) -> None:
         self.chunks = list(chunks)
         self.heads = list(heads)
         self.runner = runner
         self.embedding = embedding
         self.rotary_dim, self.rope_theta, self.window = rotary_dim, rope_theta, window
-        self.states: dict[str, np.ndarray] = {}
+        self.states: dict[str, Floats] = {}
         self.position = 0
         self.reset()
 
@@ -67,14 +76,14 @@ class DecodeLoop:
                        if name not in ("x", "cos", "sin", "mask", "reset")}
         self.position = 0
 
-    def snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
+    def snapshot(self) -> tuple[int, dict[str, Floats]]:
         return self.position, {k: v.copy() for k, v in self.states.items()}
 
-    def restore(self, snapshot: tuple[int, dict[str, np.ndarray]]) -> None:
+    def restore(self, snapshot: tuple[int, dict[str, Floats]]) -> None:
         self.position, states = snapshot
         self.states = {k: v.copy() for k, v in states.items()}
 
-    def step(self, token: int, *, logits: bool = True) -> np.ndarray | None:
+    def step(self, token: int, *, logits: bool = True) -> Floats | None:
         """One token through every graph; returns the logits [vocab] (or None when ``logits`` is False, e.g. for
         prompt tokens whose predictions nobody reads)."""
         x = self._embed(token)
@@ -85,10 +94,10 @@ class DecodeLoop:
         if not logits:
             return None
         parts = [self._run_head(j, x) for j in range(len(self.heads))]
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32)
+        return _floats((parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32))
 
     def teacher_forced_logits(self, tokens: Sequence[int],
-                              release: Callable[[int], None] | None = None) -> np.ndarray:
+                              release: Callable[[int], None] | None = None) -> Floats:
         """The logits after each of ``tokens`` [len, vocab], from a fresh state, computed graph by graph: every
         step through the first graph, then every step through the next. With the tokens given this equals
         stepping token by token (no graph feeds an earlier one), and only one graph need be loaded at a time:
@@ -97,7 +106,7 @@ class DecodeLoop:
         xs = [self._embed(t) for t in tokens]
         features = [self._features(p) for p in range(len(tokens))]
         for index in range(len(self.chunks)):
-            xs = [self._run_chunk(index, x, f) for x, f in zip(xs, features)]
+            xs = [self._run_chunk(index, x, f) for x, f in zip(xs, features, strict=True)]
             if release is not None:
                 release(index)
         parts = []
@@ -106,33 +115,31 @@ class DecodeLoop:
             if release is not None:
                 release(len(self.chunks) + j)
         self.position = len(tokens)
-        return np.concatenate(parts, axis=1).astype(np.float32)
+        return _floats(np.concatenate(parts, axis=1).astype(np.float32))
 
-    def _embed(self, token: int) -> np.ndarray:
-        return self.embedding[token].astype(np.float32).reshape(1, 1, -1)
+    def _embed(self, token: int) -> Floats:
+        return _floats(self.embedding[token].astype(np.float32).reshape(1, 1, -1))
 
-    def _features(self, position: int) -> dict[str, np.ndarray]:
+    def _features(self, position: int) -> dict[str, Floats]:
         return position_features(position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
                                  window=self.window)
 
-    def _run_chunk(self, index: int, x: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_chunk(self, index: int, x: Floats, features: dict[str, Floats]) -> Floats:
         """Chunk graph ``index`` on hidden vector ``x``; its states are updated in place."""
         spec = self.chunks[index]
         values = {"x": x, **features, **self.states}
         outputs = self.runner.run(index, [values[name] for name in spec.inputs])
-        for name, value in zip(spec.outputs[1:], outputs[1:]):
+        for name, value in zip(spec.outputs[1:], outputs[1:], strict=False):
             state = name[len("new_"):]
-            self.states[state] = value.reshape(spec.shapes[state]).astype(np.float32)
-        return outputs[0].reshape(1, 1, -1).astype(np.float32)
+            self.states[state] = _floats(value.reshape(spec.shapes[state]).astype(np.float32))
+        return _floats(outputs[0].reshape(1, 1, -1).astype(np.float32))
 
-    def _run_head(self, j: int, x: np.ndarray) -> np.ndarray:
-        return self.runner.run(len(self.chunks) + j, [x])[0].reshape(-1)
+    def _run_head(self, j: int, x: Floats) -> Floats:
+        return _floats(self.runner.run(len(self.chunks) + j, [x])[0].reshape(-1))
 
     @classmethod
-    def from_bundle(cls, folder: Any, bundle: dict[str, Any], runner: GraphRunner) -> "DecodeLoop":
+    def from_bundle(cls, folder: str | Path, bundle: Mapping[str, Any], runner: GraphRunner) -> DecodeLoop:
         """The loop of a bundle (``bundle.json`` read), its graphs run by ``runner``."""
-        from pathlib import Path
-
         embedding = np.load(Path(folder) / bundle["embedding"]["file"]).astype(np.float32)
         dims = bundle["dims"]
         return cls([GraphSpec.from_dict(g) for g in bundle["graphs"]],
