@@ -31,24 +31,33 @@ def history_file() -> Path:
 
 
 class ChatRepl:
-    def __init__(self, llm: LLM, session: ChatSession, *, lora: str | None = None, out: TextIO = sys.stdout) -> None:
+    """Replies go to ``out`` (stdout, so they can be piped); errors to ``err`` (stderr)."""
+
+    def __init__(self, llm: LLM, session: ChatSession, *, lora: str | None = None, out: TextIO | None = None,
+                 err: TextIO | None = None) -> None:
         self.llm = llm
         self.session = session
         self.lora = lora
         self.loras: dict[str, str] = {lora: lora} if lora else {}
-        self.out = out
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
         self.last: GenerationResult | None = None
 
     def write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
 
+    def error(self, exc: RkedgeError) -> None:
+        self.err.write(f"error: {exc}\n")
+        self.err.flush()
+
     def turn(self, text: str) -> GenerationResult | None:
         try:
             stream = self.session.send(text, lora=self.lora)
         except RkedgeError as exc:
-            self.write(f"error: {exc}\n")
+            self.error(exc)
             return None
+        failure: RkedgeError | None = None
         try:
             for chunk in stream:
                 self.write(chunk)
@@ -57,10 +66,12 @@ class ChatRepl:
             stream.close()
             self.write(" [stopped]")
         except RkedgeError as exc:
-            self.write(f"\nerror: {exc}")
+            failure = exc
         finally:
             stream.close()
             self.write("\n")
+        if failure is not None:
+            self.error(failure)  # after the reply's line ends, so the two streams do not interleave mid-line
         self.last = stream.result
         return self.last
 
@@ -78,7 +89,7 @@ class ChatRepl:
                 self.session.set_system(arg or None)
                 self.write("(system prompt set; conversation cleared)\n" if arg else "(system prompt cleared)\n")
             except RkedgeError as exc:
-                self.write(f"error: {exc}\n")
+                self.error(exc)
         elif name == "stats":
             self.write(self.stats_text() + "\n")
         elif name == "lora":
@@ -102,7 +113,7 @@ class ChatRepl:
             try:
                 name = self.llm.load_lora(arg)
             except RkedgeError as exc:
-                self.write(f"error: {exc}\n")
+                self.error(exc)
                 return
             self.loras[name] = arg
             self.lora = name

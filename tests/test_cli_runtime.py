@@ -61,6 +61,20 @@ def test_chat_reads_turns_from_a_pipe(tmp_path):
     assert "never sent" not in chat.stdout
 
 
+def test_chat_errors_go_to_stderr_and_replies_to_stdout(tmp_path):
+    """stdout stays the replies alone (pipeable); what went wrong, and the fix, is on stderr."""
+    model = tmp_path / "m.rkllm"
+    CliRunner().invoke(main, ["mock-model", "--out", str(model), "--template", "qwen2", "--response",
+                              "one two three four five six", "--fault", "error_after_tokens=2"])
+    chat = run_cli("chat", str(model), "--mock", input="first\n/lora /nonexistent_lora.rkllm\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "error" not in chat.stdout, "no error text among the replies"
+    errors = [line for line in chat.stderr.splitlines() if line.startswith("error: ")]
+    assert any("generation failed" in line for line in errors), chat.stderr
+    assert any("LoRA adapter not found" in line for line in errors), chat.stderr
+    assert chat.stdout.strip(), "the text produced before the failure is still shown"
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["chat", "/nonexistent.rkllm", "--mock"], "model file not found"),
     (["chat", "MODEL", "--mock", "--abi", "9.9"], "unknown rkllm ABI"),

@@ -194,6 +194,10 @@ def test_cli_rejects_bad_requests_with_exit_2(tmp_path):
     assert bad_dtype.returncode == 2 and "w4a16" in bad_dtype.stderr and "fix:" in bad_dtype.stderr
     rkllm_only = run_cli("convert", str(TINY), "--backend", "rknn", "--max-context", "4096", "--out", str(out))
     assert rkllm_only.returncode == 2 and "--max-context" in rkllm_only.stderr
+    default_spelled_out = run_cli("convert", str(TINY), "--backend", "rknn", "--algorithm", "normal",
+                                  "--optimization-level", "0", "--out", str(out))
+    assert default_spelled_out.returncode == 2, "an RKLLM option given explicitly is refused even at its default"
+    assert "--algorithm, --optimization-level" in default_spelled_out.stderr
     assert not out.exists() or not any(out.iterdir()), "nothing is written for a refused request"
     refused = run_cli("convert", str(TINY), "--dry-run", "--out", str(out))
     assert refused.returncode == 2 and "--backend rknn" in refused.stdout + refused.stderr, \
@@ -282,6 +286,16 @@ def test_w8a8_hybrid_meets_the_acceptance_bar(w8a8_bundle):
 
 
 @needs_simulator
+def test_the_bundle_manifest_reads_back_byte_for_byte(fp16_bundle):
+    from rkedge.manifest import read_manifest
+
+    manifest = read_manifest(fp16_bundle)
+    assert manifest is not None and manifest.backend == "rknn"
+    assert not manifest.omitted and not manifest.extra, "the typed fields cover every key the converter writes"
+    assert manifest.to_json() == (fp16_bundle / "bundle.json").read_text(encoding="utf-8")
+
+
+@needs_simulator
 def test_llm_generates_what_the_reference_decode_loop_generates(fp16_bundle, tiny_model):
     prompt = "def main(argv):\n    "
     with LLM(fp16_bundle, library="mock", max_new_tokens=24, ignore_eos_token=True) as llm:
@@ -348,13 +362,13 @@ def test_server_streams_and_aborts_when_the_client_leaves(fp16_bundle):
 
     llm = LLM(fp16_bundle, library="mock", max_new_tokens=400, ignore_eos_token=True)
     streams = []
-    start = llm._start  # every run (generate, chat sessions) starts here
+    start = llm.run  # every run (generate, chat sessions, the server's old _start) starts here
 
     def recording_start(*args, **kwargs):
         streams.append(start(*args, **kwargs))
         return streams[-1]
 
-    llm._start = recording_start  # type: ignore[method-assign]
+    llm.run = recording_start
     server = LiveServer(create_app(ServerSettings(model_path=fp16_bundle), llm))
     name = llm.metadata["name"]
     body = {"model": name, "messages": [{"role": "user", "content": "def run("}], "stream": True, "max_tokens": 12}
