@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Runs the runtime's behavioural suite on aarch64: an arm64 CPython under qemu-user, the simulated NPU
-cross-compiled for aarch64, all five ABIs.
+cross-compiled for aarch64, every ABI (the suite's ``abi`` fixture reads them from the ABI registry).
 
 Why: struct layouts are the same on x86_64 and aarch64, but calling conventions and undefined behaviour are
 not; e.g. a ctypes callback that raises returns 0 to C on x86_64 and 1 on aarch64 ("pause" on ABI >= 1.2.1).
@@ -9,6 +9,9 @@ Steps: ``scripts/aarch64-env.sh`` (qemu-user, the cross compiler, Debian's arm64
 ``dpkg -x``); a site folder with rkedge (laid out as installed) and pytest's pure-Python packages; then
 ``qemu-aarch64 -L ROOT python3.11 -m pytest`` with ``CC=aarch64-linux-gnu-gcc``, so the emulated tests build the
 simulated NPU for aarch64 (the cross compiler runs natively).
+
+Usage: ``run_aarch64_tests.py [TEST PATHS AND PYTEST OPTIONS]`` (default: the suite below); paths are relative to
+the checkout, other arguments are passed to pytest as they are (e.g. ``-k abi1.3.1``).
 
 Exit codes: the emulated pytest's, or 3 when the tools are not available (one line says which).
 """
@@ -53,6 +56,11 @@ def build_site(site: Path) -> None:
             shutil.copy2(origin, site / origin.name)
 
 
+def _is_test_path(arg: str) -> bool:
+    """A test file or folder of the checkout (``tests/x.py``, ``tests/x.py::test_y``), not a pytest option."""
+    return not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()
+
+
 def qemu() -> str | None:
     return shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
 
@@ -76,7 +84,8 @@ def main(argv: list[str]) -> int:
         "LANG": "C.UTF-8",
         "RKEDGE_EXPECT_MACHINE": "aarch64",
     }
-    suite = [str(ROOT / test) for test in (argv or SUITE)]
+    chosen = argv if any(_is_test_path(arg) for arg in argv) else [*SUITE, *argv]
+    suite = [str(ROOT / arg) if _is_test_path(arg) else arg for arg in chosen]
     # Run from an empty folder: the checkout's own rkedge/ (the root package without its subpackages) must not
     # shadow the installed layout in the site folder.
     work = TOOLS / "work"
