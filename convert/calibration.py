@@ -12,7 +12,7 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def load_prompts(source: str | Path | None) -> list[dict[str, Any]]:
                              fix='use [{"input": "...", "target": "..."}] or a list of prompt strings') from exc
     if not isinstance(items, list) or not items:
         raise InputError(f"{path} must hold a non-empty JSON list.")
-    out = []
+    out: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
             out.append({"prompt": item})
@@ -100,20 +100,41 @@ def build_calibration(
     return [{"input": item["input"], "target": item.get("target") or ""} for item in rendered]
 
 
-def lint(data: Sequence[dict[str, str]], turn_marker: str | None) -> list[Finding]:
-    """Checks the calibration set the way the toolkit cannot: it raises no error for a bad set (F-15)."""
+def preview(items: Sequence[dict[str, Any]], render: Callable[[str], str]) -> list[dict[str, str | None]]:
+    """The set as it will be, before the float model has run: rendered inputs; targets still to be generated are
+    None. The float model runs when an item has no ``target`` key, and then fills every empty target."""
+    rendered = build_calibration(items, render, None)
+    generated = needs_generation(items)
+    return [{"input": r["input"], "target": None if generated and not r["target"] else r["target"]} for r in rendered]
+
+
+def needs_generation(items: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the float model must generate targets (an item without a ``target`` key)."""
+    return any("target" not in item for item in items)
+
+
+def check_targets(data: Sequence[Mapping[str, str | None]]) -> list[Finding]:
+    """Empty targets (None: generated later, not empty)."""
+    empty = sum(1 for d in data if d.get("target") is not None and not str(d.get("target")).strip())
+    if not empty:
+        return []
+    return [Finding("calibration.empty-target", "warning", f"{empty} of {len(data)} calibration items have an empty "
+                    "target.", "use --calibration auto to generate targets with the float model", SOURCE)]
+
+
+def lint(data: Sequence[Mapping[str, str | None]], turn_marker: str | None) -> list[Finding]:
+    """Checks the calibration set the way the toolkit cannot: it raises no error for a bad set (F-15).
+
+    ``data``: the set, or its :func:`preview` (whose generated targets are checked after generation).
+    """
     findings: list[Finding] = []
-    empty_inputs = sum(1 for d in data if not d.get("input", "").strip())
-    empty_targets = sum(1 for d in data if not d.get("target", "").strip())
+    empty_inputs = sum(1 for d in data if not (d.get("input") or "").strip())
     if empty_inputs:
         findings.append(Finding("calibration.empty-input", "error", f"{empty_inputs} calibration items have no input.",
                                 "remove them or fill them in", SOURCE))
-    if empty_targets:
-        findings.append(Finding("calibration.empty-target", "warning",
-                                f"{empty_targets} of {len(data)} calibration items have an empty target.",
-                                "use --calibration auto to generate targets with the float model", SOURCE))
+    findings += check_targets(data)
     if turn_marker:
-        untemplated = sum(1 for d in data if turn_marker not in d.get("input", ""))
+        untemplated = sum(1 for d in data if turn_marker not in (d.get("input") or ""))
         if untemplated:
             findings.append(Finding("calibration.no-template", "warning",
                                     f"{untemplated} of {len(data)} inputs lack the chat template ({turn_marker!r}); the "
@@ -131,13 +152,13 @@ def lint(data: Sequence[dict[str, str]], turn_marker: str | None) -> list[Findin
     return findings
 
 
-def language_mix(data: Sequence[dict[str, str]]) -> Counter:
+def language_mix(data: Sequence[Mapping[str, str | None]]) -> Counter[str]:
     """Counts items by script: the non-Latin script of an input when it has one (templates and code are Latin
     text around the prompt), else Latin. A cheap signal of language coverage."""
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     for item in data:
-        letters: Counter = Counter()
-        for char in item.get("input", ""):
+        letters: Counter[str] = Counter()
+        for char in item.get("input") or "":
             if char.isalpha():
                 name = unicodedata.name(char, "UNKNOWN").split()[0]
                 letters[_SCRIPT_NAMES.get(name, name.title())] += 1

@@ -8,9 +8,14 @@ template the toolkit embeds in the model.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rkedge.runtime.templates import TEMPLATES
+
+if TYPE_CHECKING:
+    from rkedge.convert.inspect import CheckpointInfo
 
 PROBES = (
     [{"role": "user", "content": "Hello there"}],
@@ -60,3 +65,52 @@ def detect_family(template: str | None, *, bos_token: str = "", eos_token: str =
                for probe, generate, text in expected):
             return name
     return None
+
+
+@dataclass(frozen=True)
+class ChatSetup:
+    """How a checkpoint's prompts are rendered: its family (None: the toolkit's embedded template), the runtime's
+    three template parts, and a renderer of one user prompt (for calibration)."""
+
+    family: str | None
+    parts: tuple[str, str, str] | None
+    render: Callable[[str], str]
+
+    @property
+    def turn_marker(self) -> str | None:
+        """The text every templated input carries (the prompt prefix), for the calibration lint."""
+        return self.parts[1].strip() if self.parts else None
+
+    def parts_dict(self) -> dict[str, str] | None:
+        return dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), self.parts)) if self.parts else None
+
+
+def chat_setup(info: CheckpointInfo) -> ChatSetup:
+    """The family of ``info``'s own template (or the registry's, for a checkpoint without one)."""
+    from rkedge.runtime.templates import get_template
+
+    tokens = info.tokenizer_config
+    family = None
+    if info.chat_template:
+        try:
+            family = detect_family(info.chat_template, bos_token=token_text(tokens.get("bos_token")),
+                                   eos_token=token_text(tokens.get("eos_token")))
+        except ImportError:  # no jinja2 on this host: fall back on the registry's family
+            family = None
+    if family is None and not info.chat_template:
+        from rkedge.convert.architectures import find_spec
+
+        spec = find_spec(info.architecture, info.model_type)
+        family = spec.chat_family if spec else None
+    if family is None:
+        return ChatSetup(None, None, lambda prompt: prompt)
+    template = get_template(family)
+    return ChatSetup(family, template.runtime_parts(), lambda prompt: template.render(
+        [{"role": "user", "content": prompt}], True, include_bos=False))
+
+
+def token_text(token: object) -> str:
+    """A tokenizer_config token entry (a string or an AddedToken dict) as text."""
+    if isinstance(token, dict):
+        return str(token.get("content", ""))
+    return str(token or "")

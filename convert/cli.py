@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rkedge.errors import CheckFailed
+
+if TYPE_CHECKING:
+    from rkedge.convert.findings import Finding
 
 
 class StderrReporter:
@@ -116,16 +120,10 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
 
     With --backend rknn, a RecurrentGemma checkpoint becomes an RKNN bundle instead (rknn-toolkit2)."""
     if backend == "rknn":
-        rkllm_only = {"--toolkit-version": toolkit_version, "--max-context": max_context, "--npu-cores": npu_cores,
-                      "--algorithm": None if algorithm == "normal" else algorithm,
-                      "--hybrid-rate": hybrid_rate or None, "--optimization-level": optimization_level or None,
-                      "--lora-mode runtime": None if lora_mode == "merge" else lora_mode, "--board": board,
-                      "--toolkit": toolkit, "--load-dtype": load_dtype,
-                      "--allow-known-failure": allow_known_failure or None}
         _convert_rknn(model_dir, out_dir, platform=platform, dtype=dtype, calibration=calibration, lora=lora,
                       name=name, hybrid=not no_hybrid, graph_params=graph_params, eval_text=eval_text,
                       eval_steps=eval_steps, dry_run=dry_run, as_json=as_json, verbose=verbose,
-                      ignored=[k for k, v in rkllm_only.items() if v is not None])
+                      ignored=_explicit(click.get_current_context(), RKLLM_ONLY))
         return
     from rkedge.convert.pipeline import convert
     from rkedge.convert.planner import ConversionRequest
@@ -133,25 +131,34 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
     request = ConversionRequest(
         model=model_dir, out=out_dir, platform=platform, dtype=dtype, toolkit_version=toolkit_version,
         max_context=max_context, npu_cores=npu_cores, algorithm=algorithm, hybrid_rate=hybrid_rate,
-        optimization_level=optimization_level, calibration=calibration, lora=lora, lora_mode=lora_mode,  # type: ignore[arg-type]
-        board=board, toolkit=toolkit, load_dtype=load_dtype, name=name, allow_known_failure=allow_known_failure)
+        optimization_level=optimization_level, calibration=calibration, lora=lora,
+        lora_mode="runtime" if lora_mode == "runtime" else "merge", board=board, toolkit=toolkit,
+        load_dtype=load_dtype, name=name, allow_known_failure=allow_known_failure)
     reporter = StderrReporter(verbose)
     try:
         result = convert(request, dry_run=dry_run, reporter=reporter)
     finally:
         reporter.done()
-    if dry_run:
-        lines = [f"plan: {result.plan.output_name} with rkllm-toolkit {result.plan.toolkit_version}; "
-                 f"build({', '.join(f'{k}={v!r}' for k, v in result.plan.build_kwargs.items())})"]
-    else:
-        lines = [f"wrote {f}" for f in (result.model_file, result.lora_file, result.manifest_file, result.card_file)
-                 if f]
+    if not dry_run:
         for step in result.steps:
             click.echo(f"[ok] {step.name}: {step.status} ({step.seconds:.1f} s)", err=True)
-    _echo_result(result.summary(), result.plan.findings, as_json=as_json, dry_run=dry_run, lines=lines)
+    _echo_result(result.summary(), result.findings, as_json=as_json, dry_run=dry_run, lines=result.render())
 
 
-def _echo_result(summary: dict[str, Any], findings: list[Any], *, as_json: bool, dry_run: bool,
+#: Options of the RKLLM backend (parameter name -> how the user spells it); --backend rknn refuses them when given.
+RKLLM_ONLY = {"toolkit_version": "--toolkit-version", "max_context": "--max-context", "npu_cores": "--npu-cores",
+              "algorithm": "--algorithm", "hybrid_rate": "--hybrid-rate", "optimization_level": "--optimization-level",
+              "lora_mode": "--lora-mode", "board": "--board", "toolkit": "--toolkit", "load_dtype": "--load-dtype",
+              "allow_known_failure": "--allow-known-failure"}
+
+
+def _explicit(ctx: click.Context, options: dict[str, str]) -> list[str]:
+    """The ``options`` given on the command line (or by environment), even when equal to their defaults."""
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return [spelled for param, spelled in options.items() if ctx.get_parameter_source(param) in given]
+
+
+def _echo_result(summary: dict[str, Any], findings: Sequence[Finding], *, as_json: bool, dry_run: bool,
                  lines: list[str]) -> None:
     """The summary as JSON, or the findings and ``lines``; a dry run with error findings then exits 2."""
     if as_json:
@@ -185,20 +192,7 @@ def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, 
         result = convert_rknn(request, dry_run=dry_run, progress=reporter.step, log=reporter.log)
     finally:
         reporter.done()
-    lines = [f"plan: RKNN bundle for {model_dir.name}, {dtype}{' hybrid' if request.hybrid_patterns else ''}"]
-    if not dry_run:
-        manifest = result.manifest or {}
-        verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
-        lines = [f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
-                 f"over {verification.get('tokens')} tokens"]
-        if quality:
-            lines.append(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
-                         f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
-                         f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
-                         f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
-                         f"logits cosine {quality['logits_cosine']:.5f}")
-        lines.append(f"wrote {result.bundle}")
-    _echo_result(result.summary(), result.findings, as_json=as_json, dry_run=dry_run, lines=lines)
+    _echo_result(result.summary(), result.findings, as_json=as_json, dry_run=dry_run, lines=result.render())
 
 
 @click.command("plan")

@@ -25,10 +25,10 @@ EXPORT_META = "rkedge_export.json"
 
 def export_checkpoint(info: CheckpointInfo, out_dir: Path, *, dtype: str | None, meta: dict[str, Any],
                       progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Writes ``out_dir`` (which must not exist yet; the caller renames it into place when done)."""
+    """Writes ``out_dir`` (new or empty: the caller renames it into place when done)."""
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise InputError(f"unknown export dtype {dtype!r}.", fix=f"use one of: {', '.join(TORCH_DTYPES)}")
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     files = info.weight_files
     target = TORCH_DTYPES.get(dtype) if dtype else None
     for index, source in enumerate(files):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -20,7 +21,7 @@ def source_card_license(model_dir: Path) -> str | None:
     return found.group(1).strip().strip("'\"") if found else None
 
 
-def render_card(manifest: dict[str, Any], *, license_id: str | None) -> str:
+def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
     build = manifest["toolkit_calls"]["build"]
     source = manifest["inputs"]["model"]
     adapter = manifest["inputs"].get("adapter")

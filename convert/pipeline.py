@@ -1,35 +1,46 @@
-"""``rkedge convert``: inspect -> check -> [merge LoRA] -> export -> calibration -> quantize -> manifest + card.
+"""``rkedge convert``: inspect -> plan -> [merge LoRA] -> export -> calibration -> quantize -> manifest + card.
 
-Each step writes into ``OUT/.rkedge-work/<step>`` through a temporary name and records the hash of its inputs;
-a rerun with the same inputs skips finished steps. Final files appear in ``OUT`` by rename, the ``.rkllm``
-last: an interrupted run (even SIGKILL) leaves no ``.rkllm`` in place, and a manifest without its model is
-visibly incomplete. The next run cleans up what an interrupted one left.
+The plan (:func:`rkedge.convert.planner.plan`) decides everything: the findings, the steps and the toolkit job
+with symbolic inputs. The pipeline then runs the steps once, in order, and binds the job's inputs to the
+steps' outputs. Each step writes into ``OUT/.rkedge-work/<step>`` through a temporary name and records the
+digest of its inputs (:meth:`Step.key`); a rerun with the same inputs skips finished steps. Final files appear
+in ``OUT`` by rename, the ``.rkllm`` last: an interrupted run (even SIGKILL) leaves no ``.rkllm`` in place,
+and a manifest without its model is visibly incomplete. The next run cleans up what an interrupted one left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rkedge import __version__
-from rkedge._fs import atomic_write_text, sha256_file
+from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, sha256_file
 from rkedge.convert import calibration as calib
-from rkedge.convert.architectures import find_refused
+from rkedge.convert.chat_family import ChatSetup
 from rkedge.convert.export import export_checkpoint
 from rkedge.convert.findings import Finding, raise_on_errors
+from rkedge.convert.host import host_description
 from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_gguf
 from rkedge.convert.modelcard import render_card, source_card_license
-from rkedge.convert.planner import ConversionRequest, Plan, host_description, plan
-from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, GGUF_TYPES
+from rkedge.convert.planner import ConversionRequest, Input, Plan, ToolkitJob, plan, plan_gguf, refusal
+from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, RUNTIME_RECOMMENDATIONS
 from rkedge.errors import CheckFailed, InputError, RkedgeError, ToolkitError
-from rkedge.manifest import SCHEMA, SCHEMA_VERSION, manifest_path
+from rkedge.manifest import ChatTemplateParts, LoraFile, Manifest, manifest_path
+
+if TYPE_CHECKING:
+    from rkedge.convert.toolkit import ToolkitEnv, ToolkitResult
+    from rkedge.convert.toolkit.runner import Event
+    from rkedge.lora.adapter import AdapterInfo
 
 WORK = ".rkedge-work"
 
@@ -54,7 +65,7 @@ class SilentReporter:
 @dataclass
 class StepRecord:
     name: str
-    status: str  # done | cached | skipped
+    status: str  # done | cached | planned
     seconds: float = 0.0
     detail: str = ""
 
@@ -68,9 +79,16 @@ class ConversionResult:
     manifest_file: Path | None = None
     card_file: Path | None = None
     lora_file: Path | None = None
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
+    calls: dict[str, dict[str, Any]] | None = None  # the toolkit calls as made (paths bound)
+    extra_findings: list[Finding] = field(default_factory=list)  # found while running (generated calibration)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [*self.plan.findings, *self.extra_findings]
 
     def summary(self) -> dict[str, Any]:
+        calls = self.calls or self.plan.job.calls()
         return {
             "ok": self.plan.ok,
             "dry_run": self.dry_run,
@@ -78,146 +96,82 @@ class ConversionResult:
             "output": str(self.model_file) if self.model_file else self.plan.output_name,
             "manifest": str(self.manifest_file) if self.manifest_file else None,
             "lora_file": str(self.lora_file) if self.lora_file else None,
-            "build_kwargs": self.plan.build_kwargs,
-            "findings": [f.to_dict() for f in self.plan.findings],
+            "build_kwargs": {k: str(v) if isinstance(v, Input) else v for k, v in calls.get("build", {}).items()},
+            "findings": [f.to_dict() for f in self.findings],
             "steps": [s.__dict__ for s in self.steps],
         }
+
+    def render(self) -> list[str]:
+        """What ``rkedge convert`` prints on stdout: the plan (a dry run) or the files written."""
+        if self.dry_run:
+            return [f"plan: {self.plan.output_name} with rkllm-toolkit {self.plan.toolkit_version}; "
+                    f"build({', '.join(f'{k}={v!r}' for k, v in self.plan.build_kwargs.items())})",
+                    f"steps: {' -> '.join(s.name for s in self.steps)}",
+                    *(f"  {line}" for line in self.plan.job.render().splitlines())]
+        return [f"wrote {f}" for f in (self.model_file, self.lora_file, self.manifest_file, self.card_file) if f]
 
 
 def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Reporter | None = None) -> ConversionResult:
     """Runs (or, with ``dry_run``, only plans and checks) one conversion."""
-    from rkedge.convert.toolkit import resolve_toolkit
-
     reporter = reporter or SilentReporter()
     started = time.monotonic()
-    request.normalized()
     if not request.model.exists():
         raise InputError(f"{request.model} does not exist.", fix="pass a Hugging Face checkpoint folder or a .gguf file")
-    gguf = request.model.suffix == ".gguf"
-    if gguf:
-        return _convert_gguf(request, dry_run=dry_run, reporter=reporter)
-    info = source_info = inspect_checkpoint(request.model)
-    try:
-        env = resolve_toolkit(request.toolkit, request.toolkit_version)
-    except RkedgeError:
-        refused = find_refused(info.architecture, info.model_type)
-        if refused is not None and refused.alternatives:
-            # No rkllm-toolkit version converts it: the missing toolkit is not what stands in the way.
-            raise CheckFailed(f"{info.architecture or info.model_type}: {refused.reason}.", fix=refused.fix) from None
-        raise
-    simulated = env.kind == "mock"
-
-    adapter = None
-    adapter_findings: list[Finding] = []
-    if request.lora is not None:
-        from rkedge.lora.adapter import inspect_adapter, validate_adapter
-
-        adapter = inspect_adapter(request.lora)
-        adapter_findings = validate_adapter(adapter, request.model)
-
-    family, template_parts, renderer = _chat_setup(info)
-    items = calib.load_prompts(request.calibration)
-    preview = calib.build_calibration(items, renderer, None)
-    marker = template_parts[1].strip() if template_parts else None
-    calibration_findings = calib.lint([{**d, "target": d["target"] or "x"} for d in preview], marker)
-
-    the_plan = plan(request, info, env.version, toolkit_python=None if simulated else (env.probe or {}).get("python"),
-                    adapter_findings=adapter_findings, calibration_findings=calibration_findings,
-                    simulated_toolkit=simulated)
+    if request.model.suffix == ".gguf":
+        return _convert_gguf(request, dry_run=dry_run)
+    info = inspect_checkpoint(request.model)
+    env = _toolkit(request, info)
+    the_plan = plan(request, info, env.version, simulated_toolkit=env.simulated,
+                    toolkit_python=None if env.simulated else (env.probe or {}).get("python"))
+    request = the_plan.request
+    merge, export, calibration = _steps(the_plan, info, request.out / WORK, reporter)
+    steps: list[Step] = [s for s in (merge, export, calibration) if s is not None]
     result = ConversionResult(the_plan, dry_run)
     if dry_run:
+        result.steps = [StepRecord(s.name, "planned", detail=s.describe()) for s in steps]
+        result.steps.append(StepRecord("quantize", "planned", detail=f"rkllm-toolkit {env.version} ({env.label})"))
         return result
     raise_on_errors(the_plan.findings, "this conversion")
 
     out = request.out
-    work = out / WORK
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(exist_ok=True)
-    _clean_leftovers(out, work)
-    source_sig = _files_signature(info)
-    source_dir = request.model
-    export_dtype = request.load_dtype
-
-    # -- merge ----------------------------------------------------------------------------------------
-    merged_key = None
-    if adapter is not None and request.lora_mode == "merge":
-        merged_key = _digest("merge", source_sig, adapter.weights_sha256, export_dtype)
-        merged = work / "merged"
-
-        def run_merge(target: Path) -> None:
-            from rkedge.lora.merge import merge_lora, smoke_forward
-
-            reporter.step("merge", f"LoRA {request.lora} into {request.model}")
-            merge_lora(request.model, request.lora, target, dtype=export_dtype, progress=reporter.progress)
-            reporter.step("smoke", "forward pass of the merged model on the host")
-            smoke_forward(target)
-
-        result.steps.append(_cached_step("merge", merged, merged_key, run_merge))
-        source_dir = merged
-        info = inspect_checkpoint(merged)  # what the toolkit loads; source_info stays the user's checkpoint
-
-    # -- export ---------------------------------------------------------------------------------------
-    meta = _export_meta(info, family, template_parts, the_plan, request)
-    export_key = _digest("export", merged_key or source_sig, export_dtype, meta)
-    exported = work / "export"
-
-    def run_export(target: Path) -> None:
-        reporter.step("export", f"{source_dir} -> sharded safetensors ({export_dtype or info.main_dtype})")
-        export_checkpoint(info, target, dtype=export_dtype, meta=meta, progress=reporter.progress)
-
-    result.steps.append(_cached_step("export", exported, export_key, run_export))
-
-    # -- calibration ----------------------------------------------------------------------------------
-    calibration_file = work / "calibration.json"
-    calibration_key = _digest("calibration", export_key, items, family)
-
-    def run_calibration(target: Path) -> None:
-        reporter.step("calibration", f"{len(items)} prompts rendered with the chat template; targets from the float model")
-        generate = calib.greedy_generator(exported) if any("target" not in i for i in items) else None
-        data = calib.build_calibration(items, _hf_renderer(exported) or renderer, generate)
-        target.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-
-    result.steps.append(_cached_step("calibration", calibration_file, calibration_key, run_calibration))
-    calibration_data = json.loads(calibration_file.read_text(encoding="utf-8"))
+    (out / WORK).mkdir(exist_ok=True)
+    _clean_leftovers(out, out / WORK)
+    for step in steps:
+        result.steps.append(step.execute())
     known = {f.id for f in the_plan.findings}
-    the_plan.findings += [f for f in calib.lint(calibration_data, marker) if f.id not in known]
+    result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
 
-    # -- quantize (the toolkit) -----------------------------------------------------------------------
-    load_kwargs = {**the_plan.load_kwargs, "model": str(exported.resolve())}
-    if "model_lora" in load_kwargs:
-        load_kwargs["model_lora"] = str(Path(request.lora).resolve())  # type: ignore[arg-type]
-    build_kwargs = dict(the_plan.build_kwargs)
-    if "dataset" in build_kwargs:
-        build_kwargs["dataset"] = str(calibration_file.resolve())
+    # -- quantize (the toolkit), then manifest, card and the model (the .rkllm appears last) ----------------
+    final_model = out / the_plan.output_name
+    paths: dict[Input, str | Path] = {Input.EXPORTED: export.output.resolve(),
+                                      Input.CALIBRATION: calibration.output.resolve()}
+    if request.lora is not None:
+        paths[Input.ADAPTER] = request.lora.resolve()
     staging = out / f".rkedge-tmp-{os.getpid()}"
     staging.mkdir()
-    export_kwargs = {"export_path": str((staging / the_plan.output_name).resolve())}
-    job = {"protocol": 1, "load": {"method": the_plan.load_method, "kwargs": load_kwargs},
-           "build": {"kwargs": build_kwargs}, "export": {"kwargs": export_kwargs}}
-    reporter.step("quantize", f"rkllm-toolkit {env.version} ({env.label})")
-    toolkit_started = time.monotonic()
     try:
-        run = _run_toolkit(env, job, reporter)
         model_tmp = staging / the_plan.output_name
         lora_tmp = staging / (Path(the_plan.output_name).stem + "_lora.rkllm")
-        _verify_output(model_tmp, simulated)
-        expects_lora = request.lora is not None and request.lora_mode == "runtime"
-        if expects_lora and not lora_tmp.is_file():
+        reporter.step("quantize", f"rkllm-toolkit {env.version} ({env.label})")
+        toolkit_started = time.monotonic()
+        run = _run_toolkit(env, the_plan.job.bind({**paths, Input.OUTPUT: model_tmp.resolve()}), reporter)
+        _verify_output(model_tmp, env.simulated)
+        if request.lora is not None and request.lora_mode == "runtime" and not lora_tmp.is_file():
             raise ToolkitError(f"the toolkit did not write {lora_tmp.name} for the runtime LoRA.",
                                fix="check the toolkit log above; the adapter must match the base model (F-10)")
         result.steps.append(StepRecord("quantize", "done", time.monotonic() - toolkit_started))
 
-        # -- manifest, card, then the model (the .rkllm appears last) ---------------------------------
-        final_model = out / the_plan.output_name
         final_lora = out / lora_tmp.name if lora_tmp.is_file() else None
-        manifest = _manifest(request, the_plan, env, info, source_info, adapter, calibration_file, calibration_data,
-                             family, template_parts, model_tmp, lora_tmp if final_lora else None, run, load_kwargs,
-                             build_kwargs, {"export_path": str(final_model)}, simulated, started)
+        result.calls = the_plan.job.bind({**paths, Input.OUTPUT: final_model}).calls()
+        manifest = _manifest(the_plan, env, run, source=info, exported=export.checkpoint, calibration=calibration,
+                             model_tmp=model_tmp, lora_tmp=lora_tmp if final_lora else None, calls=result.calls,
+                             findings=result.findings, started=started)
         card = render_card(manifest, license_id=source_card_license(request.model))
         if final_lora is not None:
             os.replace(lora_tmp, final_lora)
         atomic_write_text(out / "README.md", card)
-        atomic_write_text(manifest_path(final_model), json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(manifest_path(final_model), manifest.to_json())
         os.replace(model_tmp, final_model)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -226,45 +180,191 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     return result
 
 
+def _toolkit(request: ConversionRequest, info: CheckpointInfo) -> ToolkitEnv:
+    """The toolkit environment; a model no toolkit version converts is refused before a missing toolkit."""
+    from rkedge.convert.toolkit import resolve_toolkit
+
+    refused = refusal(info)
+    try:
+        return resolve_toolkit(request.toolkit, request.toolkit_version)
+    except RkedgeError:
+        if refused is None:
+            raise
+        raise CheckFailed(refused.message, fix=refused.fix) from None
+
+
 # --- steps ------------------------------------------------------------------------------------------------
 
-def _cached_step(name: str, target: Path, key: str, run: Callable[[Path], None]) -> StepRecord:
-    """Runs ``run(temp)`` and renames temp onto ``target``, unless ``target`` was made from the same inputs."""
-    stamp = target.with_name(target.name + ".done.json")
-    if target.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-        return StepRecord(name, "cached", 0.0, "same inputs as a finished earlier run")
-    started = time.monotonic()
-    stamp.unlink(missing_ok=True)
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    try:
-        run(partial)
-        os.replace(partial, target)
-    finally:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        elif partial.exists():
-            partial.unlink()
-    atomic_write_text(stamp, json.dumps({"key": key, "finished": time.time()}))
-    return StepRecord(name, "done", time.monotonic() - started)
+class Step(ABC):
+    """One cached step: :meth:`run` writes :attr:`output` from the step's inputs, whose digest is :meth:`key`;
+    :meth:`execute` skips the run when the output was made from the same inputs."""
+
+    name: str
+    output: Path
+    makes_folder = True
+
+    @abstractmethod
+    def key(self) -> str: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @abstractmethod
+    def run(self, target: Path) -> None:
+        """Writes the output at ``target`` (a new empty folder, or a file path): renamed onto ``output`` after."""
+
+    def execute(self) -> StepRecord:
+        key = self.key()
+        stamp = self.output.with_name(self.output.name + ".done.json")
+        if self.output.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+            return StepRecord(self.name, "cached", 0.0, "same inputs as a finished earlier run")
+        started = time.monotonic()
+        stamp.unlink(missing_ok=True)
+        if self.output.is_dir():  # stale: made from other inputs (no point holding the disk space meanwhile)
+            shutil.rmtree(self.output)
+        elif self.output.exists():
+            self.output.unlink()
+        writer: Callable[[Path], contextlib.AbstractContextManager[Path]] = \
+            atomic_dir if self.makes_folder else atomic_path
+        with writer(self.output) as target:
+            self.run(target)
+        atomic_write_text(stamp, json.dumps({"key": key, "finished": time.time()}))
+        return StepRecord(self.name, "done", time.monotonic() - started)
+
+
+@dataclass
+class MergeStep(Step):
+    """The LoRA merged into the base weights (``--lora-mode merge``), then a forward pass on the host."""
+
+    base: CheckpointInfo
+    adapter_dir: Path
+    adapter: AdapterInfo
+    dtype: str | None
+    output: Path
+    reporter: Reporter
+    name: str = "merge"
+
+    def key(self) -> str:
+        return _digest("merge", _files_signature(self.base), self.adapter.weights_sha256, self.dtype)
+
+    def describe(self) -> str:
+        return f"LoRA {self.adapter_dir} into {self.base.path}"
+
+    def run(self, target: Path) -> None:
+        from rkedge.lora.merge import merge_lora, smoke_forward
+
+        self.reporter.step("merge", self.describe())
+        merge_lora(self.base.path, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress)
+        self.reporter.step("smoke", "forward pass of the merged model on the host")
+        smoke_forward(target)
+
+
+@dataclass
+class ExportStep(Step):
+    """The checkpoint the toolkit loads: sharded safetensors in the load dtype, with ``rkedge_export.json``."""
+
+    source: CheckpointInfo | MergeStep  # the user's checkpoint, or the merge's output
+    dtype: str | None
+    chat: ChatSetup
+    model_name: str
+    output: Path
+    reporter: Reporter
+    name: str = "export"
+
+    @cached_property
+    def checkpoint(self) -> CheckpointInfo:
+        """What is exported: the user's checkpoint, or the merged one (read once the merge has run)."""
+        if isinstance(self.source, MergeStep):
+            return inspect_checkpoint(self.source.output)
+        return self.source
+
+    def upstream(self) -> object:
+        return self.source.key() if isinstance(self.source, MergeStep) else _files_signature(self.source)
+
+    def meta(self) -> dict[str, Any]:
+        info = self.checkpoint
+        return {"name": self.model_name, "chat_family": self.chat.family, "chat_template": self.chat.parts_dict(),
+                "bos_token_id": info.token_id("bos"), "eos_token_id": info.token_id("eos"),
+                "source": info.source_name, "source_sha256": _digest("source", _files_signature(info)),
+                "rkedge_version": __version__}
+
+    def key(self) -> str:
+        return _digest("export", self.upstream(), self.dtype, self.meta())
+
+    def describe(self) -> str:
+        where = self.source.output if isinstance(self.source, MergeStep) else self.source.path
+        return f"{where} -> sharded safetensors ({self.dtype or 'as stored'})"
+
+    def run(self, target: Path) -> None:
+        info = self.checkpoint
+        where = self.source.output if isinstance(self.source, MergeStep) else self.source.path
+        self.reporter.step("export", f"{where} -> sharded safetensors ({self.dtype or info.main_dtype})")
+        export_checkpoint(info, target, dtype=self.dtype, meta=self.meta(), progress=self.reporter.progress)
+
+
+@dataclass
+class CalibrationStep(Step):
+    """The calibration set: prompts rendered with the chat template, targets generated by the float model."""
+
+    export: ExportStep
+    items: list[dict[str, Any]]
+    chat: ChatSetup
+    output: Path
+    reporter: Reporter
+    name: str = "calibration"
+    makes_folder = False
+
+    def key(self) -> str:
+        return _digest("calibration", self.export.key(), self.items, self.chat.family)
+
+    def describe(self) -> str:
+        targets = "targets from the float model" if calib.needs_generation(self.items) else "targets as given"
+        return f"{len(self.items)} prompts rendered with the chat template; {targets}"
+
+    def run(self, target: Path) -> None:
+        self.reporter.step("calibration", self.describe())
+        exported = self.export.output
+        generate = calib.greedy_generator(exported) if calib.needs_generation(self.items) else None
+        data = calib.build_calibration(self.items, _hf_renderer(exported) or self.chat.render, generate)
+        target.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @cached_property
+    def data(self) -> list[dict[str, str]]:
+        loaded: list[dict[str, str]] = json.loads(self.output.read_text(encoding="utf-8"))
+        return loaded
+
+
+def _steps(the_plan: Plan, info: CheckpointInfo, work: Path,
+           reporter: Reporter) -> tuple[MergeStep | None, ExportStep, CalibrationStep]:
+    """The plan's steps as objects (nothing runs or is written here)."""
+    request = the_plan.request
+    chat = the_plan.chat
+    assert chat is not None  # plan() sets it for every checkpoint it accepts
+    merge = None
+    if the_plan.merges_adapter:
+        assert the_plan.adapter is not None and request.lora is not None
+        merge = MergeStep(info, request.lora, the_plan.adapter, request.load_dtype, work / "merged", reporter)
+    export = ExportStep(merge or info, request.load_dtype, chat, Path(the_plan.output_name).stem, work / "export",
+                        reporter)
+    calibration = CalibrationStep(export, the_plan.calibration, chat, work / "calibration.json", reporter)
+    assert [s.name for s in (merge, export, calibration) if s] == the_plan.steps[:-1]
+    return merge, export, calibration
 
 
 def _clean_leftovers(out: Path, work: Path) -> None:
     """Removes what an interrupted run left: staging folders and partial step outputs."""
-    for leftover in [*out.glob(".rkedge-tmp-*"), *work.glob("*.partial-*"), *out.glob(".*.part")]:
+    for leftover in [*out.glob(".rkedge-tmp-*"), *work.glob("*.partial-*"), *out.glob(".*.part"),
+                     *work.glob(".*.part")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
 
 
-def _run_toolkit(env: Any, job: dict[str, Any], reporter: Reporter) -> Any:
+def _run_toolkit(env: ToolkitEnv, job: ToolkitJob, reporter: Reporter) -> ToolkitResult:
     from rkedge.convert.toolkit import run_job
 
-    def on_event(event: dict[str, Any]) -> None:
+    def on_event(event: Event) -> None:
         kind = event.get("type")
         if kind == "log":
             reporter.log(event.get("line", ""))
@@ -273,14 +373,8 @@ def _run_toolkit(env: Any, job: dict[str, Any], reporter: Reporter) -> Any:
         elif kind == "progress":
             reporter.log(f"[{event.get('step')}] {event.get('state')}")
 
-    run = run_job(env, job, on_event=on_event)
-    if not run.ok:
-        said = [line for line in run.log_lines if "ERROR" in line or "Error" in line or "error:" in line][-3:]
-        details = "\n".join(f.render() for f in run.findings)
-        if said:
-            details += "\n  the toolkit said: " + "\n  the toolkit said: ".join(s.strip() for s in said)
-        raise ToolkitError(f"rkllm-toolkit {env.version} failed: {run.error}\n{details}".rstrip(),
-                           fix="rerun with -v to see the toolkit's whole log")
+    run = run_job(env, job.worker_job(), on_event=on_event)
+    run.raise_for_error(what=f"rkllm-toolkit {env.version}")
     return run
 
 
@@ -297,31 +391,6 @@ def _verify_output(model_file: Path, simulated: bool) -> None:
 
 # --- metadata -------------------------------------------------------------------------------------------
 
-def _chat_setup(info: CheckpointInfo) -> tuple[str | None, tuple[str, str, str] | None, Callable[[str], str]]:
-    from rkedge.convert.chat_family import detect_family
-    from rkedge.runtime.templates import get_template
-
-    tokens = info.tokenizer_config
-    bos = _token_text(tokens.get("bos_token"))
-    eos = _token_text(tokens.get("eos_token"))
-    family = None
-    if info.chat_template:
-        try:
-            family = detect_family(info.chat_template, bos_token=bos, eos_token=eos)
-        except ImportError:  # no jinja2 on this host: fall back on the registry's family
-            family = None
-    if family is None and not info.chat_template:
-        from rkedge.convert.architectures import find_spec
-
-        spec = find_spec(info.architecture, info.model_type)
-        family = spec.chat_family if spec else None
-    if family is None:
-        return None, None, lambda prompt: prompt
-    template = get_template(family)
-    return family, template.runtime_parts(), lambda prompt: template.render(
-        [{"role": "user", "content": prompt}], True, include_bos=False)
-
-
 def _hf_renderer(model_dir: Path) -> Callable[[str], str] | None:
     """The official generator's rendering: the tokenizer's own chat template (needs transformers)."""
     try:
@@ -330,39 +399,23 @@ def _hf_renderer(model_dir: Path) -> Callable[[str], str] | None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if not getattr(tokenizer, "chat_template", None):
             return None
-    except Exception:  # noqa: BLE001 - fall back on rkedge's renderer
+    except Exception:
         return None
-    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                        add_generation_prompt=True)
+
+    def render(prompt: str) -> str:
+        return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True))
+
+    return render
 
 
-def _token_text(token: Any) -> str:
-    if isinstance(token, dict):
-        return str(token.get("content", ""))
-    return str(token or "")
-
-
-def _export_meta(info: CheckpointInfo, family: str | None, parts: tuple[str, str, str] | None, the_plan: Plan,
-                 request: ConversionRequest) -> dict[str, Any]:
-    return {
-        "name": Path(the_plan.output_name).stem,
-        "chat_family": family,
-        "chat_template": dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), parts)) if parts else None,
-        "bos_token_id": info.token_id("bos"),
-        "eos_token_id": info.token_id("eos"),
-        "source": info.source_name,
-        "source_sha256": _digest("source", _files_signature(info)),
-        "rkedge_version": __version__,
-    }
-
-
-def _files_signature(info: CheckpointInfo) -> list[Any]:
+def _files_signature(info: CheckpointInfo) -> list[tuple[str, int, int]]:
     files = [info.path / "config.json", *info.weight_files]
     files += [info.path / name for name in info.tokenizer_files]
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
 
 
-def _digest(*parts: Any) -> str:
+def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -379,92 +432,95 @@ def _weights_digest(info: CheckpointInfo, cache: Path) -> dict[str, str]:
     return hashes
 
 
-def _manifest(request: ConversionRequest, the_plan: Plan, env: Any, info: CheckpointInfo, source_info: CheckpointInfo,
-              adapter: Any, calibration_file: Path, calibration_data: list[dict[str, str]], family: str | None,
-              parts: tuple[str, str, str] | None, model_tmp: Path, lora_tmp: Path | None, run: Any,
-              load_kwargs: dict[str, Any], build_kwargs: dict[str, Any], export_kwargs: dict[str, Any],
-              simulated: bool, started: float) -> dict[str, Any]:
-    """``export_kwargs``: as passed to ``export_rkllm``, with the final path (the toolkit wrote a temporary name)."""
-    weight_hashes = _weights_digest(source_info, request.out / WORK / "hashes.json")
-    max_context = build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
-    size = the_plan.size
-    recommended: dict[str, Any] = {
-        "max_context_len": max_context,
-        "runtime_version": env.version,
-        "min_rknpu_driver": "0.9.8",
-    }
-    if size is not None and size.weight_bytes > 2 * (1 << 30):
-        recommended["base_domain_id"] = 1  # maintainers' standard advice for large weight blobs (F-1)
-    manifest: dict[str, Any] = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "simulated": simulated,
-        "name": Path(the_plan.output_name).stem,
-        "model_file": the_plan.output_name,
-        "sha256": sha256_file(model_tmp),
-        "size": model_tmp.stat().st_size,
-        "lora_file": ({"file": lora_tmp.name, "sha256": sha256_file(lora_tmp), "size": lora_tmp.stat().st_size}
-                      if lora_tmp else None),
-        "architecture": info.architecture,
-        "model_type": info.model_type,
-        "platform": build_kwargs.get("target_platform", request.platform),
-        "dtype": build_kwargs.get("quantized_dtype", request.dtype),
-        "max_context_limit": max_context,
-        "npu_cores": build_kwargs.get("num_npu_core"),
-        "chat_family": family,
-        "chat_template": info.chat_template,
-        "chat_template_parts": dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), parts)) if parts else None,
-        "bos_token_id": info.token_id("bos"),
-        "eos_token_id": info.token_id("eos"),
-        "toolkit": {"kind": env.kind, "version": env.version, "label": env.label,
-                    "python": (env.probe or {}).get("python") or (host_description()["python"] if simulated else None),
-                    "reported_version": run.toolkit_version},
-        "rkedge_version": __version__,
-        "inputs": {
-            "model": {"path": str(request.model.resolve()), "source": source_info.source_name,
-                      "revision": source_info.source_revision, "sha256": weight_hashes,
-                      "parameters": source_info.param_count},
-            "adapter": ({"path": str(Path(request.lora).resolve()), "mode": request.lora_mode,  # type: ignore[arg-type]
-                         "name": Path(request.lora).name,  # type: ignore[arg-type]
+def _recommended(the_plan: Plan, max_context: int, runtime_version: str) -> dict[str, Any]:
+    """The runtime settings the manifest recommends to the board (RUNTIME_RECOMMENDATIONS, F-1)."""
+    rules = RUNTIME_RECOMMENDATIONS
+    recommended: dict[str, Any] = {"max_context_len": max_context, "runtime_version": runtime_version,
+                                   "min_rknpu_driver": rules.min_rknpu_driver}
+    if the_plan.size is not None and the_plan.size.weight_bytes > rules.base_domain_above_bytes:
+        recommended["base_domain_id"] = rules.base_domain_id
+    return recommended
+
+
+def _file_entry(path: Path) -> LoraFile:
+    return {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def _template_parts(chat: ChatSetup | None) -> ChatTemplateParts | None:
+    if chat is None or chat.parts is None:
+        return None
+    system, prefix, postfix = chat.parts
+    return {"system_prompt": system, "prompt_prefix": prefix, "prompt_postfix": postfix}
+
+
+def _manifest(the_plan: Plan, env: ToolkitEnv, run: ToolkitResult, *, source: CheckpointInfo,
+              exported: CheckpointInfo, calibration: CalibrationStep, model_tmp: Path, lora_tmp: Path | None,
+              calls: Mapping[str, Mapping[str, Any]], findings: list[Finding], started: float) -> Manifest:
+    """``source``: the user's checkpoint; ``exported``: what the toolkit loaded (the merged one with a LoRA);
+    ``calls``: as passed to the toolkit, with the final model path (the toolkit wrote a temporary name)."""
+    request = the_plan.request
+    adapter = the_plan.adapter
+    chat = the_plan.chat
+    build = dict(calls["build"])
+    max_context = int(build.get("max_context", DEFAULT_MAX_CONTEXT))
+    data = calibration.data
+    simulated = env.simulated
+    return Manifest(
+        backend="rkllm",
+        simulated=simulated,
+        name=Path(the_plan.output_name).stem,
+        model_file=the_plan.output_name,
+        sha256=sha256_file(model_tmp),
+        size=model_tmp.stat().st_size,
+        lora_file=_file_entry(lora_tmp) if lora_tmp else None,
+        architecture=exported.architecture,
+        model_type=exported.model_type,
+        platform=build.get("target_platform", request.platform),
+        dtype=build.get("quantized_dtype", request.dtype),
+        max_context_limit=max_context,
+        npu_cores=build.get("num_npu_core"),
+        chat_family=chat.family if chat else None,
+        chat_template=exported.chat_template,
+        chat_template_parts=_template_parts(chat),
+        bos_token_id=exported.token_id("bos"),
+        eos_token_id=exported.token_id("eos"),
+        toolkit={"kind": env.kind, "version": env.version, "label": env.label,
+                 "python": (env.probe or {}).get("python") or (host_description()["python"] if simulated else None),
+                 "reported_version": run.toolkit_version},
+        rkedge_version=__version__,
+        inputs={
+            "model": {"path": str(request.model.resolve()), "source": source.source_name,
+                      "revision": source.source_revision,
+                      "sha256": _weights_digest(source, request.out / WORK / "hashes.json"),
+                      "parameters": source.param_count},
+            "adapter": ({"path": str(request.lora.resolve()), "mode": request.lora_mode, "name": request.lora.name,
                          "base_model_name_or_path": adapter.base_model_name_or_path,
                          "sha256": adapter.weights_sha256}
-                        if adapter is not None else None),
-            "calibration": {"path": str(calibration_file), "sha256": calib.digest(calibration_data),
-                            "items": len(calibration_data), "generator": "chat template + greedy float-model targets",
-                            "languages": dict(calib.language_mix(calibration_data))},
+                        if adapter is not None and request.lora is not None else None),
+            "calibration": {"path": str(calibration.output), "sha256": calib.digest(data), "items": len(data),
+                            "generator": "chat template + greedy float-model targets",
+                            "languages": dict(calib.language_mix(data))},
         },
-        "toolkit_calls": {the_plan.load_method: load_kwargs, "build": build_kwargs, "export_rkllm": export_kwargs},
-        "request": {"algorithm": request.algorithm, "hybrid_rate": request.hybrid_rate,
-                    "optimization_level": request.optimization_level, "board": request.board,
-                    "allow_known_failure": request.allow_known_failure},
-        "findings": [f.to_dict() for f in the_plan.findings],
-        "estimate": size.to_dict() if size is not None else None,
-        "runtime": {"recommended": recommended},
-        "host": host_description(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_time_s": round(time.monotonic() - started, 3),
-    }
-    return manifest
+        toolkit_calls={method: dict(kwargs) for method, kwargs in calls.items()},
+        request={"algorithm": request.algorithm, "hybrid_rate": request.hybrid_rate,
+                 "optimization_level": request.optimization_level, "board": request.board,
+                 "allow_known_failure": request.allow_known_failure},
+        findings=[f.to_dict() for f in findings],
+        estimate=the_plan.size.to_dict() if the_plan.size is not None else None,
+        runtime={"recommended": _recommended(the_plan, max_context, env.version)},
+        host=host_description(),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        wall_time_s=round(time.monotonic() - started, 3),
+    )
 
 
-def _convert_gguf(request: ConversionRequest, *, dry_run: bool, reporter: Reporter) -> ConversionResult:
-    """GGUF input: only q4_0 (= w4a16_g32, never RK3588) and fp16 are readable (manual 3.2; rknn-llm#312)."""
-    info = inspect_gguf(request.model)
-    file_type = info.get("file_type")
-    findings: list[Finding] = []
-    if file_type not in GGUF_TYPES:
-        findings.append(Finding("gguf.type", "error",
-                                f"GGUF type {file_type} is not readable by rkllm-toolkit (only q4_0 and fp16; e.g. "
-                                f"'Not support GGMLQuantizationType: {file_type}!').",
-                                "convert from the Hugging Face checkpoint instead", "section 3.2; rknn-llm#312"))
-    if file_type == "MOSTLY_Q4_0" and request.platform == "rk3588":
-        findings.append(Finding("F-2", "error", "a q4_0 GGUF is w4a16_g32, which RK3588 does not run.",
-                                "convert the Hugging Face checkpoint with --dtype w8a8", "F-2"))
-    empty = Plan(request, request.toolkit_version or "?", findings, "load_gguf", {"model": str(request.model)}, {}, {},
-                 f"{request.model.stem}_{request.dtype}_{request.platform}.rkllm", None)
-    if dry_run or findings:
+def _convert_gguf(request: ConversionRequest, *, dry_run: bool) -> ConversionResult:
+    """GGUF input: planned and checked (``planner.plan_gguf``); converting it is not implemented yet."""
+    the_plan = plan_gguf(request, inspect_gguf(request.model))
+    if dry_run or the_plan.findings:
         if not dry_run:
-            raise_on_errors(findings, "this conversion")
-        return ConversionResult(empty, dry_run)
+            raise_on_errors(the_plan.findings, "this conversion")
+        return ConversionResult(the_plan, dry_run)
     raise InputError("GGUF conversion (fp16 GGUF) is planned and checked, but converting it is not implemented yet.",
                      fix="convert from the Hugging Face checkpoint (the same weights) instead")
+

@@ -1,35 +1,51 @@
 """The planner: a conversion request checked against everything known to fail, before any heavy work.
 
 ``plan()`` reads the rules tables (``rules``), the architecture registry, the known-failure table, the
-checkpoint's headers and the board profile, and returns every finding plus the exact keyword arguments the
-toolkit will receive. The output file name and the manifest are derived from those arguments, so a
-parameter can only appear in a name if it reached ``build()``.
+checkpoint's headers, the adapter, the calibration prompts and the board profile, and returns every finding
+plus the exact toolkit job (:class:`ToolkitJob`). The job's paths are symbolic (:class:`Input`) until the
+pipeline binds them once, so what ``--dry-run`` shows is what runs. The output file name and the manifest are
+derived from the job's arguments, so a parameter can only appear in a name if it reached ``build()``.
 """
 
 from __future__ import annotations
 
-import os
-import platform as host_platform
+import dataclasses
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from rkedge.convert import architectures, known_failures
+from rkedge import failures
+from rkedge.convert import architectures, host
+from rkedge.convert import calibration as calib
+from rkedge.convert.chat_family import ChatSetup, chat_setup
 from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES
-from rkedge.convert.findings import Finding
+from rkedge.convert.findings import Finding, Severity
 from rkedge.convert.inspect import CheckpointInfo
 from rkedge.convert.rules import (
     DEFAULT_MAX_CONTEXT,
+    GGUF_TYPES,
     GPTQ,
+    HOST_BYTES_PER_PARAM,
+    HOST_MEMORY_MARGIN,
     MAX_CONTEXT_LIMIT,
     MAX_CONTEXT_MULTIPLE,
     OPTIMIZATION_LEVELS,
+    OPTIMIZATION_SPEED_WARNING_SINCE,
+    RUNTIME_LORA_WEAK_VERSIONS,
+    TOOLKIT_VERSIONS,
     ToolkitRules,
     algorithm_stem,
     group_size,
     rules_for,
     version_key,
 )
+from rkedge.errors import InputError
+
+if TYPE_CHECKING:
+    from rkedge.convert.perf_model import Prediction
+    from rkedge.lora.adapter import AdapterInfo
 
 S3 = "converter-anchors-and-failure-modes.md section 3"
 
@@ -59,30 +75,115 @@ class ConversionRequest:
     name: str | None = None
     cuda_available: bool | None = None
 
-    def normalized(self) -> "ConversionRequest":
-        self.platform = self.platform.lower()
-        self.dtype = self.dtype.lower()
-        self.algorithm = self.algorithm.lower()
-        return self
+    def normalized(self) -> ConversionRequest:
+        """A copy with the case-insensitive options lower-cased (the request itself is left alone)."""
+        return dataclasses.replace(self, platform=self.platform.lower(), dtype=self.dtype.lower(),
+                                   algorithm=self.algorithm.lower())
+
+
+class Input(enum.Enum):
+    """A path the toolkit job needs that exists only once the pipeline's steps have run."""
+
+    EXPORTED = "exported"  # the exported checkpoint folder (load_huggingface model=)
+    ADAPTER = "adapter"  # the LoRA adapter folder, converted for the runtime (model_lora=)
+    CALIBRATION = "calibration"  # the calibration dataset file (build dataset=)
+    OUTPUT = "output"  # the .rkllm the toolkit writes (export_rkllm export_path=)
+
+    def __repr__(self) -> str:
+        return f"<{self.value}>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ToolkitJob:
+    """load -> build -> export_rkllm with the keyword arguments the toolkit receives; paths may be :class:`Input`."""
+
+    load_method: str
+    load_kwargs: Mapping[str, Any]
+    build_kwargs: Mapping[str, Any]
+    export_kwargs: Mapping[str, Any]
+
+    @property
+    def inputs(self) -> set[Input]:
+        return {v for kwargs in self._sections() for v in kwargs.values() if isinstance(v, Input)}
+
+    def bind(self, paths: Mapping[Input, str | Path]) -> ToolkitJob:
+        """The same job with every :class:`Input` replaced by its path (as given: resolve them first if needed)."""
+        missing = self.inputs - set(paths)
+        if missing:
+            raise KeyError(f"the toolkit job needs {', '.join(sorted(str(m) for m in missing))}")
+
+        def bound(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: str(paths[v]) if isinstance(v, Input) else v for k, v in kwargs.items()}
+
+        return ToolkitJob(self.load_method, *(bound(kwargs) for kwargs in self._sections()))
+
+    def calls(self) -> dict[str, dict[str, Any]]:
+        """``{method: kwargs}`` in call order, as the manifest records them."""
+        return {self.load_method: dict(self.load_kwargs), "build": dict(self.build_kwargs),
+                "export_rkllm": dict(self.export_kwargs)}
+
+    def worker_job(self) -> dict[str, Any]:
+        """The job file of the toolkit worker (a bound job only)."""
+        from rkedge.convert.toolkit import build_job
+
+        if self.inputs:
+            raise ValueError("bind the job's inputs first")
+        return build_job(load_method=self.load_method, load_kwargs=self.load_kwargs, build_kwargs=self.build_kwargs,
+                         export_kwargs=self.export_kwargs)
+
+    def render(self) -> str:
+        """One line per toolkit call, inputs shown symbolically (``--dry-run``)."""
+        return "\n".join(f"{method}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+                         for method, kwargs in self.calls().items())
+
+    def _sections(self) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+        return self.load_kwargs, self.build_kwargs, self.export_kwargs
 
 
 @dataclass
 class Plan:
-    request: ConversionRequest
+    request: ConversionRequest  # normalized
     toolkit_version: str
     findings: list[Finding]
-    load_method: str
-    load_kwargs: dict[str, Any]
-    build_kwargs: dict[str, Any]
-    export_kwargs: dict[str, Any]
+    job: ToolkitJob
     output_name: str
     arch: architectures.ArchSpec | None
-    size: Any = None
+    size: Prediction | None = None
+    chat: ChatSetup | None = None
+    adapter: AdapterInfo | None = None
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # the prompts / items, as loaded
     notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
+
+    @property
+    def merges_adapter(self) -> bool:
+        return self.adapter is not None and self.request.lora_mode == "merge"
+
+    @property
+    def steps(self) -> list[str]:
+        """The pipeline's steps for this plan, in order."""
+        return [*(["merge"] if self.merges_adapter else []), "export", "calibration", "quantize"]
+
+    @property
+    def load_method(self) -> str:
+        return self.job.load_method
+
+    @property
+    def load_kwargs(self) -> Mapping[str, Any]:
+        return self.job.load_kwargs
+
+    @property
+    def build_kwargs(self) -> Mapping[str, Any]:
+        return self.job.build_kwargs
+
+    @property
+    def export_kwargs(self) -> Mapping[str, Any]:
+        return self.job.export_kwargs
 
 
 def output_name(base: str, build_kwargs: dict[str, Any]) -> str:
@@ -99,18 +200,31 @@ def default_name(request: ConversionRequest, info: CheckpointInfo | None) -> str
     return Path(source.rstrip("/")).name.replace(" ", "-") or "model"
 
 
+def refusal(info: CheckpointInfo) -> Finding | None:
+    """An architecture no rkllm-toolkit version converts (with somewhere else to go): it stands in the way before
+    any missing toolkit does."""
+    refused = architectures.find_refused(info.architecture, info.model_type)
+    if refused is None or not refused.alternatives:
+        return None
+    return Finding("architecture.refused", "error", f"{info.architecture or info.model_type}: {refused.reason}.",
+                   refused.fix, "architectures.REFUSED")
+
+
 def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str, *,
          toolkit_python: str | None = None, host_memory: tuple[int, int] | None = None,
-         adapter_findings: list[Finding] | None = None, calibration_findings: list[Finding] | None = None,
          simulated_toolkit: bool = False) -> Plan:
-    """Checks ``request`` for ``info`` on ``toolkit_version``; returns findings and toolkit arguments."""
-    request.normalized()
+    """Checks ``request`` for ``info`` on ``toolkit_version``; returns findings and the toolkit job.
+
+    ``host_memory``: (available, swap) bytes, default this host's. Raises InputError for inputs that cannot be
+    read at all (a missing calibration file, an adapter folder without adapter_config.json).
+    """
+    request = request.normalized()
     findings: list[Finding] = []
     try:
         rules = rules_for(toolkit_version)
     except Exception as exc:  # InputError: unknown version
         findings.append(Finding("toolkit.version", "error", str(exc), getattr(exc, "fix", None), S3))
-        return Plan(request, toolkit_version, findings, "load_huggingface", {}, {}, {}, "", None)
+        return Plan(request, toolkit_version, findings, ToolkitJob("load_huggingface", {}, {}, {}), "", None)
 
     spec, arch_findings = architectures.check_architecture(info.config, toolkit_version)
     findings += arch_findings
@@ -130,25 +244,61 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
         findings.append(Finding("tokenizer.no-chat-template", "warning",
                                 "the tokenizer has no chat template; the .rkllm gets none and chat output may be "
                                 "garbage (F-16, rknn-llm#240)", "add the base model's chat template", "F-16"))
-    findings += adapter_findings or []
-    findings += calibration_findings or []
+    adapter, adapter_findings = _check_adapter(request)
+    findings += adapter_findings
+    chat = chat_setup(info)
+    items = calib.load_prompts(request.calibration)
+    findings += calib.lint(calib.preview(items, chat.render), chat.turn_marker)
 
-    load_kwargs = _load_kwargs(request, rules)
-    build_kwargs = _build_kwargs(request, rules)
-    export_kwargs: dict[str, Any] = {}
-    name = output_name(default_name(request, info), build_kwargs)
+    job = ToolkitJob("load_huggingface", _load_kwargs(request, rules), _build_kwargs(request, rules),
+                     {"export_path": Input.OUTPUT})
+    name = output_name(default_name(request, info), dict(job.build_kwargs))
     size = None
     if info.tensors and spec is not None:
         from rkedge.convert.perf_model import ModelShape, predict
 
-        context = build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
+        context = job.build_kwargs.get("max_context", DEFAULT_MAX_CONTEXT)
         dtype = request.dtype if request.dtype.split("_")[0] in ("w8a8", "w4a16", "w4a8") else "w8a8"
         size = predict(ModelShape.from_tensors(info.config, info.tensors), dtype, context)
         findings += _check_board_fit(request, size)
         if not simulated_toolkit:
             findings += _check_host_memory(info, request, host_memory)
-    return Plan(request, toolkit_version, findings, "load_huggingface", load_kwargs, build_kwargs, export_kwargs,
-                name, spec, size)
+    return Plan(request, toolkit_version, findings, job, name, spec, size, chat=chat, adapter=adapter,
+                calibration=items)
+
+
+def plan_gguf(request: ConversionRequest, gguf: Mapping[str, Any]) -> Plan:
+    """A GGUF input: only q4_0 (= w4a16_g32) and fp16 are readable (manual 3.2; rknn-llm#312)."""
+    request = request.normalized()
+    version = request.toolkit_version or TOOLKIT_VERSIONS[-1]
+    file_type = gguf.get("file_type")
+    findings: list[Finding] = []
+    if file_type not in GGUF_TYPES:
+        findings.append(Finding("gguf.type", "error",
+                                f"GGUF type {file_type} is not readable by rkllm-toolkit (only q4_0 and fp16; e.g. "
+                                f"'Not support GGMLQuantizationType: {file_type}!').",
+                                "convert from the Hugging Face checkpoint instead", "section 3.2; rknn-llm#312"))
+    implied = GGUF_TYPES.get(str(file_type))
+    try:
+        allowed = rules_for(version).dtypes.get(request.platform, ())
+    except InputError:
+        allowed = ()
+    if implied is not None and implied not in allowed:
+        findings.append(Finding("F-2", "error", f"a {file_type} GGUF is {implied}, which {request.platform.upper()} "
+                                "does not run.", "convert the Hugging Face checkpoint with --dtype w8a8", "F-2"))
+    job = ToolkitJob("load_gguf", {"model": str(request.model)}, {}, {"export_path": Input.OUTPUT})
+    return Plan(request, request.toolkit_version or "?", findings, job,
+                f"{request.model.stem}_{request.dtype}_{request.platform}.rkllm", None)
+
+
+def _check_adapter(request: ConversionRequest) -> tuple[AdapterInfo | None, list[Finding]]:
+    """The adapter and what stands between it and the base model (rank, targets, shapes, base name)."""
+    if request.lora is None:
+        return None, []
+    from rkedge.lora.adapter import inspect_adapter, validate_adapter
+
+    adapter = inspect_adapter(request.lora)
+    return adapter, validate_adapter(adapter, request.model)
 
 
 # --- individual checks --------------------------------------------------------------------------------------
@@ -202,7 +352,7 @@ def _check_algorithm(request: ConversionRequest, rules: ToolkitRules, version: s
                                 f"{stem} quantization only works with the w4a16 family, not {request.dtype}.",
                                 "use --algorithm normal", S3 + ".2"))
     if rule.needs_cuda:
-        cuda = request.cuda_available if request.cuda_available is not None else _cuda_present()
+        cuda = request.cuda_available if request.cuda_available is not None else host.cuda_present()
         if not cuda:
             findings.append(Finding("algorithm.cuda", "error", f"{stem} quantization needs a CUDA GPU on the host.",
                                     "use --algorithm normal, or run the conversion on a machine with an NVIDIA GPU",
@@ -252,7 +402,7 @@ def _check_cores_context_hybrid(request: ConversionRequest, rules: ToolkitRules,
     if request.optimization_level not in OPTIMIZATION_LEVELS:
         findings.append(Finding("optimization.range", "error",
                                 f"optimization_level must be 0 or 1, not {request.optimization_level}.", None, S3 + ".2"))
-    elif request.optimization_level == 1 and version_key(version) >= version_key("1.2.1"):
+    elif request.optimization_level == 1 and version_key(version) >= version_key(OPTIMIZATION_SPEED_WARNING_SINCE):
         findings.append(Finding("optimization.speed", "warning",
                                 "optimization_level 1 trades runtime speed for accuracy; Rockchip's benchmarks "
                                 "convert with 0 ('to enable optimized runtime performance').",
@@ -322,12 +472,12 @@ def _check_group_sizes(info: CheckpointInfo, request: ConversionRequest) -> list
 
 def _check_known_failures(info: CheckpointInfo, request: ConversionRequest, version: str) -> list[Finding]:
     found = []
-    for failure in known_failures.matching(architecture=info.architecture, platform=request.platform,
-                                           toolkit_version=version, dtype=request.dtype,
-                                           hybrid_rate=request.hybrid_rate):
-        severity = "warning" if request.allow_known_failure else "error"
-        fix = failure.fix + ("" if request.allow_known_failure else
-                             " (to convert anyway, e.g. to reproduce the failure, pass --allow-known-failure)")
+    for failure in failures.plan_rules("board-failure", architecture=info.architecture, platform=request.platform,
+                                       toolkit_version=version, dtype=request.dtype,
+                                       hybrid_rate=request.hybrid_rate):
+        severity: Severity = "warning" if request.allow_known_failure else "error"
+        fix = (failure.fix or "") + ("" if request.allow_known_failure else
+                                     " (to convert anyway, e.g. to reproduce the failure, pass --allow-known-failure)")
         found.append(Finding(failure.id, severity, failure.message + ".", fix, failure.source))
     return found
 
@@ -355,13 +505,13 @@ def _check_lora_mode(request: ConversionRequest, rules: ToolkitRules, version: s
     if "model_lora" not in rules.load_args:
         return [Finding("F-10", "error", f"toolkit {version} cannot convert a LoRA for the runtime (no model_lora).",
                         "use --lora-mode merge, or toolkit 1.1.0+", "F-10; section 3.2")]
-    if version == "1.2.0":
-        return [Finding("F-10", "warning", "LoRA conversion errors on 1.2.0 were answered with 'use 1.2.1' (#357).",
+    if version in RUNTIME_LORA_WEAK_VERSIONS:
+        return [Finding("F-10", "warning", f"LoRA conversion errors on {version} were answered with 'use 1.2.1' (#357).",
                         "prefer toolkit 1.2.1+ for runtime LoRAs", "F-10; rknn-llm#357")]
     return []
 
 
-def _check_board_fit(request: ConversionRequest, size: Any) -> list[Finding]:
+def _check_board_fit(request: ConversionRequest, size: Prediction) -> list[Finding]:
     """The same estimate and verdict as ``rkedge plan`` (``convert/perf_model.py``, ``convert/plan.py``)."""
     from rkedge.convert.plan import ram_verdict
 
@@ -398,13 +548,13 @@ def _check_board_fit(request: ConversionRequest, size: Any) -> list[Finding]:
 
 
 def _check_host_memory(info: CheckpointInfo, request: ConversionRequest,
-                       host_memory: tuple[int, int] | None) -> list[Finding]:
+                       memory: tuple[int, int] | None) -> list[Finding]:
     """F-11: the toolkit holds the model at its load dtype plus calibration state (~4.2 bytes/param at fp32)."""
-    available, swap = host_memory if host_memory else _host_memory()
+    available, swap = memory if memory else host.host_memory()
     if not available:
         return []
-    per_param = {"float16": 2.2, "bfloat16": 2.2}.get(request.load_dtype or "float32", 4.4)
-    need = info.param_count * per_param * 1.1
+    per_param = HOST_BYTES_PER_PARAM.get(request.load_dtype or "float32", HOST_BYTES_PER_PARAM["float32"])
+    need = info.param_count * per_param * HOST_MEMORY_MARGIN
     if need > available + swap:
         return [Finding("F-11", "error",
                         f"converting needs ~{need / GIB:.0f} GiB of host memory (RAM + swap: "
@@ -419,13 +569,13 @@ def _check_host_memory(info: CheckpointInfo, request: ConversionRequest,
 
 
 def _load_kwargs(request: ConversionRequest, rules: ToolkitRules) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"model": None}  # filled with the exported folder by the pipeline
+    kwargs: dict[str, Any] = {"model": Input.EXPORTED}
     if "device" in rules.load_args:
         kwargs["device"] = request.device
     if request.load_dtype and "dtype" in rules.load_args:
         kwargs["dtype"] = request.load_dtype
     if request.lora is not None and request.lora_mode == "runtime" and "model_lora" in rules.load_args:
-        kwargs["model_lora"] = None  # filled with the adapter folder by the pipeline
+        kwargs["model_lora"] = Input.ADAPTER
     return kwargs
 
 
@@ -439,30 +589,8 @@ def _build_kwargs(request: ConversionRequest, rules: ToolkitRules) -> dict[str, 
         "num_npu_core": request.npu_cores if request.npu_cores is not None else
         max(rules.npu_cores.get(request.platform, (1,))),
         "extra_qparams": None,
-        "dataset": None,  # filled with the calibration file by the pipeline
+        "dataset": Input.CALIBRATION,
         "hybrid_rate": request.hybrid_rate,
         "max_context": request.max_context if request.max_context is not None else DEFAULT_MAX_CONTEXT,
     }
     return {key: value for key, value in wanted.items() if key in rules.build_args}
-
-
-def _cuda_present() -> bool:
-    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
-
-
-def _host_memory() -> tuple[int, int]:
-    try:
-        values = {}
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                key, _, rest = line.partition(":")
-                values[key] = int(rest.split()[0]) * 1024
-        return values.get("MemAvailable", 0), values.get("SwapFree", 0)
-    except OSError:
-        return 0, 0
-
-
-def host_description() -> dict[str, Any]:
-    available, swap = _host_memory()
-    return {"machine": host_platform.machine(), "python": host_platform.python_version(),
-            "memory_available": available, "swap_free": swap, "cpus": os.cpu_count()}

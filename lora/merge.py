@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rkedge import __version__
-from rkedge._fs import atomic_path, atomic_write_text
+from rkedge._fs import atomic_dir, atomic_path, atomic_write_text
 from rkedge.convert.findings import raise_on_errors
 from rkedge.convert.inspect import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from rkedge.convert.safetensors_index import TensorInfo, read_header
@@ -193,13 +192,10 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
         raise RkedgeError(f"the merged checkpoint needs {total / 1e9:.2f} GB, {out_dir.parent} has "
                           f"{free / 1e9:.2f} GB free.", fix="free some space or choose --out on another disk")
 
-    _remove_stale_partials(out_dir)
-    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
-    partial.mkdir()
     done = 0
     written_files: list[str] = []
     try:
-        with TensorReader() as base_reader, TensorReader() as adapter_reader:
+        with atomic_dir(out_dir) as partial, TensorReader() as base_reader, TensorReader() as adapter_reader:
             def emit(item: _Item, out: BinaryIO) -> int:
                 if item.raw:
                     return base_reader.copy_to(item.source, out)
@@ -218,25 +214,18 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
                 written_files.append(file_name)
                 base_reader.close()  # one shard's handle at a time
 
-        items_all = [item for _, items in plan.shards for item in items]
-        if base.index is not None:
-            _write_index(partial / INDEX_NAME, base, plan)
-        atomic_write_text(partial / "config.json",
-                          json.dumps(merged_config(base.config, dtype=dtype, untie=plan.tied["untied"]), indent=2)
-                          + "\n")
-        copied = _copy_side_files(base_dir, adapter_dir, partial)
-        report = _report(adapter, base, plan, out_dir, dtype, findings, written_files, copied, items_all, started)
-        atomic_write_text(partial / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked above); rename needs the name free
-        os.rename(partial, out_dir)
+            items_all = [item for _, items in plan.shards for item in items]
+            if base.index is not None:
+                _write_index(partial / INDEX_NAME, base, plan)
+            atomic_write_text(partial / "config.json",
+                              json.dumps(merged_config(base.config, dtype=dtype, untie=plan.tied["untied"]), indent=2)
+                              + "\n")
+            copied = _copy_side_files(base_dir, adapter_dir, partial)
+            report = _report(adapter, base, plan, out_dir, dtype, findings, written_files, copied, items_all, started)
+            atomic_write_text(partial / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     except OSError as exc:  # disk full, permissions, a vanished input: one error family at the edge
-        shutil.rmtree(partial, ignore_errors=True)
         raise RkedgeError(f"writing the merged checkpoint failed: {exc}; nothing was left at {out_dir}.",
                           fix="check free space and permissions of the --out folder, then run the merge again") from exc
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return report
 
 
@@ -263,24 +252,6 @@ def _check_out_dir(out_dir: Path, base_dir: Path, adapter_dir: Path) -> None:
     for other in (base_dir, adapter_dir):
         if out_dir.resolve() == other.resolve():
             raise InputError(f"--out {out_dir} is the same folder as an input.", fix="choose a new folder for --out")
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Removes ``<out>.partial-<pid>`` folders of merges that died (SIGKILL, power loss) or of this very pid."""
-    for leftover in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
-        suffix = leftover.name.rsplit("-", 1)[-1]
-        if not suffix.isdigit() or not leftover.is_dir():
-            continue
-        pid = int(suffix)
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # that merge is still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # alive, another user's
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _plan(adapter: AdapterInfo, base: BaseCheckpoint, out_code: str | None) -> _Plan:
@@ -384,7 +355,7 @@ def _value(item: _Item, base_reader: TensorReader, adapter_reader: TensorReader,
 
 def merged_config(config: dict[str, Any], *, dtype: str | None, untie: bool) -> dict[str, Any]:
     """The merged model's config.json: no ``quantization_config``, the new dtype, untied embeddings if needed."""
-    merged = json.loads(json.dumps(config))
+    merged: dict[str, Any] = json.loads(json.dumps(config))
     merged.pop("quantization_config", None)
     if dtype is not None:
         keys = [k for k in ("torch_dtype", "dtype") if k in merged] or ["torch_dtype"]

@@ -1,6 +1,7 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""Atomic output: write to a temporary name beside the target, then rename.
 
-A crash or SIGKILL mid-write leaves at most a ``.part`` file, never an output that looks finished.
+A crash or SIGKILL mid-write leaves at most a ``.part`` file or a ``.partial-<pid>`` folder, never an output
+that looks finished.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,3 +47,61 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a new empty folder ``<target>.partial-<pid>``; if the block succeeds it takes ``target``'s place.
+
+    An existing ``target`` stays whole until then (it is moved aside, the new folder renamed in, the old one
+    removed); if the block fails, the partial folder goes and ``target`` is as it was. Partial folders that
+    processes which died (SIGKILL, power loss) left beside ``target`` are removed first; a live one's are kept.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    partial.mkdir()
+    try:
+        yield partial
+        previous = target.with_name(f"{target.name}.previous-{os.getpid()}")
+        had_previous = target.exists() or target.is_symlink()
+        if had_previous:
+            os.replace(target, previous)
+        try:
+            os.replace(partial, target)
+        except BaseException:
+            if had_previous:
+                os.replace(previous, target)
+            raise
+        if had_previous:
+            _remove(previous)
+    finally:
+        if partial.exists():
+            _remove(partial)
+
+
+def remove_stale_partials(target: str | os.PathLike[str]) -> None:
+    """Removes ``<target>.partial-<pid>`` folders of processes that are gone (or of this very process)."""
+    target = Path(target)
+    for leftover in target.parent.glob(f"{target.name}.partial-*"):
+        suffix = leftover.name.rsplit("-", 1)[-1]
+        if not suffix.isdigit() or not leftover.is_dir():
+            continue
+        pid = int(suffix)
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # that writer is still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rkedge.convert.inspect import inspect_checkpoint
-from rkedge.convert.planner import ConversionRequest, plan
+from rkedge.convert.planner import ConversionRequest, Input, plan
 from rkedge.convert.rules import TOOLKIT_VERSIONS, rules_for
 
 pytest.importorskip("transformers")
@@ -39,7 +39,7 @@ def test_a_valid_request_has_no_error(tiny):
         assert result.output_name == f"{kind}_w8a8_rk3588.rkllm"
         assert result.build_kwargs == {"do_quantization": True, "optimization_level": 0, "quantized_dtype": "w8a8",
                                        "target_platform": "rk3588", "quantized_algorithm": "normal",
-                                       "num_npu_core": 3, "extra_qparams": None, "dataset": None, "hybrid_rate": 0.0,
+                                       "num_npu_core": 3, "extra_qparams": None, "dataset": Input.CALIBRATION, "hybrid_rate": 0.0,
                                        "max_context": 4096}
 
 

@@ -69,7 +69,7 @@ class RknnRequest:
     platform: str = "rk3588"
     hybrid: bool = True
     calibration: str | None = "auto"
-    eval_text: str | None = None
+    eval_text: str | Path | None = None
     eval_steps: int | None = None  # default: 256, fewer when the simulator would take over QUALITY_BUDGET_S
     graph_params: int | None = None  # max parameters per layer graph (default: from the weight budget and host RAM)
     name: str | None = None
@@ -91,6 +91,7 @@ class RknnResult:
     manifest: dict[str, Any] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     dry_run: bool = False
+    request: RknnRequest | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"ok": not any(f.severity == "error" for f in self.findings), "dry_run": self.dry_run,
@@ -98,6 +99,27 @@ class RknnResult:
                 "findings": [f.to_dict() for f in self.findings], "steps": self.steps,
                 "verification": (self.manifest or {}).get("verification"),
                 "quality": (self.manifest or {}).get("quality")}
+
+
+    def render(self) -> list[str]:
+        """What ``rkedge convert --backend rknn`` prints on stdout: the plan (a dry run), or the figures and the
+        bundle written."""
+        if self.dry_run or self.bundle is None:
+            request = self.request
+            what = f"{request.dtype}{' hybrid' if request.hybrid_patterns else ''}" if request else "?"
+            return [f"plan: RKNN bundle for {request.model.name if request else '?'}, {what}"]
+        manifest = self.manifest or {}
+        verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
+        lines = [f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
+                 f"over {verification.get('tokens')} tokens"]
+        if quality:
+            lines.append(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
+                         f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
+                         f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
+                         f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
+                         f"logits cosine {quality['logits_cosine']:.5f}")
+        lines.append(f"wrote {self.bundle}")
+        return lines
 
 
 def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
@@ -134,7 +156,7 @@ def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
     report = progress or (lambda step, detail: None)
     info, findings = check(request)
     if dry_run:
-        return RknnResult(None, findings, dry_run=True)
+        return RknnResult(None, findings, dry_run=True, request=request)
     raise_on_errors(findings, "this RKNN conversion")
     started = time.monotonic()
     steps: list[dict[str, Any]] = []
@@ -231,14 +253,14 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return RknnResult(final, findings, manifest, steps)
+    return RknnResult(final, findings, manifest, steps, request=request)
 
 
 def _graph_param_budget(dtype: str) -> int:
     per = 1 if dtype == "w8a8" else 2
-    from rkedge.convert.planner import _host_memory
+    from rkedge.convert.host import host_memory
 
-    available, _ = _host_memory()
+    available, _ = host_memory()
     host_cap = int(available / BUILD_BYTES_PER_PARAM) if available else GRAPH_WEIGHT_BUDGET
     return max(1, min(GRAPH_WEIGHT_BUDGET // per, host_cap))
 
