@@ -17,32 +17,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from server_helpers import LiveServer  # noqa: E402
-
-from rkedge.runtime import LLM  # noqa: E402
-from rkedge.runtime.server.app import create_app  # noqa: E402
-from rkedge.runtime.server.settings import ServerSettings  # noqa: E402
-from rkedge.runtime.simmodel import write_simulated_model  # noqa: E402
-
-LONG = " ".join(f"tok{i}" for i in range(200))
-REPLY = "Hello! Größe 日本語 🚀."
+from server_helpers import REPLY, LiveServer, chat_body, make_app, write_model  # noqa: E402
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    path = tmp_path / "served.rkllm"
-    from rkedge.runtime.simmodel import build_cli_manifest
-
-    manifest = build_cli_manifest(chat_family="gemma", name="served", toolkit_version="1.2.1",
-                                  responses=("long=>" + LONG, "stop=>alpha beta STOP gamma", REPLY))
-    write_simulated_model(path, manifest)
-    return path
-
-
-def make_app(model: Path, abi: str = "1.3.0", **settings):
-    llm = LLM(model, library="mock", abi=abi, max_new_tokens=512)
-    app = create_app(ServerSettings(model_path=model, **settings), llm)
-    return app, llm
+    return write_model(tmp_path / "served.rkllm")
 
 
 @pytest.fixture
@@ -61,10 +41,6 @@ def live(model: Path, request) -> Iterator[LiveServer]:
     yield server
     server.stop()
     llm.close()
-
-
-def chat_body(content: str = "hi", **extra) -> dict:
-    return {"model": "served", "messages": [{"role": "user", "content": content}], **extra}
 
 
 # --- compatibility ----------------------------------------------------------------------------------------

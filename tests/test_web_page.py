@@ -15,7 +15,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt install chromium)")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from test_server import LiveServer, make_app  # noqa: E402
+from server_helpers import LiveServer, make_app  # noqa: E402
 
 from rkedge.runtime.simmodel import build_cli_manifest, write_simulated_model  # noqa: E402
 
