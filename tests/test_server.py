@@ -231,3 +231,19 @@ def test_a_full_queue_gets_429_and_nothing_is_lost(live, monkeypatch):
         thread.join()
     assert len(results) == 5, "every request got an answer"
     assert results.count(200) >= 2 and results.count(429) >= 1 and set(results) <= {200, 429}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", chat_body("long")),
+    ("/api/chat", {"model": "served", "messages": [{"role": "user", "content": "long"}], "stream": False}),
+])
+def test_an_npu_error_without_streaming_is_a_5xx_with_the_runtimes_message(client, monkeypatch, path, body):
+    monkeypatch.setenv("RKEDGE_MOCK_FAULT", json.dumps({"error_after_tokens": 3}))
+    response = client.post(path, json=body)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error  # OpenAI's shape, Ollama's shape
+    assert "RKLLM_RUN_ERROR" in message
+    assert f'rkedge_requests_total{{endpoint="{path}",status="500"}} 1.0' in client.get("/metrics").text
+    monkeypatch.delenv("RKEDGE_MOCK_FAULT")
+    next_request_works(client)

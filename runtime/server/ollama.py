@@ -88,7 +88,7 @@ class OllamaAnswer:
         return body
 
     def whole(self, outcome: Outcome, run: Run) -> Response:
-        if outcome.error is not None and not outcome.text:
+        if outcome.error is not None:  # even with some text: a truncated answer is not an answer
             return error_response("/api", outcome.error)
         return JSONResponse(self._line(outcome.text, True, outcome))
 

@@ -69,7 +69,7 @@ class OpenAIAnswer:
         return headers
 
     def whole(self, outcome: Outcome, run: Run) -> Response:
-        if outcome.error is not None and not outcome.text:
+        if outcome.error is not None:  # even with some text: a truncated answer is not an answer
             return error_response("/v1", outcome.error)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(outcome.finish_reason)}
         if self.kind == "chat":
