@@ -163,6 +163,9 @@ class NativeModel:
         """Calls ``rkllm_run`` (blocking: the runtime calls back from its own thread) or ``rkllm_run_async``."""
         abi, features = self._abi, self.features
         keep: list[Any] = []
+        # This ABI's own RKLLMInput, zero-filled: on 1.3.1 that is the 208-byte layout whose audio block the runtime
+        # reads (ABI.md "Hazard"). Multimodal input (image, video, 1.3.1's audio) is not sent: RunRequest carries
+        # prompts, token ids and embeddings only.
         rkllm_input = abi.RKLLMInput()
         if request.token_ids is not None:
             ids = (ctypes.c_int32 * len(request.token_ids))(*request.token_ids)
