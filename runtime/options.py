@@ -13,7 +13,7 @@ F = Callable[..., Any]
 def library_options(func: F) -> F:
     """``--mock``, ``--lib`` and ``--abi``: which runtime library and which ABI to call it with."""
     func = click.option("--abi", metavar="VERSION",
-                        help="ABI or runtime release of the library (1.1, 1.2.0, 1.2.1/1.2.2, 1.2.3, 1.3.0). "
+                        help="ABI or runtime release of the library (1.1, 1.2.0, 1.2.1/1.2.2, 1.2.3, 1.3.0, 1.3.1). "
                              "Needed when the library does not say; env RKEDGE_RKLLM_ABI.")(func)
     func = click.option("--lib", "library", metavar="PATH", help="librkllmrt.so to use (env RKEDGE_RKLLM_LIB).")(func)
     func = click.option("--mock", is_flag=True, help="Run on the simulated NPU (built from C source on first use); an RKNN "
