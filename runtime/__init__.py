@@ -12,15 +12,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rkedge.runtime.backend import Backend
     from rkedge.runtime.chat import ChatSession
     from rkedge.runtime.llm import LLM, GenerationResult, GenerationStats, GenerationStream
 
 _LAZY = {
     "LLM": "rkedge.runtime.llm",
-    "GenerationResult": "rkedge.runtime.llm",
-    "GenerationStats": "rkedge.runtime.llm",
-    "GenerationStream": "rkedge.runtime.llm",
+    "GenerationResult": "rkedge.runtime._stream",
+    "GenerationStats": "rkedge.runtime._stream",
+    "GenerationStream": "rkedge.runtime._stream",
     "ChatSession": "rkedge.runtime.chat",
+    "Backend": "rkedge.runtime.backend",
 }
 
 
@@ -33,4 +35,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["LLM", "ChatSession", "GenerationResult", "GenerationStats", "GenerationStream"]
+__all__ = ["LLM", "ChatSession", "GenerationResult", "GenerationStats", "GenerationStream", "Backend"]

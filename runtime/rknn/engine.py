@@ -1,10 +1,9 @@
 """The RKNN backend's engine: the decode loop over RKNNLite (board) or the rknn-toolkit2 simulator (x86).
 
-:class:`RknnModel` offers the same methods and callback protocol as the librkllmrt wrapper
-(:class:`rkedge.runtime.abi._native.NativeModel`), so :class:`rkedge.runtime.LLM`, chat sessions, the chat CLI
-and the server run on it unchanged. Generation runs on the caller's thread (LLM calls ``run`` from its worker
-thread, as it does ``rkllm_run``) and reports each token through the same ``RunEvent`` callback; states stay in
-the engine between tokens and, with ``keep_history``, between runs.
+:class:`RknnModel` implements :class:`rkedge.runtime.backend.Backend`, so :class:`rkedge.runtime.LLM`, chat
+sessions, the chat CLI and the server run on it unchanged. Generation runs on the caller's thread (LLM calls
+``run`` from its worker thread, as it does ``rkllm_run``) and reports each token through the same ``RunEvent``
+callback; states stay in the engine between tokens and, with ``keep_history``, between runs.
 """
 
 from __future__ import annotations
