@@ -14,7 +14,7 @@ from rkedge.runtime.server import ollama, openai, pages
 from rkedge.runtime.server.deps import Served
 from rkedge.runtime.server.engine import Engine
 from rkedge.runtime.server.errors import install_handlers
-from rkedge.runtime.server.middleware import Observe
+from rkedge.runtime.server.middleware import BodyLimit, Observe
 from rkedge.runtime.server.settings import ServerSettings
 from rkedge.runtime.tokens import counter_for
 
@@ -48,5 +48,6 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     install_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(Observe, metrics=engine.metrics, routes=[route for router in routers for route in router.routes])
     return app

@@ -1,9 +1,10 @@
 """ASGI middleware (plain ASGI, so ``receive`` reaches the routes unwrapped by Starlette's request machinery).
 
 :class:`Observe` (outermost) writes one access-log line and one metrics count per request, labelled by route
-template. :class:`Guard` refuses, before any body byte is read: a Host not on the allow-list (DNS rebinding),
-a foreign Origin (a web page posting to a loopback server), a POST body that is not JSON-typed, a declared
-Content-Length over the limit; then it enforces the size limit and a read timeout while the body is read.
+template. :class:`Exposure` refuses, before any body byte is read, a Host not on the allow-list (DNS
+rebinding), a foreign Origin (a web page posting to a loopback server) and a POST body that is not JSON-typed.
+:class:`BodyLimit` refuses a declared Content-Length over the limit, then enforces the limit and a read
+timeout while the body is read.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class Observe:
                             scope["method"], scope["path"], final, sent, time.perf_counter() - started)
 
 
-class Guard:
+class Exposure:
+    """Browser exposure: the Host allow-list, the Origin check and JSON-only POST bodies."""
+
     def __init__(self, app: ASGIApp, *, settings: ServerSettings) -> None:
         self.app = app
-        self.max_body = settings.max_body_bytes
-        self.body_timeout_s = settings.body_timeout_s
         self.hosts = settings.hosts()
         self.origins = {o.rstrip("/").lower() for o in settings.cors_origins}
 
@@ -81,7 +82,7 @@ class Guard:
         except ApiError as refused:
             await error_response(scope["path"], refused)(scope, receive, send)
             return
-        await self.app(scope, self.limited(receive), send)
+        await self.app(scope, receive, send)
 
     def check(self, scope: Scope, headers: Headers) -> None:
         host = headers.get("host", "")
@@ -103,9 +104,26 @@ class Guard:
             if not kind and origin is not None:  # a browser's "simple request" trick: no preflight without a type
                 raise ApiError(415, "a request from a web page must say Content-Type: application/json.",
                                code="unsupported_media_type", param="Content-Type")
-        length = headers.get("content-length")
+
+
+class BodyLimit:
+    """The body size limit, before reading (a declared Content-Length) and while reading (any body), and a
+    time limit on reading the body. Routes read bodies only after the key check (deps.json_body)."""
+
+    def __init__(self, app: ASGIApp, *, settings: ServerSettings) -> None:
+        self.app = app
+        self.max_body = settings.max_body_bytes
+        self.body_timeout_s = settings.body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise self.too_large()
+            await error_response(scope["path"], self.too_large())(scope, receive, send)
+            return
+        await self.app(scope, self.limited(receive), send)
 
     def too_large(self) -> ApiError:
         return ApiError(413, f"the request body is larger than the server's limit of {self.max_body} bytes.",
