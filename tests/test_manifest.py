@@ -162,3 +162,19 @@ def calibration_prompts(tmp_path: Path) -> Path:
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps([{"prompt": p, "target": "ok"} for p in ("Hello!", "What is an NPU?", "你好", "2+2?")]))
     return path
+
+
+def test_the_runtime_reads_the_manifest_and_ignores_a_broken_one_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from rkedge.runtime.rkllm_backend import load_model_metadata
+
+    model = write_sidecar(tmp_path, rkllm_manifest())
+    metadata = load_model_metadata(model)
+    assert metadata["chat_family"] == "gemma" and metadata["recommended"]["max_context_len"] == 4096, \
+        "the recommended runtime settings are merged in, as before"
+    for broken in ("{not json", json.dumps(rkllm_manifest(schema_version=99)), json.dumps({"chat_family": "gemma"})):
+        manifest_path(model).write_text(broken)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rkedge.runtime"):
+            assert load_model_metadata(model) == {}
+        assert "ignoring the manifest" in caplog.text, "the model still loads; the warning says why"
