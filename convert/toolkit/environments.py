@@ -23,13 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
 from rkedge._fs import atomic_write_text, sha256_file
 from rkedge.errors import InputError, ToolkitError
 
 RECORDS_FILE = "toolkits.json"
 REQUIREMENTS_FILE = "rkedge-requirements.txt"
-WHEEL_NAME = re.compile(r"^rkllm_toolkit-(?P<version>[0-9][^-]*)-(?P<python>cp\d+)-(?P<abi>[a-z0-9_]+)-"
-                        r"(?P<platform>[a-z0-9_]+)\.whl$")
+WHEEL_PROJECT = "rkllm-toolkit"
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 # Requirement pins per release, for wheels whose METADATA declares none. Copied from airockchip/rknn-llm
@@ -70,15 +73,27 @@ RWKV7_REQUIREMENTS_121: tuple[str, ...] = (
 PINS_SOURCE = ("rkedge table (airockchip/rknn-llm rkllm-toolkit/packages/requirements.txt per release tag; "
                "converter-anchors-and-failure-modes.md section 3.4)")
 
-# PEP 440 public version (with optional local part) and a requirement's name: enough to find where two
-# requirements were glued together without `packaging` (which the host may not have).
-_VERSION = re.compile(r"v?\d+(\.\d+)*((a|b|rc|alpha|beta|c|pre|preview)\.?\d*)?((\.|-|_)?(post|rev|r)\.?\d*)?"
-                      r"((\.|-|_)?dev\.?\d*)?(\+[a-z0-9]+([._-][a-z0-9]+)*)?(\.\*)?", re.IGNORECASE)
-_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
-_REQUIREMENT = re.compile(rf"^\s*{_NAME}\s*(\[[^\]]*\])?\s*(\(?\s*(~=|==|!=|<=|>=|<|>|===)\s*[^,;()]+"
-                          r"(\s*,\s*(~=|==|!=|<=|>=|<|>|===)\s*[^,;()]+)*\s*\)?)?\s*$")
+#: Where a version ends and the next requirement begins when Rockchip's list lost its newlines
+#: (``timm==1.0.19numpy >= 1.23.1``): an operator, a version ending in a digit, then a name. Whether the pieces
+#: are a valid version and requirement is decided by ``packaging``.
 _GLUE = re.compile(r"(?P<op>~=|==|!=|<=|>=|<|>)\s*(?P<version>[^,;\s]*?\d)(?P<rest>[A-Za-z][A-Za-z0-9._-]*\s*"
                    r"(\[[^\]]*\])?\s*(~=|==|!=|<=|>=|<|>|===|;|$).*)$")
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def _is_requirement(text: str) -> bool:
+    try:
+        Requirement(text)
+    except InvalidRequirement:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -135,12 +150,17 @@ def parse_wheel_name(name: str) -> dict[str, str]:
     Raises:
         InputError: for another file name or a platform other than linux_x86_64 (F-14).
     """
-    match = WHEEL_NAME.match(name)
-    if not match:
+    try:
+        project, version, _build, tags = parse_wheel_filename(name)
+    except InvalidWheelFilename:
+        project, tags = None, frozenset()
+    python_tags = sorted({tag.interpreter for tag in tags})
+    if project != WHEEL_PROJECT or len(tags) != 1 or not re.fullmatch(r"cp\d+", python_tags[0]):
         raise InputError(f"{name} is not an rkllm-toolkit wheel name (rkllm_toolkit-<version>-cp<XY>-cp<XY>-"
                          "linux_x86_64.whl).",
                          fix="pass the wheel file from airockchip/rknn-llm rkllm-toolkit/packages/ unrenamed")
-    parts = match.groupdict()
+    (tag,) = tags
+    parts = {"version": str(version), "python": tag.interpreter, "abi": tag.abi, "platform": tag.platform}
     if parts["platform"] != "linux_x86_64":
         raise InputError(f"{name} is built for {parts['platform']}; rkllm-toolkit runs on linux x86_64 only "
                          f"(pip: 'ERROR: {name} is not a supported wheel on this platform.', rknn-llm#81).",
@@ -198,7 +218,7 @@ def split_glued_requirements(lines: Sequence[str]) -> tuple[list[str], list[str]
     if duplicates:
         fixes.append(f"dropped {duplicates} duplicate requirement{'s' if duplicates > 1 else ''}")
     for piece in out:
-        if not _REQUIREMENT.match(piece.split(";", 1)[0]):
+        if not _is_requirement(piece.split(";", 1)[0]):
             fixes.append(f"kept {piece!r} although it does not look like a requirement (pip will judge it)")
     return out, fixes
 
@@ -213,8 +233,7 @@ def _split_line(line: str) -> list[str]:
             version, tail = match.group("version"), match.group("rest")
             head = re.split(r"[\s,;<>=!~\[(]", tail, maxsplit=1)[0]
             # A split only where the version is complete and version+next word is not a version (1.0rc1, 1.0dev).
-            if _VERSION.fullmatch(version) and not _VERSION.fullmatch(version + head) \
-                    and _REQUIREMENT.match(tail.split(";", 1)[0]):
+            if _is_version(version) and not _is_version(version + head) and _is_requirement(tail.split(";", 1)[0]):
                 glued = match
                 break
         if glued is None:
@@ -349,9 +368,13 @@ def _pin_differences(requirements: Sequence[str], table: Sequence[str]) -> list[
     def pins(items: Sequence[str]) -> dict[str, str]:
         out = {}
         for item in items:
-            match = re.match(rf"\s*({_NAME})\s*==\s*([^\s,;]+)", item)
-            if match:
-                out[match.group(1).lower().replace("_", "-")] = match.group(3)
+            try:
+                requirement = Requirement(item)
+            except InvalidRequirement:
+                continue
+            exact = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+            if exact:
+                out[canonicalize_name(requirement.name)] = exact[0]
         return out
 
     ours, theirs = pins(requirements), pins(table)
