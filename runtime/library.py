@@ -83,8 +83,7 @@ def _by_symbols(symbols: set[str], path: str | Path) -> tuple[str | None, tuple[
         raise InputError(f"{path} does not export rkllm_init/rkllm_run: it is not librkllmrt.so.",
                          fix="point --lib at Rockchip's librkllmrt.so")
     if "rkllm_set_function_tools" in symbols:
-        group = _same_symbols_as("1.2.1")
-        return None, group, "exported symbols (rkllm_set_function_tools: ABI >= 1.2.1)"
+        return None, _same_symbols_as("1.2.1"), "exported symbols (rkllm_set_function_tools: ABI >= 1.2.1)"
     if "rkllm_set_chat_template" in symbols:
         return "1.2.0", ("1.2.0",), "exported symbols (rkllm_set_chat_template, no function tools)"
     return "1.1", ("1.1",), "exported symbols (no rkllm_clear_kv_cache or rkllm_set_chat_template)"
@@ -92,9 +91,8 @@ def _by_symbols(symbols: set[str], path: str | Path) -> tuple[str | None, tuple[
 
 def _markers(data: bytes) -> list[tuple[str, str]]:
     """(release, marker text) for every version marker in the file."""
-    found = [(m.group(1).decode(), m.group(0).decode("ascii", "replace")) for m in _SDK_MARKER_RE.finditer(data)]
-    found += [(m.group(1).decode(), m.group(0).decode("ascii", "replace")) for m in _LIB_MARKER_RE.finditer(data)]
-    return found
+    return [(m.group(1).decode(), m.group(0).decode("ascii", "replace"))
+            for pattern in (_SDK_MARKER_RE, _LIB_MARKER_RE) for m in pattern.finditer(data)]
 
 
 def detect_abi(path: str | Path) -> AbiDetection:
