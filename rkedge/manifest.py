@@ -142,8 +142,8 @@ class Manifest(Mapping[str, Any]):
     npu_cores: int | None = None
     chat_template: str | None = None  # the checkpoint's Jinja template, as found
     chat_template_parts: ChatTemplateParts | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None  # a list where the checkpoint ends turns with several tokens
     toolkit: ToolkitInfo | None = None
     rkedge_version: str | None = None
     toolkit_calls: dict[str, dict[str, Any]] | None = None

@@ -67,7 +67,8 @@ def write_sidecar(tmp_path: Path, data: object) -> Path:
 
 
 def test_every_key_the_writers_produce_round_trips_in_their_order(tmp_path: Path) -> None:
-    for data in (rkllm_manifest(chat_template="你好 {{ messages }}"), bundle_manifest()):
+    for data in (rkllm_manifest(chat_template="你好 {{ messages }}"), rkllm_manifest(eos_token_id=[128001, 128009]),
+                 bundle_manifest()):
         manifest = Manifest.from_dict(data)
         assert list(manifest.to_dict()) == list(data) == [k for k in KEYS[manifest.backend] if k in data]
         assert manifest.to_dict() == data and manifest == data
