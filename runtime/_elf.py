@@ -181,3 +181,5 @@ class _Elf:
 def _check_magic(data: bytes, name: str | Path) -> None:
     if data[:4] != b"\x7fELF":
         raise InputError(f"{name} is not an ELF shared library.", fix="point --lib at librkllmrt.so")
+    if len(data) < 52:  # the ELF32 header; ELF64's is 64 and its tables are bounds-checked when read
+        raise InputError(f"{name} is a truncated ELF file.", fix="download librkllmrt.so again")

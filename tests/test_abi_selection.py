@@ -110,6 +110,14 @@ def test_not_a_runtime_library(tmp_path):
     not_elf.write_bytes(b"hello")
     with pytest.raises(InputError, match="not an ELF"):
         detect_abi(not_elf)
+    truncated = tmp_path / "t.so"
+    truncated.write_bytes(build_mock_library("1.3.1").read_bytes()[:40])
+    with pytest.raises(InputError, match="truncated"):
+        detect_abi(truncated)
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(build_mock_library("1.3.1").read_bytes()[:4096])  # headers point past the end
+    with pytest.raises(InputError, match="not a readable ELF"):
+        detect_abi(cut)
     from rkedge.errors import LibraryNotFoundError
 
     with pytest.raises(LibraryNotFoundError):
