@@ -185,11 +185,6 @@ class GenerationStream(Iterator[str]):
                 raise StopIteration
             self._handle(self._run.events.get())
 
-    @property
-    def done(self) -> bool:
-        """The run has ended (its result is set); the caller may still have chunks to take."""
-        return self._done
-
     def _handle(self, item: object) -> None:
         if isinstance(item, RunEvent):
             state = item.state
