@@ -55,7 +55,7 @@ class CheckpointInfo:
 
     @property
     def main_dtype(self) -> str | None:
-        counts = Counter()
+        counts: Counter[str] = Counter()
         for tensor in self.tensors.values():
             counts[tensor.dtype] += tensor.numel
         return counts.most_common(1)[0][0] if counts else None
@@ -63,7 +63,7 @@ class CheckpointInfo:
     def token_id(self, which: str) -> int | list[int] | None:
         for source in (self.text_config, self.config):
             value = source.get(f"{which}_token_id")
-            if value is not None:
+            if isinstance(value, (int, list)):
                 return value
         return None
 
@@ -128,7 +128,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         raise InputError(f"{folder} has no config.json: it is not a Hugging Face checkpoint folder.",
                          fix="pass the folder that holds config.json and the *.safetensors files")
     config = read_json(config_path)
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nested = config.get("text_config")
+    text_config: dict[str, Any] = nested if isinstance(nested, dict) else config
     architectures = config.get("architectures") or text_config.get("architectures") or []
     architecture = architectures[0] if architectures else None
     model_type = config.get("model_type") or text_config.get("model_type")
@@ -214,9 +215,10 @@ def gguf_file_type_name(file_type: int) -> str | None:
     from gguf import LlamaFileType
 
     try:
-        return LlamaFileType(file_type).name
+        name: str = LlamaFileType(file_type).name
     except ValueError:
         return None
+    return name
 
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
@@ -274,6 +276,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 def _as_dict(value: Any) -> dict[str, Any]:
     from dataclasses import asdict, is_dataclass
 
-    if is_dataclass(value):
-        return json.loads(json.dumps(asdict(value), default=str))
+    if is_dataclass(value) and not isinstance(value, type):
+        converted: dict[str, Any] = json.loads(json.dumps(asdict(value), default=str))
+        return converted
     return dict(value)

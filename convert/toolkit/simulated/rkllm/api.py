@@ -263,8 +263,9 @@ class RKLLM:
             return -1
         gguf_arch = metadata.get("general.architecture")
         spec = find_spec(None, gguf_arch) if isinstance(gguf_arch, str) else None
+        architecture = spec.architectures[0] if spec else gguf_arch
         config = {
-            "architectures": [spec.architectures[0] if spec else gguf_arch], "model_type": gguf_arch,
+            "architectures": [architecture], "model_type": gguf_arch,
             "hidden_size": metadata.get(f"{gguf_arch}.embedding_length"),
             "vocab_size": (metadata.get("tokenizer.ggml.tokens") or {}).get("array_length"),
             "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
@@ -272,7 +273,7 @@ class RKLLM:
             "num_hidden_layers": metadata.get(f"{gguf_arch}.block_count"),
         }
         self._model = {"method": "load_gguf", "kwargs": kwargs, "bound": bound, "path": str(path), "config": config,
-                       "architecture": config["architectures"][0], "meta": {}, "lora": None, "gguf_type": type_name}
+                       "architecture": architecture, "meta": {}, "lora": None, "gguf_type": type_name}
         return 0
 
     # -- build -----------------------------------------------------------------------------------------------
@@ -452,8 +453,9 @@ class RKLLM:
         if method == "bitsandbytes" or quant.get("load_in_4bit") or quant.get("load_in_8bit"):
             return _bitsandbytes_refusal()
         if method == "gptq":
-            rule = GPTQ.get(quant.get("bits"))  # type: ignore[call-overload]
-            if rule is None or version_key(self.version) < version_key(rule["since"]) \
+            bits = quant.get("bits")
+            rule = GPTQ.get(bits) if isinstance(bits, int) else None
+            if rule is None or version_key(self.version) < version_key(str(rule["since"])) \
                     or quant.get("group_size") not in rule["group_sizes"] or quant.get("sym") is False \
                     or quant.get("desc_act"):
                 settings = {k: quant.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
