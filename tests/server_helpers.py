@@ -39,14 +39,18 @@ def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
 
 
 class LiveServer:
+    """The app under uvicorn with the configuration `rkedge serve` uses (limits, protocol), on a free port."""
+
     def __init__(self, app: Any, **config: Any) -> None:
         import uvicorn
+
+        from rkedge.runtime.server.run import uvicorn_config
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    **config))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.settings, host="127.0.0.1", port=self.port,
+                                                    log_level="error", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

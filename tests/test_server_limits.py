@@ -106,5 +106,69 @@ def test_a_body_under_the_limit_is_served_and_one_over_it_is_not(model):
     llm.close()
 
 
-def unique() -> str:
-    return uuid.uuid4().hex
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("live", [{"header_timeout_s": 0.5, "body_timeout_s": 0.5}], indirect=True)
+def test_slow_headers_and_slow_bodies_are_cut_off(live):
+    port = int(live.url.rsplit(":", 1)[1])
+    silent = socket.create_connection(("127.0.0.1", port))
+    trickle = socket.create_connection(("127.0.0.1", port))
+    trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
+    assert closed_by_server(silent, 3) and closed_by_server(trickle, 3)
+    slow_body = raw_request(live.url, "/v1/chat/completions", b"", headers={"Content-Length": "100"})
+    slow_body.sendall(b'{"messages"')
+    status, body = read_response(slow_body)
+    assert status == 408 and isinstance(body, dict) and body["error"]["code"] == "body_timeout"
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("live", [{"max_connections": 4, "header_timeout_s": 1.0}], indirect=True)
+def test_connections_past_the_cap_are_closed_at_once(live):
+    port = int(live.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    closed_at_once = sum(closed_by_server(sock, 0.3) for sock in idle)
+    assert closed_at_once >= 6, "only the cap's worth of connections is kept"
+    for sock in idle:
+        sock.close()
+    time.sleep(1.2)  # the idle ones held by the server time out
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_metrics_stay_bounded_under_10000_random_paths(model):
+    import anyio
+
+    app, llm = make_app(model)
+
+    async def scan() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+            for _ in range(10_000):
+                assert (await client.get(f"/{uuid.uuid4().hex}/{uuid.uuid4().hex[:6]}")).status_code == 404
+            await client.get("/v1/models")
+            return (await client.get("/metrics")).text
+
+    text = anyio.run(scan)
+    llm.close()
+    series = [line for line in text.splitlines() if line.startswith("rkedge_requests_total")]
+    assert 'rkedge_requests_total{endpoint="unmatched",status="404"} 10000.0' in series
+    assert 'rkedge_requests_total{endpoint="/v1/models",status="200"} 1.0' in series
+    assert len(series) == 2 and len(text) < 10_000
+
+
+def test_what_stays_open_without_the_key(model):
+    app, llm = make_app(model, api_key="s3cret")
+    with TestClient(app, base_url="http://127.0.0.1:8080") as client:
+        for path in ("/", "/health", "/api/version"):
+            assert client.get(path).status_code == 200, path
+        for path in ("/metrics", "/docs", "/openapi.json", "/v1/models", "/api/tags"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+    llm.close()

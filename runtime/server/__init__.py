@@ -24,7 +24,7 @@ __all__ = ["ServerSettings", "WEB_MODULES", "create_app"]
 
 #: Modules that import FastAPI or Starlette at module level (they exist to drive it).
 WEB_MODULES = tuple(f"rkedge.runtime.server.{name}" for name in (
-    "app", "deps", "errors", "middleware", "ollama", "openai", "pages", "responses", "schemas"))
+    "app", "deps", "errors", "middleware", "ollama", "openai", "pages", "protocol", "responses", "schemas"))
 
 
 def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
