@@ -219,3 +219,29 @@ def test_sysfs_paths_cover_the_three_cpufreq_policies_and_the_rknpu_nodes() -> N
     assert SYSFS["dmc_devfreq"] == "/sys/class/devfreq/dmc"
     assert SYSFS["rknpu_version_debugfs"] == "/sys/kernel/debug/rknpu/version"
     assert SYSFS["rknpu_version_module"] == "/sys/module/rknpu/version"
+
+
+# --- board fit (rkedge.fit): the verdicts plan, convert and doctor share ------------------------------------------
+
+def test_memory_verdict_boundaries() -> None:
+    from rkedge import fit
+
+    usable = fit.usable_bytes(8)
+    assert usable == 8 * fit.GIB - fit.SYSTEM_RESERVE_BYTES
+    assert fit.memory_verdict(fit.COMFORT_SHARE * usable, usable) == "fits"
+    assert fit.memory_verdict(fit.COMFORT_SHARE * usable + 1, usable) == "tight"
+    assert fit.memory_verdict(usable, usable) == "tight"
+    assert fit.memory_verdict(usable + 1, usable) == "does not fit"
+
+
+def test_npu_iommu_and_driver_rules() -> None:
+    from rkedge import fit
+
+    assert fit.iommu_domains(1) == 1 and fit.iommu_domains(fit.IOMMU_DOMAIN_BYTES + 1) == 2
+    assert not fit.spans_iommu_domains(fit.IOMMU_DOMAIN_BYTES) and fit.spans_iommu_domains(fit.IOMMU_DOMAIN_BYTES + 1)
+    big = fit.DRIVER_GATE_BYTES + 1
+    assert fit.driver_cannot_map("0.9.6", big) and not fit.driver_cannot_map("0.9.8", big)
+    assert not fit.driver_cannot_map("0.9.6", fit.DRIVER_GATE_BYTES) and not fit.driver_cannot_map(None, big)
+    assert [fit.driver_verdict(v) for v in ("0.8.2", "0.9.6", "0.9.7", "0.9.8", "0.9.8b1", "0.10.0")] == \
+        ["fail", "warn", "warn", "ok", "ok", "ok"]
+    assert set(fit.SOURCES) >= {"COMFORT_SHARE", "IOMMU_DOMAIN_BYTES", "DRIVER_GATE_BYTES", "DRIVER_FAIL_BELOW"}

@@ -220,3 +220,23 @@ def test_an_rknn_bundle_is_checked_against_rknnlite_librknnrt_and_the_board(tmp_
     (bundle / "head.rknn").unlink()
     broken = run_doctor(root, model=bundle)
     assert statuses(broken)["model"] == "fail" and "head.rknn" in broken.render()
+
+
+def test_doctor_and_plan_share_one_memory_rule(tmp_path, monkeypatch):
+    """The board's verdict and the host's come from rkedge.fit: moving its threshold moves both."""
+    from types import SimpleNamespace
+
+    from rkedge import fit
+    from rkedge.convert.plan import ram_verdict
+
+    root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=8,
+                     driver="0.9.8", runtime=("1.2.1", "1.2.2"))
+    models = tmp_path / "models"
+    models.mkdir()
+    model = write_vendor_like_model(models, toolkit="1.2.2", weight_gb=5.0)  # ~5.4 GiB with the runtime's share
+    prediction = SimpleNamespace(total_bytes=int(5.4 * GIB), weight_bytes=int(1.0 * GIB))
+    assert statuses(run_doctor(root, model=model))["model.memory"] == "ok"
+    assert ram_verdict(prediction, 8).verdict == "fits"
+    monkeypatch.setattr(fit, "COMFORT_SHARE", 0.5)
+    assert statuses(run_doctor(root, model=model))["model.memory"] == "warn"
+    assert ram_verdict(prediction, 8).verdict == "tight"
