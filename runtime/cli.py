@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from rkedge.runtime.options import library_options, llm_kwargs, resolve_library_choice, runtime_param_options
+from rkedge.runtime.server.options import server_limit_options
 
 
 @click.command()
@@ -78,17 +80,18 @@ def mock_model(out: Path, name: str, architecture: str, toolkit_version: str, pl
 @click.option("--max-queue", type=click.IntRange(0, 1000), default=8, show_default=True,
               help="Requests that may wait behind the running one; more get 429.")
 @click.option("--name", "model_name", default=None, help="Model id clients use (default: from the manifest).")
+@server_limit_options
 def serve(model: Path, mock: bool, library: str | None, abi: str | None, max_context: int | None,
           max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
           base_domain_id: int | None, template: str | None, verbose: bool, host: str, port: int,
-          api_key: str | None, max_queue: int, model_name: str | None) -> None:
+          api_key: str | None, max_queue: int, model_name: str | None, **limits: Any) -> None:
     """Serve MODEL over an OpenAI- and Ollama-compatible HTTP API with a web chat page at /."""
     from rkedge.runtime.server.run import run_server
     from rkedge.runtime.server.settings import ServerSettings
 
     settings = ServerSettings(model_path=model, library=resolve_library_choice(mock, library), abi=abi,
                               model_name=model_name, api_key=api_key, max_queue=max_queue, host=host, port=port,
-                              template=template,
+                              template=template, **limits,
                               llm_params=llm_kwargs(max_context, max_new_tokens, temperature, top_k, top_p,
                                                     base_domain_id))
     run_server(settings, verbose=verbose)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 LONG = " ".join(f"tok{i}" for i in range(200))
 REPLY = "Hello! Größe 日本語 🚀."
+#: Base URL for TestClient: its default host name "testserver" is not on the server's Host allow-list.
+LOOPBACK = "http://127.0.0.1:8080"
 
 
 def write_model(path: Path, pace: str = "unlimited") -> Path:

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from server_helpers import REPLY, LiveServer, chat_body, make_app, write_model  # noqa: E402
+from server_helpers import LOOPBACK, REPLY, LiveServer, chat_body, make_app, write_model  # noqa: E402
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def model(tmp_path: Path) -> Path:
 @pytest.fixture
 def client(model: Path) -> Iterator[TestClient]:
     app, llm = make_app(model)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOOPBACK) as c:
         yield c
     llm.close()
 
@@ -128,7 +128,7 @@ def test_per_request_parameters_on_1_3_0(client, call_log):
 
 def test_per_request_parameters_before_1_3_0(model):
     app, llm = make_app(model, abi="1.2.1")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOOPBACK) as client:
         response = client.post("/v1/chat/completions", json=chat_body("long", temperature=0.3, max_tokens=4))
         assert response.status_code == 200
         assert response.headers["X-Rkedge-Ignored-Params"] == "temperature"
@@ -196,7 +196,7 @@ def test_bad_requests(client, request_kwargs, status, code):
 
 def test_api_key(model):
     app, llm = make_app(model, api_key="s3cret")
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOOPBACK) as client:
         assert client.post("/v1/chat/completions", json=chat_body()).status_code == 401
         wrong = client.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"

@@ -14,7 +14,7 @@ from rkedge.runtime.server import ollama, openai, pages
 from rkedge.runtime.server.deps import Served
 from rkedge.runtime.server.engine import Engine
 from rkedge.runtime.server.errors import install_handlers
-from rkedge.runtime.server.middleware import BodyLimit, Observe
+from rkedge.runtime.server.middleware import BodyLimit, Exposure, Observe
 from rkedge.runtime.server.settings import ServerSettings
 from rkedge.runtime.tokens import counter_for
 
@@ -48,6 +48,13 @@ def create_app(settings: ServerSettings, llm: LLM | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     install_handlers(app)
+    # Listed innermost first: Observe sees every request; CORS answers preflights before Exposure checks them.
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(Exposure, settings=settings)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"], max_age=600)
     app.add_middleware(Observe, metrics=engine.metrics, routes=[route for router in routers for route in router.routes])
     return app
