@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from fastapi.testclient import TestClient  # noqa: E402
-from server_helpers import LOOPBACK, REPLY, chat_body, make_app, write_model  # noqa: E402
+from fastapi.testclient import TestClient
+from server_helpers import LOOPBACK, REPLY, chat_body, make_app, write_model
 
-from rkedge.runtime.server.settings import ServerSettings  # noqa: E402
+from rkedge.runtime.server.settings import ServerSettings
 
 OLLAMA_CHAT = json.dumps({"model": "served", "messages": [{"role": "user", "content": "hi"}], "stream": False})
 
