@@ -203,10 +203,14 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
                          fix="pass a .gguf file (or convert the Hugging Face checkpoint instead)") from None
     metadata: dict[str, Any] = {}
     for key, gguf_field in reader.fields.items():
-        if gguf_field.types and gguf_field.types[0] == GGUFValueType.ARRAY:
+        kind = gguf_field.types[0] if gguf_field.types else None
+        value = gguf_field.parts[gguf_field.data[0]] if gguf_field.data else None
+        if kind == GGUFValueType.ARRAY:
             metadata[key] = {"array_length": len(gguf_field.data)}
-        else:
-            metadata[key] = gguf_field.contents()
+        elif kind == GGUFValueType.STRING and value is not None:
+            metadata[key] = bytes(value).decode("utf-8", "replace")
+        elif value is not None:
+            metadata[key] = value.tolist()[0]  # a one-element numpy array: the plain Python scalar
     return metadata
 
 

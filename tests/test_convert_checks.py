@@ -208,3 +208,32 @@ def test_export_carries_every_tokenizer_file(tiny, tmp_path):
     for name in TOKENIZER_FILES:
         assert (out / name).is_file() == (source / name).is_file(), name
     assert json.loads((out / "added_tokens.json").read_text()) == {"<tool>": 32000}
+
+
+def test_a_gguf_header_is_read_with_gguf_py(tmp_path):
+    """`rkedge inspect` and the simulated toolkit read GGUF files through one reader (gguf-py's GGUFReader)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from rkedge.convert.inspect import inspect_path, read_gguf_metadata
+    from rkedge.errors import InputError
+
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("tiny")
+    writer.add_file_type(15)
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_bos_token_id(1)
+    writer.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert inspect_path(path) == {"kind": "gguf", "path": str(path), "gguf_version": 3, "architecture": "qwen2",
+                                  "name": "tiny", "file_type": "MOSTLY_Q4_K_M"}
+    metadata = read_gguf_metadata(path)
+    assert metadata["tokenizer.ggml.tokens"] == {"array_length": 3} and metadata["tokenizer.ggml.bos_token_id"] == 1
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(InputError, match="not a GGUF file"):
+        inspect_path(not_gguf)

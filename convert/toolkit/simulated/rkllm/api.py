@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rkedge.convert.rules import GGUF_TYPES
-from rkedge.failures import simulated_toolkit_text, vendor_text
+from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, GGUF_TYPES, MAX_CONTEXT_LIMIT, MAX_CONTEXT_MULTIPLE
+from rkedge.failures import plan_rules, simulated_toolkit_text, vendor_text
 from rkedge.versions import version_key
 
 DEFAULT_VERSION = "1.3.0"
@@ -126,8 +126,8 @@ def _inject(step: str, context: dict[str, Any]) -> int | None:
     if kind == "F-2":
         return _dtype_refusal(context.get("platform", "rk3588"), context.get("dtype", "w4a16"), context["version"])
     if kind == "F-7":
-        return _fail("F-7", f"max_context {context.get('max_context', 20000)} is out of range: at most 16384 and a "
-                            "multiple of 32 (injected)")
+        return _fail("F-7", f"max_context {context.get('max_context', 20000)} is out of range: at most "
+                            f"{MAX_CONTEXT_LIMIT} and a multiple of {MAX_CONTEXT_MULTIPLE} (injected)")
     if kind == "F-8":
         _say(vendor_text("toolkit.F-8.not-support", arch=context.get("architecture") or "Gemma3ForCausalLM"))
         return -1
@@ -342,14 +342,14 @@ class RKLLM:
         max_context = bound.get("max_context", _UNSET)
         if "max_context" in rules.build_args:
             if max_context is _UNSET or max_context is None:
-                max_context = 4096  # the toolkit's default (rknn-llm#220)
+                max_context = DEFAULT_MAX_CONTEXT  # the toolkit's default (rknn-llm#220)
                 _say(vendor_text("toolkit.F-7.default-limit", limit=max_context))
-            elif not isinstance(max_context, int) or isinstance(max_context, bool) or not 0 < max_context <= 16384 \
-                    or max_context % 32:
-                return _fail("F-7", f"max_context {max_context!r} must be at most 16384 and a multiple of 32 "
-                                    "(manual: \"最大支持到 16384 且必须按 32 对齐\")")
+            elif not isinstance(max_context, int) or isinstance(max_context, bool) \
+                    or not 0 < max_context <= MAX_CONTEXT_LIMIT or max_context % MAX_CONTEXT_MULTIPLE:
+                return _fail("F-7", f"max_context {max_context!r} must be at most {MAX_CONTEXT_LIMIT} and a multiple "
+                                    f"of {MAX_CONTEXT_MULTIPLE} (manual: \"最大支持到 16384 且必须按 32 对齐\")")
         else:
-            max_context = 4096  # 1.0.x/1.1.x models always report 4096 (rknn-llm#290)
+            max_context = DEFAULT_MAX_CONTEXT  # 1.0.x/1.1.x models always report 4096 (rknn-llm#290)
         if bound.get("dataset") is not None:
             problem = _check_dataset(bound["dataset"])
             if problem:
@@ -483,9 +483,8 @@ class RKLLM:
                 return -1
             _say(vendor_text("toolkit.F-8.not-support", arch=arch))  # Gemma3ForCausalLM on 1.1.4: rknn-llm#220
             return -1
-        rope = config.get("rope_scaling")
-        if isinstance(rope, dict) and rope.get("rope_type") == "llama3" and version_key(self.version) < (1, 1, 0):
-            _say(vendor_text("toolkit.F-8.rope-scaling", rope=rope))
+        if plan_rules("config", toolkit_version=self.version, config=config):  # Llama 3 rope_scaling on 1.0.x
+            _say(vendor_text("toolkit.F-8.rope-scaling", rope=config.get("rope_scaling")))
             return -1
         return None
 
@@ -517,7 +516,7 @@ class RKLLM:
             "platform": build["platform"],
             "dtype": build["dtype"],
             "npu_cores": build["npu_cores"],
-            "max_context_limit": 4096 if build["old_context"] else build["max_context"],
+            "max_context_limit": DEFAULT_MAX_CONTEXT if build["old_context"] else build["max_context"],
             "vocab_size": first(_sub_config(config, "vocab_size"), 32000),
             "hidden_size": first(_sub_config(config, "hidden_size"), 64),
             "chat_family": family,
