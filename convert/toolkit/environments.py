@@ -121,7 +121,7 @@ class ToolkitRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ToolkitRecord":
+    def from_dict(cls, data: dict[str, Any]) -> ToolkitRecord:
         names = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in names}
         for key in ("requirements", "fixes", "notes", "pip_args"):
@@ -366,7 +366,7 @@ def install_toolkit(wheel: Path, *, python: str | None = None, root: Path | None
 def _pin_differences(requirements: Sequence[str], table: Sequence[str]) -> list[str]:
     """Where the wheel's own exact pins differ from the published requirements file (e.g. torch in 1.2.3)."""
     def pins(items: Sequence[str]) -> dict[str, str]:
-        out = {}
+        out: dict[str, str] = {}
         for item in items:
             try:
                 requirement = Requirement(item)
