@@ -2,9 +2,10 @@
 
 Keyed by ``config.json`` ``architectures[0]`` and ``model_type`` (also inside a nested ``text_config``).
 Each entry says which toolkit version added the family, its chat-template family (rkedge's renderer) and
-the LoRA target modules of its linear layers. Architectures no version converts, and the architecture rules
-with the toolkit's own words, are plan rules of the failure catalogue (:mod:`rkedge.failures`). Source: converter-anchors-and-failure-modes.md section 3.3
-and Appendix A ("architectures_added"), the SDK manuals' model lists; class names as transformers spells them.
+the LoRA target modules of its linear layers. Source: converter-anchors-and-failure-modes.md section 3.3 and
+Appendix A ("architectures_added"), the SDK manuals' model lists; class names as transformers spells them.
+Architectures no version converts, and the architecture rules quoting the toolkit's own words, are plan rules
+of the failure catalogue (:mod:`rkedge.failures`); this module applies them.
 """
 
 from __future__ import annotations
