@@ -1,24 +1,34 @@
-"""The model card (``README.md``) beside a converted model, with Hugging Face front matter."""
+"""The model card (``README.md``) beside a converted model, with Hugging Face front matter
+(``huggingface_hub.ModelCard``), for both backends."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 
 def source_card_license(model_dir: Path) -> str | None:
     """The ``license:`` of the source model card's front matter, carried to ours."""
+    from huggingface_hub import ModelCard
+
     card = model_dir / "README.md"
     if not card.is_file():
         return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"^---\n(.*?)\n---", text, re.DOTALL)
-    if not match:
+    try:
+        license_id = ModelCard.load(card, ignore_metadata_errors=True).data.license
+    except Exception:
         return None
-    found = re.search(r"^license:\s*(.+)$", match.group(1), re.MULTILINE)
-    return found.group(1).strip().strip("'\"") if found else None
+    return str(license_id).strip() if license_id else None
+
+
+def with_front_matter(body: Sequence[str], *, tags: Sequence[str], base_model: str | None = None,
+                      license_id: str | None = None) -> str:
+    """``body`` (lines) under Hugging Face front matter: base model, licence, pipeline tag and tags."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model, license=license_id, pipeline_tag="text-generation", tags=list(tags))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(["", *body])))
 
 
 def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
@@ -29,22 +39,13 @@ def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
     tags = ["rkllm", "rockchip", "npu", manifest["platform"], manifest["dtype"]]
     if simulated:
         tags.append("rkedge-simulated")
-    front = ["---"]
-    if source.get("source"):
-        front.append(f"base_model: {source['source']}")
-    if license_id:
-        front.append(f"license: {license_id}")
-    front.append("pipeline_tag: text-generation")
-    front.append("tags:")
-    front += [f"- {tag}" for tag in tags]
-    front.append("---")
     name = manifest["name"]
-    lines = [*front, "", f"# {name} for {manifest['platform'].upper()} ({manifest['dtype']})", ""]
+    lines = [f"# {name} for {manifest['platform'].upper()} ({manifest['dtype']})", ""]
     if simulated:
         lines += ["> **Simulated model.** This file was written by rkedge's simulated toolkit, not by Rockchip's",
                   "> rkllm-toolkit. It holds no weights and only runs on rkedge's simulated NPU (`--mock`); a board's",
                   "> librkllmrt refuses it. Convert with the real toolkit (`--toolkit PYTHON`) for a board.", ""]
-    lines += [f"`{manifest['model_file']}` was converted by [rkedge](https://example.invalid/rkedge) "
+    lines += [f"`{manifest['model_file']}` was converted by rkedge "
               f"{manifest['rkedge_version']} with rkllm-toolkit {manifest['toolkit']['version']}.", "",
               "| | |", "|---|---|",
               f"| base model | {source.get('source') or source.get('path')} |",
@@ -76,4 +77,4 @@ def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
         lines += ["## Notes from the checks", ""]
         lines += [f"- {f['id']}: {f['message']}" for f in findings]
         lines.append("")
-    return "\n".join(lines)
+    return with_front_matter(lines, tags=tags, base_model=source.get("source"), license_id=license_id)

@@ -10,27 +10,29 @@ atomically (a staging folder renamed into place) with its manifest and a model c
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rkedge import __version__
+from rkedge._fs import atomic_dir
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
+from rkedge.convert.rknn.rules import RKNN_RULES
 from rkedge.convert.toolkit.runner import Event, EventHandler, child_environment, run_worker
 from rkedge.convert.toolkit.worker import PROTOCOL
 from rkedge.errors import InputError, ToolkitError
-from rkedge.runtime.rknn.bundle import BUNDLE_FILE, SCHEMA, SCHEMA_VERSION
+from rkedge.manifest import BUNDLE_FILE, BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION, Manifest
 
-SOURCE = "recurrentgemma-rknn-feasibility.md"
-RKNN_DTYPES = ("w8a8", "fp16")
-BUILD_BYTES_PER_PARAM = 28  # measured 20-28 bytes of host RAM per parameter while building (feasibility section 6)
-GRAPH_WEIGHT_BUDGET = 1 << 30  # about 1 GB of weights per graph: far from the 4 GiB uint32 / IOMMU limits
+SOURCE = RKNN_RULES.source
+RKNN_DTYPES = RKNN_RULES.dtypes
+BUILD_BYTES_PER_PARAM = RKNN_RULES.build_bytes_per_param
+GRAPH_WEIGHT_BUDGET = RKNN_RULES.graph_weight_budget
 DEFAULT_EVAL_STEPS = 256
 #: The simulator's time per decode step: ~8 ms per graph call (measured on the tiny model, benchmarks/bench_rknn.py)
 #: plus ~22 ns per parameter (about a minute per token for the 2.7B model; feasibility section 6).
@@ -88,7 +90,7 @@ class RknnRequest:
 class RknnResult:
     bundle: Path | None
     findings: list[Finding]
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     dry_run: bool = False
     request: RknnRequest | None = None
@@ -126,24 +128,26 @@ def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
     """The request against what rknn-toolkit2 and this backend support, before any heavy work."""
     info = inspect_checkpoint(request.model)
     findings: list[Finding] = []
-    if info.architecture != "RecurrentGemmaForCausalLM":
+    rules = RKNN_RULES
+    if info.architecture not in rules.architectures:
         findings.append(Finding("rknn.architecture", "error",
                                 f"--backend rknn converts RecurrentGemma; {info.architecture} goes through RKLLM.",
                                 "drop --backend rknn", SOURCE))
-    if request.platform != "rk3588":
-        findings.append(Finding("rknn.platform", "error", f"the RKNN backend targets rk3588, not {request.platform}.",
-                                "use --platform rk3588", SOURCE))
-    if request.dtype not in RKNN_DTYPES:
+    if request.platform not in rules.platforms:
+        findings.append(Finding("rknn.platform", "error",
+                                f"the RKNN backend targets {', '.join(rules.platforms)}, not {request.platform}.",
+                                f"use --platform {rules.platforms[0]}", SOURCE))
+    if request.dtype not in rules.dtypes:
         findings.append(Finding("rknn.dtype", "error",
-                                f"rknn-toolkit2 builds for rk3588 in w8a8, w16a16i_dfp or fp16 (no w4a16); rkedge's RKNN "
-                                f"backend offers {', '.join(RKNN_DTYPES)}, not {request.dtype}.",
+                                f"rknn-toolkit2 builds for rk3588 in {', '.join(rules.toolkit_dtypes)} (no w4a16); "
+                                f"rkedge's RKNN backend offers {', '.join(rules.dtypes)}, not {request.dtype}.",
                                 "use --dtype w8a8 (hybrid) or --dtype fp16", SOURCE))
     if info.quantization_config:
         findings.append(Finding("F-9", "error", "a quantized checkpoint (e.g. bitsandbytes 4-bit) cannot be exported.",
                                 "use the original fp32/bf16 checkpoint (google/recurrentgemma-2b-it)", "F-9"))
     try:
         import rknn.api  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means no usable toolkit
+    except Exception as exc:
         findings.append(Finding("rknn.toolkit", "error", f"rknn-toolkit2 is not importable here ({exc}).",
                                 "install it: scripts/install-rknn-toolkit2.sh (x86_64, Python 3.8-3.12)", SOURCE))
     return info, findings
@@ -183,8 +187,13 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     from transformers import AutoModelForCausalLM
 
     from rkedge.convert.rknn.decode_step import embedding_table, layer_param_counts
-    from rkedge.convert.rknn.torch_graphs import (build_torch_graphs, graph_names, graph_spec, loop_over,
-                                                  verify_against_transformers)
+    from rkedge.convert.rknn.torch_graphs import (
+        build_torch_graphs,
+        graph_names,
+        graph_spec,
+        loop_over,
+        verify_against_transformers,
+    )
 
     report("load", f"{source} (float32, transformers)")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -208,10 +217,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     name = request.name or f"{request.model.name}_{request.dtype}_{request.platform}_rknn"
     out = request.out
     final = out / name
-    staging = out / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_dir(final) as staging:  # an earlier bundle stays whole until this one is complete
         graphs = list(zip(graph_names(chunks, heads), [*chunks, *heads]))
         report("export", f"{len(graphs)} ONNX graphs (opset 17)")
         for graph_name, module in graphs:
@@ -227,32 +233,25 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
             report("calibrate", "decode states of the prompt set")
             datasets = _calibration(loop, request, encode, tokenizer_spec, staging / "calibration", len(graphs))
         built = []
-        for index, (graph_name, module) in enumerate(graphs):
+        for index, (graph_name, _module) in enumerate(graphs):
             report("build", f"{graph_name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
             built.append(_build_graph(staging, graph_name, request, datasets.get(index), on_event=on_event))
         np.save(staging / "embedding.npy", embedding_table(model, dims).numpy().astype(np.float16))
         for file in tokenizer_files:
             shutil.copyfile(file, staging / file.name)
         specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
-        manifest = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
+        draft = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
         shutil.rmtree(staging / "calibration", ignore_errors=True)
 
         report("quality", f"simulator vs transformers, {eval_steps} teacher-forced steps"
                + ("" if request.eval_steps else " (--eval-steps to change)"))
         from rkedge.convert.rknn.quality import measure_quality
 
-        quality = measure_quality(staging, manifest, loop, eval_tokens[: eval_steps + 1])
-        manifest["quality"] = quality
-        manifest["wall_time_s"] = round(time.monotonic() - started, 1)
-        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        quality = measure_quality(staging, draft, loop, eval_tokens[: eval_steps + 1])
+        manifest = Manifest.from_dict({**draft, "quality": quality,
+                                       "wall_time_s": round(time.monotonic() - started, 1)}, backend="rknn")
+        (staging / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
         (staging / "README.md").write_text(_card(manifest, name), encoding="utf-8")
-        previous = out / f".{name}.previous-{os.getpid()}"
-        if final.exists():
-            os.replace(final, previous)  # the old bundle stays whole until the new one is in place
-        os.replace(staging, final)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return RknnResult(final, findings, manifest, steps, request=request)
 
 
@@ -422,7 +421,7 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
     from importlib.metadata import version
 
     return {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "backend": "rknn", "name": name,
+        "schema": BUNDLE_SCHEMA, "schema_version": BUNDLE_SCHEMA_VERSION, "backend": "rknn", "name": name,
         "architecture": info.architecture, "platform": request.platform, "dtype": request.dtype,
         "hybrid": {"enabled": bool(request.hybrid_patterns), "patterns": request.hybrid_patterns,
                    "why": "keeps the RG-LRU chain, the conv1d and the recurrent and attention state I/O in fp16: "
@@ -449,16 +448,17 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
     }
 
 
-def _card(manifest: dict[str, Any], name: str) -> str:
+def _card(manifest: Manifest, name: str) -> str:
+    from rkedge.convert.modelcard import with_front_matter
+
     quality = manifest.get("quality") or {}
-    lines = ["---", "pipeline_tag: text-generation", "tags:", "- rknn", "- rockchip", "- rk3588",
-             f"- {manifest['dtype']}", "- recurrentgemma", "---", "",
-             f"# {name}", "",
+    lines = [f"# {name}", "",
              f"RecurrentGemma for the RK3588 NPU through rknn-toolkit2 {manifest['versions']['rknn_toolkit2']} "
-             f"(RKLLM has no RG-LRU support). {len(manifest['graphs'])} layer graph(s) + {len(manifest['heads'])} LM head graph(s), chained through "
-             "their states; the embedding is looked up on the host.", "",
+             f"(RKLLM has no RG-LRU support). {len(manifest['graphs'])} layer graph(s) + {len(manifest['heads'])} "
+             "LM head graph(s), chained through their states; the embedding is looked up on the host.", "",
              "| | |", "|---|---|",
-             f"| dtype | {manifest['dtype']}{' (hybrid: RG-LRU, conv1d and state I/O in fp16)' if manifest['hybrid']['enabled'] else ''} |",
+             f"| dtype | {manifest['dtype']}"
+             f"{' (hybrid: RG-LRU, conv1d and state I/O in fp16)' if manifest['hybrid']['enabled'] else ''} |",
              f"| decode step vs transformers | max logit difference {manifest['verification']['max_abs_diff']:.2e} |"]
     if quality:
         lines += [f"| quality ({quality['steps']} teacher-forced steps, simulator) | NLL delta "
@@ -466,4 +466,4 @@ def _card(manifest: dict[str, Any], name: str) -> str:
                   f"logits cosine {quality['logits_cosine']:.4f} |"]
     lines += ["", "## Run it", "", "```sh", f"rkedge chat {name}            # on the board (RKNNLite)",
               f"rkedge chat {name} --mock     # on an x86_64 host (rknn-toolkit2 simulator)", "```", ""]
-    return "\n".join(lines)
+    return with_front_matter(lines, tags=["rknn", "rockchip", "rk3588", manifest["dtype"], "recurrentgemma"])
