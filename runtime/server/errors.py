@@ -106,7 +106,9 @@ def validation_error(errors: Any) -> ApiError:
     errors = list(errors)
     first = errors[0] if errors else {}
     if first.get("type") in _NOT_JSON:
-        return ApiError(400, "the request body is not a valid JSON object (or not UTF-8).", code="invalid_json")
+        detail = (first.get("ctx") or {}).get("error")
+        return ApiError(400, "the request body is not a valid JSON object (or not UTF-8)" +
+                        (f": {detail}." if detail else "."), code="invalid_json")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     message = str(first.get("msg", "bad value")).removeprefix("Value error, ")
     return ApiError(400, f"invalid request: {message}" + (f" ({where})" if where else ""), code="invalid_request",

@@ -50,15 +50,18 @@ async def completions(body: Annotated[CompletionRequest, Depends(json_body(Compl
     job = engine.prepare_text(body.prompt_text(), params)
     engine.admit()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return GenerationResponse(engine, job, OpenAIAnswer("text", served.name, params, include_usage),
+    echo = body.prompt_text() if body.echo else ""
+    return GenerationResponse(engine, job, OpenAIAnswer("text", served.name, params, include_usage, echo),
                               stream=body.stream)
 
 
 class OpenAIAnswer:
     """A chat completion or a text completion, whole or as ``chunk`` events."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str, params: Params, include_usage: bool) -> None:
+    def __init__(self, kind: Literal["chat", "text"], model: str, params: Params, include_usage: bool,
+                 echo: str = "") -> None:
         self.kind, self.model, self.params, self.include_usage = kind, model, params, include_usage
+        self.echo = echo  # completions' echo: the prompt, sent before the completion
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -75,7 +78,7 @@ class OpenAIAnswer:
         if self.kind == "chat":
             choice["message"] = {"role": "assistant", "content": outcome.text}
         else:
-            choice["text"] = outcome.text
+            choice["text"] = self.echo + outcome.text
         return JSONResponse({"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                              "created": self.created, "model": self.model, "choices": [choice],
                              "usage": usage(outcome)}, headers=self._headers(run))
@@ -92,6 +95,8 @@ class OpenAIAnswer:
         chat = self.kind == "chat"
         if chat:
             yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        elif self.echo:
+            yield self._chunk([{"index": 0, "text": self.echo, "finish_reason": None}])
         async for text in run.chunks():
             piece = {"delta": {"content": text}} if chat else {"text": text}
             yield self._chunk([{"index": 0, **piece, "finish_reason": None}])

@@ -3,18 +3,65 @@ fields that would change the answer and that rkedge cannot honour are refused wi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from rkedge.runtime.server.engine import Params
 from rkedge.runtime.server.errors import ApiError
 
 
+def _plain_text(text: str) -> str:
+    """Text that reaches the runtime as UTF-8 C strings: a NUL would cut it short at the C boundary (the template's
+    tail lost, the KV bookkeeping off), a lone surrogate cannot be encoded."""
+    if "\x00" in text:
+        raise ValueError("contains a NUL character, which the runtime cannot take")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_plain_text)]
+#: Sampling values as OpenAI bounds them; finite (JSON's 1e400 is infinity).
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=1_000_000)]
+MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+def _only_one(value: int | None) -> int | None:
+    if value not in (None, 1):
+        raise ValueError("only n=1 is supported (one choice per request)")
+    return value
+
+
+def _plain_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and value.get("type", "text") != "text":
+        raise ValueError(f"response_format {value.get('type')!r} is not supported (plain text only)")
+    return value
+
+
+def _no_tools(value: list[Any] | None) -> list[Any] | None:
+    if value:
+        raise ValueError("tools and functions are not supported by this server")
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = ""
+    content: Text | list[dict[str, Any]] | None = ""
+    images: list[Any] | None = None  # Ollama's
+
+    @field_validator("images")
+    @classmethod
+    def _text_only(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("images are not supported (text models only)")
+        return value
 
 
 class StreamOptions(BaseModel):
@@ -27,14 +74,32 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stop: Text | list[Text] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    n: Annotated[int | None, AfterValidator(_only_one)] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: Annotated[dict[str, Any] | None, AfterValidator(_plain_format)] = None
+    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+    functions: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("logprobs are not available from the NPU runtime")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return _check_stops(value)
 
     def params(self) -> Params:
         return Params(max_tokens=self.max_completion_tokens or self.max_tokens, stop=stops(self.stop),
@@ -45,34 +110,74 @@ class ChatCompletionRequest(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    max_tokens: MaxTokens | None = None
+    stop: Text | list[Text] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    n: Annotated[int | None, AfterValidator(_only_one)] = None
+    best_of: Annotated[int | None, AfterValidator(_only_one)] = None
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(f"a list of {len(value)} prompts is not supported: send one prompt per request")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError("logprobs are not available from the NPU runtime")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return _check_stops(value)
 
     def params(self) -> Params:
         return Params(max_tokens=self.max_tokens, stop=stops(self.stop), temperature=self.temperature,
-                      top_p=self.top_p, top_k=self.top_k)
+                      top_p=self.top_p, top_k=self.top_k, frequency_penalty=self.frequency_penalty,
+                      presence_penalty=self.presence_penalty)
 
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else "".join(self.prompt[:1])
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class OllamaOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    num_predict: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] | None = None
+    num_predict: Annotated[int, Field(le=1_000_000)] | None = None  # <= 0: no limit (Ollama's -1, -2)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    stop: list[Text] | None = None
 
     def params(self) -> Params:
         return Params(max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else None,
                       stop=tuple(self.stop or ()), temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def _no_format(value: Any) -> Any:
+    if value:
+        raise ValueError("structured output (format) is not supported (plain text only)")
+    return value
 
 
 class OllamaChatRequest(BaseModel):
@@ -81,6 +186,8 @@ class OllamaChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     stream: bool = True
     options: OllamaOptions | None = None
+    format: Annotated[Any, AfterValidator(_no_format)] = None
+    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
 
     def params(self) -> Params:
         return self.options.params() if self.options else Params()
@@ -89,11 +196,20 @@ class OllamaChatRequest(BaseModel):
 class OllamaGenerateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: str = ""
-    system: str | None = None
+    prompt: Text = ""
+    system: Text | None = None
     raw: bool = False
     stream: bool = True
     options: OllamaOptions | None = None
+    format: Annotated[Any, AfterValidator(_no_format)] = None
+    images: list[Any] | None = None
+
+    @field_validator("images")
+    @classmethod
+    def _text_only(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("images are not supported (text models only)")
+        return value
 
     def params(self) -> Params:
         return self.options.params() if self.options else Params()
@@ -107,7 +223,11 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
         if part.get("type") != "text":
             raise ApiError(400, f"content part of type {part.get('type')!r} is not supported (text only).",
                            code="unsupported_content", param="messages")
-        parts.append(str(part.get("text", "")))
+        try:
+            parts.append(_plain_text(str(part.get("text", ""))))
+        except ValueError as exc:
+            raise ApiError(400, f"invalid request: a text part {exc} (messages)", code="invalid_request",
+                           param="messages") from None
     return "".join(parts)
 
 
@@ -118,7 +238,13 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
+def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError(f"at most 4 stop sequences, not {len(value)}")
+    return value
+
+
 def stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop[:4])
+    return (stop,) if isinstance(stop, str) else tuple(stop)
