@@ -84,7 +84,10 @@ class OpenAIAnswer:
                              "usage": usage(outcome)}, headers=self._headers(run))
 
     def stream(self, run: Run, scope: Scope) -> Response:
-        return EventSourceResponse(self._events(run, scope), headers=self._headers(run), sep="\n")
+        # On SIGTERM sse-starlette cancels streams (which aborts their runs) after the same grace as uvicorn's.
+        grace = scope["app"].state.settings.shutdown_grace_s if "app" in scope else 0.0
+        return EventSourceResponse(self._events(run, scope), headers=self._headers(run), sep="\n",
+                                   shutdown_grace_period=grace)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
