@@ -56,7 +56,7 @@ S33 = "converter-anchors-and-failure-modes.md section 3.3 / Appendix A"
 
 REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("LLaMA", ("LlamaForCausalLM",), ("llama",), "1.0.0", "llama3", LLAMA_TARGETS, S33,
-             "Llama 3 rope_scaling (rope_type 'llama3') needs toolkit 1.1.0+ (ezrknn-llm#16)"),
+             "Llama 3 rope_scaling needs toolkit 1.1.0+ (the catalogue's plan.F-8.llama3-rope rule)"),
     ArchSpec("Qwen", ("QWenLMHeadModel",), ("qwen",), "1.0.0", "chatml", ("c_attn", "c_proj", "w1", "w2"), S33),
     ArchSpec("Qwen2", ("Qwen2ForCausalLM",), ("qwen2",), "1.0.0", "qwen2", LLAMA_TARGETS, S33),
     ArchSpec("Phi-2", ("PhiForCausalLM",), ("phi",), "1.0.0", None, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), S33),
