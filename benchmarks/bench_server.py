@@ -38,31 +38,36 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, pace: str, max_queue: int) -> Iterator[tuple[subprocess.Popen, str]]:
-    proc, url = start_server(model, pace, max_queue)
+def running_server(model: Path, pace: str, max_queue: int, *extra: str,
+                   env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, url, log = start_server(model, pace, max_queue, *extra, env=env)
     try:
         yield proc, url
     finally:
         proc.terminate()
         proc.wait(20)
+        log.unlink(missing_ok=True)
 
 
-def start_server(model: Path, pace: str, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, pace: str, max_queue: int, *extra: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
-    env = {**os.environ, "RKEDGE_MOCK_PACE": pace}
+    # stderr (the access log: a line per request) goes to a file: an unread pipe would fill and stall the server
+    log = tempfile.NamedTemporaryFile(prefix="rkedge-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "rkedge", "serve", str(model), "--mock", "--port", str(port),
-                             "--max-queue", str(max_queue)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                             "--max-queue", str(max_queue), *extra],
+                            env={**os.environ, "RKEDGE_MOCK_PACE": pace, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+                return proc, url, Path(log.name)
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not start: " + proc.stderr.read().decode()[-2000:])
+    raise SystemExit("server did not start: " + Path(log.name).read_text(errors="replace")[-2000:])
 
 
 def pct(values: list[float], q: float) -> float:

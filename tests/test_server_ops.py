@@ -125,3 +125,14 @@ def test_one_access_log_line_per_request(tmp_path, caplog):
     assert len(lines) == 3, lines
     assert '"POST /v1/chat/completions" 200' in lines[0] and '"GET /no/such/page" 404' in lines[1]
     assert '"POST /api/chat" 400' in lines[2]
+
+
+def test_the_listening_socket_says_tcp_so_asyncio_turns_nagle_off():
+    """With proto 0 asyncio leaves TCP_NODELAY off and every small response waits ~40 ms for a delayed ACK."""
+    from rkedge.runtime.server.run import bind
+
+    listener = bind("127.0.0.1", 0)
+    try:
+        assert listener.proto == socket.IPPROTO_TCP
+    finally:
+        listener.close()
