@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rkedge import failures
 from rkedge.errors import GenerationError, InputError, ModelFileError, RkedgeError, RuntimeInitError
 from rkedge.manifest import read_manifest
-from rkedge.runtime import failures
 from rkedge.runtime._stderr import capture_native_stderr, echo_to_stderr
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.abi._native import NativeLibrary, NativeModel
@@ -69,12 +69,11 @@ class RkllmBackend:
         with capture_native_stderr() as captured:
             self._native = NativeModel(native_library, str(model_path), params, on_event)
         self.init_log: str = captured.text
-        found = failures.scan(self.init_log)
-        error = next((m for m in found if m.failure.severity == "error"), None)
+        error = failures.first_error(self.init_log, "runtime")
         if verbose or error or self._native.init_rc != 0:
             echo_to_stderr(self.init_log)
-        self.warnings: list[str] = [f"{m.failure.id}: {m.summary} (fix: {failures.fix_for(m)})"
-                                    for m in found if m.failure.severity == "warning"]
+        self.warnings: list[str] = [f"{m.id}: {m.message} (fix: {m.fix or ''})"
+                                    for m in failures.scan(self.init_log, "runtime") if m.severity == "warning"]
         for warning in self.warnings:
             log.warning(warning)
         if error is not None or self._native.init_rc != 0 or not self._native.alive:
@@ -83,9 +82,8 @@ class RkllmBackend:
 
     def _init_error(self, match: failures.FailureMatch | None) -> RuntimeInitError:
         if match is not None:
-            return RuntimeInitError(f"rkllm_init failed: {match.summary} ({match.failure.id}). "
-                                    f"Runtime said: {match.line}",
-                                    fix=failures.fix_for(match), failure=match.failure.id, log=self.init_log)
+            return RuntimeInitError(f"rkllm_init failed: {match.message} ({match.id}). Runtime said: {match.line}",
+                                    fix=match.fix or "", failure=match.id, log=self.init_log)
         said = "; ".join(line for line in self.init_log.splitlines() if line.startswith(("E ", "W "))) or "nothing"
         return RuntimeInitError(
             f"rkllm_init failed (returned {self._native.init_rc}). Runtime said: {said}",
