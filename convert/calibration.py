@@ -95,7 +95,7 @@ def build_calibration(
     missing = [i for i, item in enumerate(rendered) if not item.get("target")]
     if missing and generate is not None:
         replies = generate([rendered[i]["input"] for i in missing])
-        for i, reply in zip(missing, replies):
+        for i, reply in zip(missing, replies, strict=True):
             rendered[i]["target"] = reply
     return [{"input": item["input"], "target": item.get("target") or ""} for item in rendered]
 

@@ -55,7 +55,7 @@ def detect_family(template: str | None, *, bos_token: str = "", eos_token: str =
                 expected.append((probe, generate, render_jinja(template, probe, bos_token=bos_token,
                                                                eos_token=eos_token, add_generation_prompt=generate,
                                                                date_string="01 Jan 2026")))
-            except Exception:  # noqa: BLE001 - a template may refuse a probe (e.g. system role)
+            except Exception:
                 continue
     if not expected:
         return None
@@ -82,7 +82,7 @@ class ChatSetup:
         return self.parts[1].strip() if self.parts else None
 
     def parts_dict(self) -> dict[str, str] | None:
-        return dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), self.parts)) if self.parts else None
+        return dict(zip(("system_prompt", "prompt_prefix", "prompt_postfix"), self.parts, strict=True)) if self.parts else None
 
 
 def chat_setup(info: CheckpointInfo) -> ChatSetup:

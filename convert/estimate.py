@@ -25,7 +25,8 @@ def bytes_per_param(dtype: str) -> float:
 
 def model_shape(config: dict[str, Any]) -> dict[str, int]:
     """The shape numbers an estimate needs, from a (text) config; handles ChatGLM's field names."""
-    c = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = config.get("text_config")
+    c: dict[str, Any] = text if isinstance(text, dict) else config
     hidden = int(c.get("hidden_size") or c.get("n_embd") or 0)
     layers = int(c.get("num_hidden_layers") or c.get("num_layers") or c.get("n_layer") or 0)
     heads = int(c.get("num_attention_heads") or c.get("n_head") or 1)

@@ -56,13 +56,13 @@ class ModelShape:
         return self.linear_params + self.embedding_params + self.lm_head_params
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], name: str = "") -> "ModelShape":
+    def from_dict(cls, data: dict[str, Any], name: str = "") -> ModelShape:
         return cls(int(data["linear_params"]), int(data["embedding_params"]), int(data["lm_head_params"]),
                    int(data["layers"]), int(data["hidden"]), int(data["attention_heads"]), int(data["head_dim"]),
                    int(data["kv_elems_per_token"]), int(data["vocab"]), name)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], name: str = "") -> "ModelShape":
+    def from_config(cls, config: dict[str, Any], name: str = "") -> ModelShape:
         """From config.json alone (dense decoders; Llama-like formulas of model-configs.md section 4)."""
         from rkedge.convert.estimate import split_params_from_config
         from rkedge.convert.inspect import tie_word_embeddings
@@ -71,7 +71,7 @@ class ModelShape:
         return cls._with_split(config, split, name)
 
     @classmethod
-    def from_tensors(cls, config: dict[str, Any], tensors: dict[str, Any], name: str = "") -> "ModelShape":
+    def from_tensors(cls, config: dict[str, Any], tensors: dict[str, Any], name: str = "") -> ModelShape:
         """From a checkpoint: the exact parameter split read from its safetensors headers."""
         from rkedge.convert.estimate import split_params_from_tensors
         from rkedge.convert.inspect import tie_word_embeddings
@@ -80,7 +80,7 @@ class ModelShape:
         return cls._with_split(config, split, name)
 
     @classmethod
-    def _with_split(cls, config: dict[str, Any], split: dict[str, int], name: str) -> "ModelShape":
+    def _with_split(cls, config: dict[str, Any], split: dict[str, int], name: str) -> ModelShape:
         s = model_shape(config)
         kv = 2 * s["layers"] * s["kv_heads"] * s["head_dim"]
         return cls(split["linear"], split["embedding"], split["lm_head"], s["layers"], s["hidden"], s["heads"],
@@ -194,9 +194,10 @@ def predict(shape: ModelShape, dtype: str = "w8a8", max_context: int = 4096,
 
 
 def _dot(coefficients: tuple[float, ...], features: list[float]) -> float:
-    return sum(c * f for c, f in zip(coefficients, features))
+    return sum(c * f for c, f in zip(coefficients, features, strict=True))
 
 
 def benchmark_rows() -> list[dict[str, Any]]:
     data = json.loads(resources.files("rkedge.convert").joinpath("data/rk3588_benchmarks.json").read_text())
-    return data["rows"]
+    rows: list[dict[str, Any]] = data["rows"]
+    return rows

@@ -10,6 +10,7 @@ torch (and numpy, for the byte view) are imported inside the functions that need
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ def torch_dtype(code: str) -> torch.dtype:
     import torch
 
     try:
-        return getattr(torch, TORCH_DTYPE_NAMES[code])  # type: ignore[no-any-return]
+        dtype: torch.dtype = getattr(torch, TORCH_DTYPE_NAMES[code])
+        return dtype
     except (KeyError, AttributeError) as exc:
         raise InputError(f"safetensors dtype {code} is not supported by this torch build.") from exc
 
@@ -57,12 +59,12 @@ class TensorReader:
     """Reads single tensors by byte range, keeping one plain file handle per file (no mmap)."""
 
     def __init__(self) -> None:
-        self._open: dict[Path, tuple[BinaryIO, int, int]] = {}
+        self._open: dict[Path, tuple[io.BufferedReader, int, int]] = {}
 
-    def _handle(self, info: TensorInfo) -> tuple[BinaryIO, int]:
+    def _handle(self, info: TensorInfo) -> tuple[io.BufferedReader, int]:
         entry = self._open.get(info.file)
         if entry is None:
-            handle = open(info.file, "rb")  # noqa: SIM115 - closed in close()
+            handle = open(info.file, "rb")
             (length,) = struct.unpack("<Q", handle.read(8))
             handle.seek(0, 2)
             entry = (handle, 8 + length, handle.tell())

@@ -1,3 +1,5 @@
+# mypy: allow-subclassing-any
+# (the project types torch as Any, so these nn.Module subclasses subclass Any, as intended)
 """RecurrentGemma as fixed-shape decode-step graphs with explicit state (torch; host side).
 
 One decode step takes the embedded token, position features and every state, and returns the next hidden
@@ -16,6 +18,7 @@ Position-derived inputs, computed on the host (``rkedge.runtime.rknn.features``)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +46,7 @@ class GriffinDims:
     normalizer: float  # sqrt(hidden) rounded to bfloat16, as transformers does
 
     @classmethod
-    def from_config(cls, config: Any) -> "GriffinDims":
+    def from_config(cls, config: Any) -> GriffinDims:
         rope = getattr(config, "rope_parameters", None) or {}
         partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5))
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -228,10 +231,10 @@ class ChunkStep(nn.Module):
         return {name: shapes[name] for name in self.input_names()}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        named = dict(zip(self.input_names(), inputs))
+        named = dict(zip(self.input_names(), inputs, strict=True))
         x = named["x"]
         outputs: list[torch.Tensor] = []
-        for i, block in zip(self.layer_ids, self.blocks):
+        for i, block in zip(self.layer_ids, self.blocks, strict=True):
             if isinstance(block, RecurrentLayer):
                 x, conv, h = block(x, named[f"conv{i}"], named[f"h{i}"], named["reset"])
                 outputs += [conv, h]
@@ -277,7 +280,7 @@ def plan_head_rows(dims: GriffinDims, *, max_params: int) -> list[tuple[int, int
     parts = max(1, -(-(dims.vocab * dims.hidden) // max(max_params, 1)))
     parts = min(parts, dims.vocab)
     bounds = [round(i * dims.vocab / parts) for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def plan_chunks(dims: GriffinDims, layer_params: list[int], *, max_params: int) -> list[list[int]]:

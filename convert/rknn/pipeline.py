@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rkedge import __version__
 from rkedge._fs import atomic_dir
@@ -28,6 +28,9 @@ from rkedge.convert.toolkit.runner import Event, EventHandler, child_environment
 from rkedge.convert.toolkit.worker import PROTOCOL
 from rkedge.errors import InputError, ToolkitError
 from rkedge.manifest import BUNDLE_FILE, BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION, Manifest
+
+if TYPE_CHECKING:
+    from rkedge.runtime.rknn.loop import Floats
 
 SOURCE = RKNN_RULES.source
 RKNN_DTYPES = RKNN_RULES.dtypes
@@ -99,8 +102,8 @@ class RknnResult:
         return {"ok": not any(f.severity == "error" for f in self.findings), "dry_run": self.dry_run,
                 "backend": "rknn", "output": str(self.bundle) if self.bundle else None,
                 "findings": [f.to_dict() for f in self.findings], "steps": self.steps,
-                "verification": (self.manifest or {}).get("verification"),
-                "quality": (self.manifest or {}).get("quality")}
+                "verification": self.manifest.verification if self.manifest else None,
+                "quality": self.manifest.quality if self.manifest else None}
 
 
     def render(self) -> list[str]:
@@ -110,8 +113,8 @@ class RknnResult:
             request = self.request
             what = f"{request.dtype}{' hybrid' if request.hybrid_patterns else ''}" if request else "?"
             return [f"plan: RKNN bundle for {request.model.name if request else '?'}, {what}"]
-        manifest = self.manifest or {}
-        verification, quality = manifest.get("verification") or {}, manifest.get("quality") or {}
+        verification = (self.manifest.verification if self.manifest else None) or {}
+        quality = (self.manifest.quality if self.manifest else None) or {}
         lines = [f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
                  f"over {verification.get('tokens')} tokens"]
         if quality:
@@ -186,7 +189,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rkedge.convert.rknn.decode_step import embedding_table, layer_param_counts
+    from rkedge.convert.rknn.decode_step import ChunkStep, HeadStep, embedding_table, layer_param_counts
     from rkedge.convert.rknn.torch_graphs import (
         build_torch_graphs,
         graph_names,
@@ -218,7 +221,8 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     out = request.out
     final = out / name
     with atomic_dir(final) as staging:  # an earlier bundle stays whole until this one is complete
-        graphs = list(zip(graph_names(chunks, heads), [*chunks, *heads]))
+        modules: list[ChunkStep | HeadStep] = [*chunks, *heads]
+        graphs = list(zip(graph_names(chunks, heads), modules, strict=True))
         report("export", f"{len(graphs)} ONNX graphs (opset 17)")
         for graph_name, module in graphs:
             example = tuple(torch.zeros(shape) for shape in module.input_shapes().values())
@@ -324,9 +328,10 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
     inner = loop.runner
 
     class Capture:
-        def run(self, index: int, inputs: list[Any]) -> list[Any]:
+        def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
             captured[index].append([np.array(a, copy=True) for a in inputs])
-            return inner.run(index, inputs)
+            outputs: list[Floats] = inner.run(index, inputs)
+            return outputs
 
     loop.runner = Capture()
     try:
@@ -348,7 +353,7 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
         lines = []
         for number, sample in enumerate(chosen):
             paths = []
-            for input_name, array in zip(specs[index].inputs, sample):
+            for input_name, array in zip(specs[index].inputs, sample, strict=True):
                 path = folder / f"g{index}_{number}_{input_name}.npy"
                 np.save(path, array.astype(np.float32))
                 paths.append(str(path.resolve()))
@@ -412,7 +417,7 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
         except ImportError:
             family = None
     graphs = []
-    for spec, result in zip(specs, built):
+    for spec, result in zip(specs, built, strict=True):
         graphs.append({"name": spec.name, "layers": list(spec.layers), "inputs": list(spec.inputs),
                        "outputs": list(spec.outputs), "shapes": {k: list(v) for k, v in spec.shapes.items()},
                        "rknn": result["rknn"], "dtype": result["dtype"], "rknn_bytes": result["rknn_bytes"],

@@ -9,6 +9,7 @@ is why NLL, top-1 and KL carry the verdict (recurrentgemma-rknn-feasibility.md s
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from rkedge.runtime.rknn.bundle import BUNDLE_FILE
 from rkedge.runtime.rknn.loop import DecodeLoop
 
 
-def simulator_loop(folder: Path, bundle: dict[str, Any] | None = None, *, lazy: bool = False) -> DecodeLoop:
+def simulator_loop(folder: Path, bundle: Mapping[str, Any] | None = None, *, lazy: bool = False) -> DecodeLoop:
     """The bundle's decode loop in the rknn-toolkit2 simulator (``bundle``: its manifest, read from the folder when
     not given; ``lazy``: graphs built on first use)."""
     from rkedge.runtime.rknn.engine import SimulatorGraphs
@@ -30,12 +31,16 @@ def simulator_loop(folder: Path, bundle: dict[str, Any] | None = None, *, lazy: 
     return DecodeLoop.from_bundle(folder, bundle, runner)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+Array = np.ndarray[Any, Any]  # logits of any float dtype
+
+
+def _log_softmax(x: Array) -> Array:
     shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    result: Array = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return result
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray, tokens: list[int]) -> dict[str, Any]:
+def compare_logits(reference: Array, candidate: Array, tokens: list[int]) -> dict[str, Any]:
     """Metrics of ``candidate`` against ``reference`` logits [steps, vocab], where row i predicts tokens[i + 1]."""
     steps = len(tokens) - 1
     ref, cand = reference[:steps].astype(np.float64), candidate[:steps].astype(np.float64)
@@ -64,12 +69,15 @@ def compare(reference: DecodeLoop, candidate: DecodeLoop, tokens: list[int]) -> 
     return compare_logits(reference.teacher_forced_logits(inputs), ours, tokens)
 
 
-def measure_quality(folder: Path, bundle: dict[str, Any], reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
+def measure_quality(folder: Path, bundle: Mapping[str, Any], reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
     """The bundle in the simulator against ``reference`` (transformers' weights in torch), graph by graph so the
     host holds one simulated graph at a time."""
+    from rkedge.runtime.rknn.engine import SimulatorGraphs
+
     candidate = simulator_loop(folder, bundle, lazy=True)
     try:
         return {**compare(reference, candidate, tokens), "backend": "rknn-toolkit2 simulator",
                 "method": "teacher-forced on held-out text; both sides keep their own states"}
     finally:
-        candidate.runner.release()
+        if isinstance(candidate.runner, SimulatorGraphs):  # what simulator_loop runs on
+            candidate.runner.release()

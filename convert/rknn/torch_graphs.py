@@ -1,3 +1,5 @@
+# mypy: allow-untyped-decorators
+# (torch.no_grad is untyped under the project's mypy config, which types torch as Any)
 """Running the decode-step graphs in torch (the reference for verification, calibration and quality)."""
 
 from __future__ import annotations
@@ -7,9 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from rkedge.convert.rknn.decode_step import (ChunkStep, GriffinDims, HeadStep, embedding_table, layer_param_counts,
-                                             plan_chunks, plan_head_rows)
-from rkedge.runtime.rknn.loop import DecodeLoop, GraphSpec
+from rkedge.convert.rknn.decode_step import (
+    ChunkStep,
+    GriffinDims,
+    HeadStep,
+    embedding_table,
+    layer_param_counts,
+    plan_chunks,
+    plan_head_rows,
+)
+from rkedge.runtime.rknn.loop import DecodeLoop, Floats, GraphSpec
 
 
 class TorchGraphs:
@@ -19,7 +28,7 @@ class TorchGraphs:
         self.modules = modules
 
     @torch.no_grad()
-    def run(self, index: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
         out = self.modules[index](*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs))
         outputs = out if isinstance(out, tuple) else (out,)
         return [t.numpy() for t in outputs]
@@ -53,7 +62,7 @@ def torch_loop(model: Any, *, max_chunk_params: int | None = None) -> DecodeLoop
 
 def loop_over(model: Any, dims: GriffinDims, chunks: list[ChunkStep], heads: list[HeadStep]) -> DecodeLoop:
     """The decode loop over graphs already built (torch, float32)."""
-    specs = [graph_spec(m, n) for m, n in zip([*chunks, *heads], graph_names(chunks, heads))]
+    specs = [graph_spec(m, n) for m, n in zip([*chunks, *heads], graph_names(chunks, heads), strict=True)]
     return DecodeLoop(specs[:len(chunks)], specs[len(chunks):], TorchGraphs([*chunks, *heads]),
                       embedding_table(model, dims).numpy(), rotary_dim=dims.rotary_dim, rope_theta=dims.rope_theta,
                       window=dims.window)
