@@ -47,10 +47,27 @@ from rkedge.convert.findings import raise_on_errors
 from rkedge.convert.inspect import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from rkedge.convert.safetensors_index import TensorInfo, read_header
 from rkedge.errors import InputError, RkedgeError
-from rkedge.lora._tensors import DTYPE_CODES, EPSILON, FLOAT_CODES, TensorReader, nbytes, safetensors_header, \
-    torch_dtype, write_tensor
-from rkedge.lora.adapter import AdapterInfo, BaseCheckpoint, LoraModule, SavedTensor, check_adapter, \
-    MERGE_FIX, short_list, inspect_adapter, read_base_checkpoint
+from rkedge.lora._tensors import (
+    DTYPE_CODES,
+    EPSILON,
+    FLOAT_CODES,
+    TensorReader,
+    nbytes,
+    safetensors_header,
+    torch_dtype,
+    write_tensor,
+)
+from rkedge.lora.adapter import (
+    MERGE_FIX,
+    AdapterInfo,
+    BaseCheckpoint,
+    LoraModule,
+    SavedTensor,
+    check_adapter,
+    inspect_adapter,
+    read_base_checkpoint,
+    short_list,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -134,7 +134,7 @@ def main(argv: list[str]) -> int:
     exit_with_parent()
     try:
         result = build(job, events)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as an event
+    except Exception as exc:  # any failure is reported to the parent as an event
         events.emit({"type": "error", "step": events.step, "message": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc()})
         return EXIT_FAILED
