@@ -55,7 +55,7 @@ def detect_family(template: str | None, *, bos_token: str = "", eos_token: str =
                 expected.append((probe, generate, render_jinja(template, probe, bos_token=bos_token,
                                                                eos_token=eos_token, add_generation_prompt=generate,
                                                                date_string="01 Jan 2026")))
-            except Exception:
+            except Exception:  # a probe the template refuses (raise_exception) is skipped
                 continue
     if not expected:
         return None

@@ -17,7 +17,7 @@ def source_card_license(model_dir: Path) -> str | None:
         return None
     try:
         license_id = ModelCard.load(card, ignore_metadata_errors=True).data.license
-    except Exception:
+    except Exception:  # an unreadable card just has no licence to carry
         return None
     return str(license_id).strip() if license_id else None
 

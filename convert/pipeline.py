@@ -399,7 +399,7 @@ def _hf_renderer(model_dir: Path) -> Callable[[str], str] | None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if not getattr(tokenizer, "chat_template", None):
             return None
-    except Exception:
+    except Exception:  # no transformers, or a tokenizer it cannot load: fall back on rkedge's renderer
         return None
 
     def render(prompt: str) -> str:

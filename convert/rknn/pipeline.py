@@ -150,7 +150,7 @@ def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
                                 "use the original fp32/bf16 checkpoint (google/recurrentgemma-2b-it)", "F-9"))
     try:
         import rknn.api  # noqa: F401
-    except Exception as exc:
+    except Exception as exc:  # any import failure means no usable toolkit
         findings.append(Finding("rknn.toolkit", "error", f"rknn-toolkit2 is not importable here ({exc}).",
                                 "install it: scripts/install-rknn-toolkit2.sh (x86_64, Python 3.8-3.12)", SOURCE))
     return info, findings
