@@ -20,6 +20,7 @@ from tiny_models import make_checkpoint, train_lora
 from rkedge.cli import main
 from rkedge.convert.pipeline import convert
 from rkedge.convert.planner import ConversionRequest
+from rkedge.errors import InputError
 from rkedge.manifest import read_manifest
 from rkedge.runtime import LLM
 from rkedge.runtime.simmodel import read_simulated_model
@@ -252,3 +253,66 @@ def test_lora_for_another_base_is_refused_before_converting(adapter, tmp_path):
     assert result.returncode == 2
     ids = {f["id"] for f in json.loads(result.stdout)["findings"] if f["severity"] == "error"}
     assert ids & {"lora.target-missing", "lora.shape", "lora.base-mismatch"}
+
+
+def test_the_dry_run_shows_the_steps_and_the_toolkit_job_that_run(tiny, adapter, calibration_file, tmp_path):
+    args = ["convert", str(tiny["llama"]), "--out", str(tmp_path / "o"), "--toolkit", "mock", "--lora", str(adapter),
+            "--lora-mode", "runtime", "--calibration", str(calibration_file)]
+    shown = run_cli(*args, "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert "steps: export -> calibration -> quantize" in shown.stdout
+    assert "load_huggingface(model=<exported>, device='cpu', model_lora=<adapter>)" in shown.stdout
+    assert "dataset=<calibration>" in shown.stdout and "export_rkllm(export_path=<output>)" in shown.stdout
+    assert not (tmp_path / "o").exists()
+    request = ConversionRequest(model=tiny["llama"], out=tmp_path / "o", toolkit="mock", lora=adapter,
+                                lora_mode="runtime", calibration=str(calibration_file))
+    planned = convert(request, dry_run=True)
+    done = convert(request)
+    assert [s.name for s in done.steps] == [s.name for s in planned.steps] == planned.plan.steps
+    calls = done.manifest["toolkit_calls"]
+    assert calls["load_huggingface"]["model"] == str((tmp_path / "o" / ".rkedge-work" / "export").resolve())
+    assert calls["build"]["dataset"] == str((tmp_path / "o" / ".rkedge-work" / "calibration.json").resolve())
+    assert calls["export_rkllm"] == {"export_path": str(tmp_path / "o" / "llama_w8a8_rk3588.rkllm")}
+
+
+def test_a_toolkit_job_is_bound_to_every_input_or_refused(tiny):
+    from rkedge.convert.planner import Input, ToolkitJob
+    from rkedge.convert.toolkit.worker import PROTOCOL
+
+    job = ToolkitJob("load_huggingface", {"model": Input.EXPORTED}, {"dataset": Input.CALIBRATION, "max_context": 4096},
+                     {"export_path": Input.OUTPUT})
+    assert job.inputs == {Input.EXPORTED, Input.CALIBRATION, Input.OUTPUT}
+    with pytest.raises(KeyError, match="<calibration>"):
+        job.bind({Input.EXPORTED: "/e", Input.OUTPUT: "/o.rkllm"})
+    with pytest.raises(ValueError, match="bind"):
+        job.worker_job()
+    bound = job.bind({Input.EXPORTED: Path("/e"), Input.CALIBRATION: "/c.json", Input.OUTPUT: "/o.rkllm"})
+    assert bound.worker_job()["build"]["kwargs"] == {"dataset": "/c.json", "max_context": 4096}
+    assert bound.worker_job()["protocol"] == PROTOCOL and bound.inputs == set()
+
+
+def test_gguf_input_is_planned_from_the_rules(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    def write(name: str, file_type: int) -> Path:
+        path = tmp_path / name
+        writer = gguf.GGUFWriter(str(path), "qwen2")
+        writer.add_file_type(file_type)
+        writer.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    def errors(path: Path, **options) -> set[str]:
+        result = convert(ConversionRequest(model=path, out=tmp_path / "o", **options), dry_run=True)
+        return {f.id for f in result.findings if f.severity == "error"}
+
+    q4 = write("m-q4_0.gguf", 2)
+    assert errors(q4) == {"F-2"}, "q4_0 is w4a16_g32, which rk3588 does not run"
+    assert errors(q4, platform="rk3576", dtype="w4a16_g32") == set()
+    assert errors(write("m-q4_k_m.gguf", 15)) == {"gguf.type"}
+    with pytest.raises(InputError, match="not implemented yet"):
+        convert(ConversionRequest(model=write("m-f16.gguf", 1), out=tmp_path / "o"))
