@@ -136,3 +136,24 @@ def test_the_listening_socket_says_tcp_so_asyncio_turns_nagle_off():
         assert listener.proto == socket.IPPROTO_TCP
     finally:
         listener.close()
+
+
+def test_a_request_that_waits_too_long_gets_503_with_retry_after(tmp_path):
+    app, llm = make_app(write_model(tmp_path / "served.rkllm", pace="100000,100"), queue_timeout_s=0.3)
+    server = LiveServer(app)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            busy = threading.Thread(target=http.post, args=("/v1/chat/completions",),
+                                    kwargs={"json": chat_body("long", max_tokens=150)})
+            busy.start()
+            wait_for(lambda: app.state.engine.running)
+            with httpx.Client(base_url=server.url, timeout=60) as other:
+                waited = other.post("/v1/chat/completions", json=chat_body("hi"))
+                ollama = other.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}]})
+            busy.join()
+    finally:
+        server.stop()
+        llm.close()
+    assert waited.status_code == 503 and waited.json()["error"]["code"] == "busy"
+    assert int(waited.headers["Retry-After"]) >= 1
+    assert ollama.status_code == 503 and "waited" in ollama.json()["error"], "Ollama's error shape"

@@ -201,9 +201,9 @@ class Run:
 
     def _ended(self, result: GenerationResult | None, error: RkedgeError | None) -> None:
         self.outcome = self._engine.outcome(result, error, self._job, aborted=self._abort.is_set())
-        self._engine.finished(time.monotonic() - self._started)
-        self._chunks.put_nowait(None)
         self.ended.set()
+        self._chunks.put_nowait(None)
+        self._engine.finished(self, time.monotonic() - self._started)
 
 
 class Engine:
@@ -256,9 +256,10 @@ class Engine:
         self._runs.add(run)
         return run
 
-    def finished(self, service_s: float) -> None:
+    def finished(self, run: Run, service_s: float) -> None:
+        """Called on the event loop once ``run``'s native run has ended: the slot goes to the next in line."""
         self._service_s.append(service_s)
-        self._runs = {run for run in self._runs if not run.ended.is_set()}
+        self._runs.discard(run)
         self.queue.release()
 
     def abort_all(self) -> None:

@@ -14,7 +14,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # narrowed as in H11Protocol
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 transport.abort()  # over the cap: free the descriptor at once
