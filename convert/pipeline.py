@@ -196,7 +196,7 @@ def _toolkit(request: ConversionRequest, info: CheckpointInfo) -> ToolkitEnv:
 # --- steps ------------------------------------------------------------------------------------------------
 
 class Step(ABC):
-    """One cached step: :meth:`run` writes :attr:`output` from the step's inputs, whose digest is :meth:`key`;
+    """One cached step: :meth:`run` writes :attr:`output` from :meth:`inputs`, whose digest is :meth:`key`;
     :meth:`execute` skips the run when the output was made from the same inputs."""
 
     name: str
@@ -204,7 +204,11 @@ class Step(ABC):
     makes_folder = True
 
     @abstractmethod
-    def key(self) -> str: ...
+    def inputs(self) -> tuple[object, ...]:
+        """Everything the output depends on (files by name, size and mtime; upstream steps by their key)."""
+
+    def key(self) -> str:
+        return _digest(self.name, *self.inputs())
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -244,8 +248,8 @@ class MergeStep(Step):
     reporter: Reporter
     name: str = "merge"
 
-    def key(self) -> str:
-        return _digest("merge", _files_signature(self.base), self.adapter.weights_sha256, self.dtype)
+    def inputs(self) -> tuple[object, ...]:
+        return _files_signature(self.base), self.adapter.weights_sha256, self.dtype
 
     def describe(self) -> str:
         return f"LoRA {self.adapter_dir} into {self.base.path}"
@@ -288,8 +292,8 @@ class ExportStep(Step):
                 "source": info.source_name, "source_sha256": _digest("source", _files_signature(info)),
                 "rkedge_version": __version__}
 
-    def key(self) -> str:
-        return _digest("export", self.upstream(), self.dtype, self.meta())
+    def inputs(self) -> tuple[object, ...]:
+        return self.upstream(), self.dtype, self.meta()
 
     def describe(self) -> str:
         where = self.source.output if isinstance(self.source, MergeStep) else self.source.path
@@ -314,8 +318,8 @@ class CalibrationStep(Step):
     name: str = "calibration"
     makes_folder = False
 
-    def key(self) -> str:
-        return _digest("calibration", self.export.key(), self.items, self.chat.family)
+    def inputs(self) -> tuple[object, ...]:
+        return self.export.key(), self.items, self.chat.family
 
     def describe(self) -> str:
         targets = "targets from the float model" if calib.needs_generation(self.items) else "targets as given"
