@@ -136,3 +136,27 @@ def test_leaving_ollama_streams_abort_too(served, call_log):
     lines = httpx.post(server.url + "/api/chat", timeout=30, json={
         "model": "served", "messages": [{"role": "user", "content": "hi"}]}).text.splitlines()
     assert "".join(json.loads(line)["message"]["content"] for line in lines) == REPLY
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.001, 0.005, 0.02])
+def test_an_abort_right_at_the_start_is_not_lost(tmp_path, call_log, delay_s):
+    """The runtime clears its abort flag when a run begins, so an abort sent just before is lost; the run
+    re-sends it at the next token. However the abort lands, the run stops within a token or two."""
+    app, llm = make_app(write_model(tmp_path / "served.rkllm", pace=PACE))
+    engine = app.state.engine
+    from rkedge.runtime.server.engine import Params
+
+    async def scenario() -> Any:
+        run = await engine.start(engine.prepare_text("long", Params()), asyncio.Event())
+        assert run is not None
+        await asyncio.sleep(delay_s)
+        run.abort()
+        return await run.wait()
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        llm.close()
+    ends = call_log.entries("run_end")
+    assert outcome.completion_tokens <= 3 and all(end["generated_tokens"] <= 3 for end in ends), (outcome, ends)
+    assert not engine.queue.busy
