@@ -81,17 +81,17 @@ _GLUE = re.compile(r"(?P<op>~=|==|!=|<=|>=|<|>)\s*(?P<version>[^,;\s]*?\d)(?P<re
 
 
 def _is_version(text: str) -> bool:
-    try:
-        Version(text)
-    except InvalidVersion:
-        return False
-    return True
+    return _parses(Version, InvalidVersion, text)
 
 
 def _is_requirement(text: str) -> bool:
+    return _parses(Requirement, InvalidRequirement, text)
+
+
+def _parses(parse: Callable[[str], object], invalid: type[Exception], text: str) -> bool:
     try:
-        Requirement(text)
-    except InvalidRequirement:
+        parse(text)
+    except invalid:
         return False
     return True
 
