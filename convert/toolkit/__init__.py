@@ -133,11 +133,7 @@ def resolve_toolkit(spec: str | None, version: str | None) -> ToolkitEnv:
     probe = probe_python(str(python))
     probed = probe.get("toolkit_version")
     if not probe.get("import_ok"):
-        from rkedge.convert.toolkit.known_errors import findings_from_log
-
-        error = probe.get("import_error") or "unknown error"
-        hints = findings_from_log([error]) + [Finding("F-14", "error", problem, None, "probe")
-                                              for problem in probe.get("problems", []) if problem not in error]
+        error, hints = import_failure(probe)
         raise InputError(f"{python} cannot import rkllm.api ({error})."
                          + "".join(f"\n  {h.id}: {h.message}" for h in hints),
                          fix="install the toolkit into its own venv with `rkedge toolkit install WHEEL`, or use "
@@ -153,6 +149,19 @@ def resolve_toolkit(spec: str | None, version: str | None) -> ToolkitEnv:
                                              "request must be those of the toolkit that runs it")
     return ToolkitEnv("python", str(python), probed, f"rkllm-toolkit {probed} ({python})"
                       + (" [simulated]" if probe.get("simulated") else ""), probe=probe)
+
+
+def import_failure(probe: Mapping[str, Any] | None, stderr: str = "") -> tuple[str, list[Finding]]:
+    """Why a probed interpreter cannot import ``rkllm.api``: the error text and its findings (known toolkit texts,
+    then the worker's environment problems, F-14)."""
+    from rkedge.convert.toolkit.known_errors import findings_from_log
+
+    probe = probe or {}
+    error = str(probe.get("import_error") or stderr.strip()[-500:] or "no probe output")
+    findings = findings_from_log([error, *stderr.splitlines()])
+    findings += [Finding("F-14", "error", str(problem), None, "probe") for problem in probe.get("problems") or []
+                 if str(problem) not in error and all(str(problem) != f.message for f in findings)]
+    return error, findings
 
 
 def parse_probe(stdout: str) -> dict[str, Any] | None:
@@ -254,4 +263,4 @@ def build_job(*, load_method: str, load_kwargs: Mapping[str, Any], build_kwargs:
 
 
 __all__ = ["ToolkitEnv", "ToolkitResult", "resolve_toolkit", "run_job", "probe_toolkit", "probe_python", "mock_env",
-           "build_job", "parse_probe", "WORKER", "SIMULATED_DIR"]
+           "build_job", "parse_probe", "import_failure", "WORKER", "SIMULATED_DIR"]

@@ -403,15 +403,12 @@ def _run(runner: Runner, cmd: list[str], what: str, *, env: dict[str, str] | Non
 
 
 def _probe(runner: Runner, python: str) -> dict[str, Any]:
-    from rkedge.convert.toolkit import WORKER, parse_probe
+    from rkedge.convert.toolkit import WORKER, import_failure, parse_probe
 
     done = runner([python, str(WORKER), "--probe"], capture_output=True, text=True, timeout=600)
     probe = parse_probe(done.stdout or "")
     if probe is None or not probe.get("import_ok"):
-        from rkedge.convert.toolkit.known_errors import findings_from_log
-
-        error = (probe or {}).get("import_error") or (done.stderr or "").strip()[-500:] or "no probe output"
-        findings = findings_from_log([error, *(done.stderr or "").splitlines()])
+        error, findings = import_failure(probe, done.stderr or "")
         raise ToolkitError(f"the installed toolkit does not import: {error}"
                            + "".join(f"\n{f.id}: {f.message}" for f in findings),
                            fix=(findings[0].fix if findings and findings[0].fix else
