@@ -17,25 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from rkedge.convert.inspect import TOKENIZER_FILES, CheckpointInfo
+from rkedge.convert.safetensors_index import DTYPE_CODES
 from rkedge.errors import InputError
 
-TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 EXPORT_META = "rkedge_export.json"
 
 
 def export_checkpoint(info: CheckpointInfo, out_dir: Path, *, dtype: str | None, meta: dict[str, Any],
                       progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Writes ``out_dir`` (new or empty: the caller renames it into place when done)."""
-    if dtype is not None and dtype not in TORCH_DTYPES:
-        raise InputError(f"unknown export dtype {dtype!r}.", fix=f"use one of: {', '.join(TORCH_DTYPES)}")
+    if dtype is not None and dtype not in DTYPE_CODES:
+        raise InputError(f"unknown export dtype {dtype!r}.", fix=f"use one of: {', '.join(DTYPE_CODES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = info.weight_files
-    target = TORCH_DTYPES.get(dtype) if dtype else None
+    target = DTYPE_CODES.get(dtype) if dtype else None
     for index, source in enumerate(files):
         if progress:
             progress(index, len(files), source.name)
         dtypes = {t.dtype for t in info.tensors.values() if t.file == source}
-        if target is None or dtypes <= {target} or not (dtypes & set(TORCH_DTYPES.values())):
+        if target is None or dtypes <= {target} or not (dtypes & set(DTYPE_CODES.values())):
             _link_or_copy(source, out_dir / source.name)
         else:
             _convert_shard(source, out_dir / source.name, dtype)  # type: ignore[arg-type]

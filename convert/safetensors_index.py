@@ -19,6 +19,8 @@ DTYPE_BYTES: dict[str, float] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U32": 4, "U16": 2, "U64": 8, "F4": 0.5,
 }
+#: ``--dtype`` / ``--load-dtype`` names -> safetensors dtype codes (the export and the LoRA merge convert to these).
+DTYPE_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -31,8 +31,6 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
 }
 #: The floating dtypes a merge computes with and ``dtype=`` converts between.
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-#: ``--dtype`` names -> safetensors dtype codes.
-DTYPE_CODES: dict[str, str] = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 #: Relative precision (one unit in the last place at 1.0) of each floating dtype.
 EPSILON: dict[str, float] = {"F64": 2.0**-52, "F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}
 _COPY_CHUNK = 16 << 20

@@ -45,10 +45,9 @@ from rkedge import __version__
 from rkedge._fs import atomic_dir, atomic_path, atomic_write_text
 from rkedge.convert.findings import raise_on_errors
 from rkedge.convert.inspect import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
-from rkedge.convert.safetensors_index import TensorInfo, read_header
+from rkedge.convert.safetensors_index import DTYPE_CODES, TensorInfo, read_header
 from rkedge.errors import InputError, RkedgeError
 from rkedge.lora._tensors import (
-    DTYPE_CODES,
     EPSILON,
     FLOAT_CODES,
     TensorReader,
