@@ -27,7 +27,7 @@ test: $(STAMP) lint
 # The quality gates `make test` runs first: ruff (lint + import order) and mypy (configured in pyproject.toml:
 # the whole package, strict on the board side).
 lint: $(STAMP)
-	$(BIN)/ruff check rkedge tests scripts benchmarks
+	$(BIN)/ruff check rkedge convert runtime lora boards tests scripts benchmarks
 	$(BIN)/mypy
 
 bench: $(STAMP)
