@@ -4,9 +4,12 @@
 FastAPI is imported only by the modules in :data:`WEB_MODULES` (the ``serve`` extra).
 
 Modules: ``app`` wires everything; ``openai`` (``/v1``), ``ollama`` (``/api``) and ``pages`` (``/``, ``/health``,
-``/metrics``, docs) hold the routers; ``deps`` the dependencies (engine, key, bodies); ``schemas`` the request
-bodies; ``responses`` the response that owns a request's NPU turn; ``engine`` the queue and runs; ``errors``
-the HTTP error translation; ``middleware`` the access log, metrics and request guards; ``run`` uvicorn.
+``/metrics``, docs) hold the routers; ``deps`` the dependencies (engine, key, bodies read after the key);
+``schemas`` the request bodies and their checks; ``responses`` the response that owns a request's NPU turn;
+``engine`` the queue and the runs; ``errors`` the HTTP error translation; ``middleware`` the access log,
+metrics, exposure checks and body limits; ``metrics`` the Prometheus registry; ``protocol`` uvicorn's HTTP
+protocol with a header deadline and a connection cap; ``run`` starts uvicorn; ``settings`` and ``options``
+the settings and their CLI options.
 """
 
 from __future__ import annotations
