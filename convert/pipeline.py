@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rkedge import __version__
+from rkedge import __version__, fit
 from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, sha256_file
 from rkedge.convert import calibration as calib
 from rkedge.convert.chat_family import ChatSetup
@@ -33,7 +33,7 @@ from rkedge.convert.host import host_description
 from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_gguf
 from rkedge.convert.modelcard import render_card, source_card_license
 from rkedge.convert.planner import ConversionRequest, Input, Plan, ToolkitJob, plan, plan_gguf, refusal
-from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, RUNTIME_RECOMMENDATIONS
+from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, LARGE_WEIGHTS_BASE_DOMAIN_ID
 from rkedge.errors import CheckFailed, InputError, RkedgeError, ToolkitError
 from rkedge.manifest import ChatTemplateParts, LoraFile, Manifest, manifest_path
 
@@ -437,12 +437,11 @@ def _weights_digest(info: CheckpointInfo, cache: Path) -> dict[str, str]:
 
 
 def _recommended(the_plan: Plan, max_context: int, runtime_version: str) -> dict[str, Any]:
-    """The runtime settings the manifest recommends to the board (RUNTIME_RECOMMENDATIONS, F-1)."""
-    rules = RUNTIME_RECOMMENDATIONS
+    """The runtime settings the manifest recommends to the board (F-1: rkedge.fit's driver gate)."""
     recommended: dict[str, Any] = {"max_context_len": max_context, "runtime_version": runtime_version,
-                                   "min_rknpu_driver": rules.min_rknpu_driver}
-    if the_plan.size is not None and the_plan.size.weight_bytes > rules.base_domain_above_bytes:
-        recommended["base_domain_id"] = rules.base_domain_id
+                                   "min_rknpu_driver": fit.DRIVER_GATE_FIXED_IN}
+    if the_plan.size is not None and fit.needs_driver_gate(the_plan.size.weight_bytes):
+        recommended["base_domain_id"] = LARGE_WEIGHTS_BASE_DOMAIN_ID
     return recommended
 
 

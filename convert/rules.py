@@ -144,16 +144,6 @@ RUNTIME_LORA_WEAK_VERSIONS: tuple[str, ...] = ("1.2.0",)
 #: F-11: rknn-llm#30, ez-er#2, BEG measurements), and the margin added on top.
 HOST_BYTES_PER_PARAM: Mapping[str, float] = {"float32": 4.4, "float16": 2.2, "bfloat16": 2.2}
 HOST_MEMORY_MARGIN = 1.1
-
-
-@dataclass(frozen=True)
-class RuntimeRecommendations:
-    """What a manifest recommends to the board's runtime (F-1: the maintainers' standard advice)."""
-
-    min_rknpu_driver: str = "0.9.8"  # rknpu < 0.9.8 fails to map weight buffers above 2 GiB
-    base_domain_above_bytes: int = 2 << 30  # weights above this get their own IOMMU domain...
-    base_domain_id: int = 1  # ...base_domain_id=1
-    source: str = "F-1: rknpu_iommu.c dma_limit; rknn-llm#139, #195, #232"
-
-
-RUNTIME_RECOMMENDATIONS = RuntimeRecommendations()
+#: base_domain_id a manifest recommends for weights above rkedge.fit's driver gate (F-1: the maintainers'
+#: standard advice for large weight blobs; rknn-llm#139, #195, #232).
+LARGE_WEIGHTS_BASE_DOMAIN_ID = 1
