@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from rkedge import failures
+from rkedge import failures, fit
 from rkedge.convert import architectures, host
 from rkedge.convert import calibration as calib
 from rkedge.convert.chat_family import ChatSetup, chat_setup
-from rkedge.convert.estimate import GIB, IOMMU_DOMAIN_BYTES
+from rkedge.convert.estimate import GIB
 from rkedge.convert.findings import Finding, Severity
 from rkedge.convert.inspect import CheckpointInfo
 from rkedge.convert.rules import (
@@ -516,7 +516,7 @@ def _check_board_fit(request: ConversionRequest, size: Prediction) -> list[Findi
     from rkedge.convert.plan import ram_verdict
 
     findings: list[Finding] = []
-    if size.weight_bytes > IOMMU_DOMAIN_BYTES:
+    if fit.spans_iommu_domains(size.weight_bytes):
         findings.append(Finding(
             "F-1.domains", "warning",
             f"the quantized weights (~{size.weight_bytes / GIB:.1f} GiB) span more than one 4 GiB NPU IOMMU domain; "
