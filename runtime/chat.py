@@ -68,27 +68,28 @@ class ChatSession:
     @overload
     def respond(self, messages: list[dict[str, str]], *, stream: Literal[True] = ..., lora: str | None = None,
                 stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                **sampling: Any) -> GenerationStream: ...
+                rendered: str | None = None, **sampling: Any) -> GenerationStream: ...
 
     @overload
     def respond(self, messages: list[dict[str, str]], *, stream: Literal[False], lora: str | None = None,
                 stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                **sampling: Any) -> GenerationResult: ...
+                rendered: str | None = None, **sampling: Any) -> GenerationResult: ...
 
     @overload
     def respond(self, messages: list[dict[str, str]], *, stream: bool, lora: str | None = None,
                 stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                **sampling: Any) -> GenerationStream | GenerationResult: ...
+                rendered: str | None = None, **sampling: Any) -> GenerationStream | GenerationResult: ...
 
     def respond(self, messages: list[dict[str, str]], *, stream: bool = True, lora: str | None = None,
                 stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                **sampling: Any) -> GenerationStream | GenerationResult:
+                rendered: str | None = None, **sampling: Any) -> GenerationStream | GenerationResult:
         """Generates the reply to a whole conversation (ending with a user turn), reusing the KV cache for
-        whatever prefix of it the cache already holds (an OpenAI-style server sends the history each time)."""
+        whatever prefix of it the cache already holds (an OpenAI-style server sends the history each time).
+        ``rendered``: the conversation's template rendering when the caller has made it (the server, to count it)."""
         if not messages or messages[-1].get("role") != "user":
             raise InputError("the conversation must end with a user message")
         conversation = [dict(m) for m in messages]
-        prompt, full = self._prompt_for(conversation, conversation[-1]["content"])
+        prompt, full = self._prompt_for(conversation, conversation[-1]["content"], rendered)
         keep = self.uses_kv_cache
 
         def record(result: GenerationResult) -> None:
@@ -107,7 +108,8 @@ class ChatSession:
         result = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record)
         return result if stream else result.collect()
 
-    def _prompt_for(self, conversation: list[dict[str, str]], content: str) -> tuple[str, str | None]:
+    def _prompt_for(self, conversation: list[dict[str, str]], content: str,
+                    rendered: str | None = None) -> tuple[str, str | None]:
         template = self.llm.template
         if template is None:
             # The runtime's own template wraps this turn; its KV cache holds the earlier ones.
@@ -120,7 +122,7 @@ class ChatSession:
                     self.llm.clear_kv_cache()
                 conversation[:] = [conversation[-1]]
             return content, None
-        full = template.render(conversation, add_generation_prompt=True)
+        full = rendered if rendered is not None else template.render(conversation, add_generation_prompt=True)
         cached = self._cached_text
         if self.uses_kv_cache and cached is not None and self.llm.kv_cache_owner is self and full.startswith(cached):
             return full[len(cached):], full

@@ -247,3 +247,23 @@ def test_an_npu_error_without_streaming_is_a_5xx_with_the_runtimes_message(clien
     assert f'rkedge_requests_total{{endpoint="{path}",status="500"}} 1.0' in client.get("/metrics").text
     monkeypatch.delenv("RKEDGE_MOCK_FAULT")
     next_request_works(client)
+
+
+def test_the_chat_prompt_is_rendered_once_per_request(model, call_log, monkeypatch):
+    app, llm = make_app(model)
+    renders: list[int] = []
+    template_type = type(llm.template)
+    original = template_type.render
+
+    def counting_render(self, *args, **kwargs):
+        renders.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(template_type, "render", counting_render)
+    with TestClient(app, base_url=LOOPBACK) as client:
+        assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200
+        assert client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                              "stream": False}).status_code == 200
+    llm.close()
+    assert len(renders) == 2, "one rendering per request: counted and sent"
+    assert bytes.fromhex(call_log.last("rkllm_run")["prompt_hex"]).decode().endswith("<start_of_turn>model\n")

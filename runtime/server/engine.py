@@ -270,15 +270,14 @@ class Engine:
     # -- request shaping ----------------------------------------------------------------------------------
 
     def prepare_chat(self, messages: list[dict[str, str]], params: Params) -> Job:
-        # Rendered here to count it; ChatSession.respond renders it again (it has no way to take a rendering:
-        # a ChatSession change, left to the runtime's owner).
+        # Rendered once: counted here, and handed to the session, which would otherwise render it again.
         template = self.llm.template
-        text = template.render(messages, True) if template is not None else messages[-1]["content"]
-        prompt_tokens = self._check_context(text, params)
+        rendered = template.render(messages, True) if template is not None else None
+        prompt_tokens = self._check_context(rendered if rendered is not None else messages[-1]["content"], params)
         kwargs, hook = self._runtime_kwargs(params)
 
         def start() -> GenerationStream:
-            stream = self.session.respond(messages, stop=params.stop, on_token=hook, **kwargs)
+            stream = self.session.respond(messages, stop=params.stop, on_token=hook, rendered=rendered, **kwargs)
             assert isinstance(stream, GenerationStream)
             return stream
 
