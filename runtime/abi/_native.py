@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import threading
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +24,42 @@ from rkedge.runtime.types import CallState, InferMode, InitParams, PerfStats, Ru
 
 #: Called for every callback: (run id from userdata, event) -> the int to return to the runtime.
 EventHandler = Callable[[int, RunEvent], int]
+#: ABI 1.3.0 tokenizer callback: the text the runtime wants tokenized (UTF-8, after its chat template) -> ids.
+Tokenizer = Callable[[bytes], Sequence[int]]
+#: ABI 1.3.0 embedding callback: token ids -> their rows, len(ids) x hidden size floats, row-major.
+Embedder = Callable[[Sequence[int]], Sequence[float]]
+
+
+
+@dataclass(frozen=True)
+class MediaEmbeddings:
+    """One kind of media of a multimodal input: ``count`` items of ``rows_per_item`` encoder rows each.
+
+    ``embeddings`` holds count x rows_per_item x hidden size float32 values, row-major (ABI.md: image_embed,
+    video_embed, audio_embed). The prompt holds one placeholder per item (``<image>``, ``<audio>``...). Tags
+    (``start``/``end``/``content``) travel with the input from ABI 1.3.0; up to 1.2.3 they are set once at init
+    (``NativeModel(image_tags=...)``).
+    """
+
+    embeddings: array[float]
+    count: int
+    rows_per_item: int  # n_image_tokens, n_frame_tokens (video) or n_audio_tokens
+    start: str | None = None
+    end: str | None = None
+    content: str | None = None
+    width: int = 0  # image_width / frame_width
+    height: int = 0
+    frames_per_item: int = 1  # video: n_frame_per_video
+
+
+@dataclass(frozen=True)
+class MultimodalInput:
+    """The media of an ``RKLLM_INPUT_MULTIMODAL`` run (its text is the request's prompt)."""
+
+    image: MediaEmbeddings | None = None
+    video: MediaEmbeddings | None = None  # ABI >= 1.3.0
+    audio: MediaEmbeddings | None = None  # ABI >= 1.3.1
+
 
 _loaded: dict[str, NativeLibrary] = {}
 _loaded_lock = threading.Lock()
@@ -71,7 +108,16 @@ class NativeLibrary:
 class NativeModel:
     """One ``LLMHandle``: init, runs, KV cache, adapters, destroy."""
 
-    def __init__(self, library: NativeLibrary, model_path: str, params: InitParams, on_event: EventHandler) -> None:
+    def __init__(self, library: NativeLibrary, model_path: str, params: InitParams, on_event: EventHandler, *,
+                 tokenizer: Tokenizer | None = None, embedder: Embedder | None = None,
+                 image_tags: tuple[str, str, str] | None = None) -> None:
+        """Creates the handle (``rkllm_init``; its status is :attr:`init_rc`).
+
+        ``tokenizer`` and ``embedder`` (ABI >= 1.3.0) are handed to the runtime in ``RKLLMCallback``, for models
+        exported without their own tokenizer or embedding; the runtime calls them from its own thread.
+        ``image_tags`` (start, end, content) are ``RKLLMParam``'s ``img_*`` fields (ABI 1.1-1.2.3; from 1.3.0 the
+        tags travel with each multimodal input instead).
+        """
         self.library = library
         self.features = library.features
         self._abi = library.abi
@@ -79,6 +125,11 @@ class NativeModel:
         self._inflight: dict[int, tuple[Any, ...]] = {}
         param = library.fn.rkllm_createDefaultParam()
         self._apply_params(param, params)
+        if image_tags is not None:
+            if not hasattr(param, "img_content"):
+                raise InputError(f"image tags are set per input from ABI 1.3.0 (this library is {self._abi.ABI}).",
+                                 fix="pass the tags with each MediaEmbeddings instead")
+            param.img_start, param.img_end, param.img_content = (tag.encode() for tag in image_tags)
         param.model_path = model_path.encode()
         self._param = param  # keeps model_path's buffer alive for the handle's life
         # One callback object per handle, referenced for as long as the handle exists: a collected CFUNCTYPE
@@ -87,9 +138,19 @@ class NativeModel:
         self._returns_int = self.features.callback_returns_int
         self._hidden_state = self.features.hidden_layer_state
         self.handle = ctypes.c_void_p()
+        self._tokenizer, self._embedder = tokenizer, embedder
+        if (tokenizer or embedder) and not self.features.init_takes_callback_struct:
+            raise InputError(f"tokenizer and embedding callbacks need ABI 1.3.0 or newer (this is {self._abi.ABI}).")
         if self.features.init_takes_callback_struct:
             self._callbacks = self._abi.RKLLMCallback()
             self._callbacks.result_callback = self._callback
+            # Referenced as long as the handle, like the result callback.
+            if tokenizer is not None:
+                self._tokenizer_callback = self._abi.LLMTokenizerCallback(self._tokenize)
+                self._callbacks.tokenizer_callback = self._tokenizer_callback
+            if embedder is not None:
+                self._embed_callback = self._abi.LLMGetEmbedCallback(self._embed)
+                self._callbacks.embed_callback = self._embed_callback
             self.init_rc = library.fn.rkllm_init(ctypes.byref(self.handle), ctypes.byref(param),
                                                  ctypes.byref(self._callbacks))
         else:
@@ -125,6 +186,35 @@ class NativeModel:
         except BaseException:  # nothing may propagate into the runtime's thread
             return 0
 
+    def _tokenize(self, userdata: int | None, text: bytes | None, text_len: int, tokens: Any,
+                  n_tokens_max: int) -> int:
+        # The header does not say what the return value means; the number of ids written, and -1 for a failure
+        # (or more ids than the runtime has room for), is what the simulated NPU expects (UNKNOWN on hardware).
+        try:
+            assert self._tokenizer is not None
+            ids = list(self._tokenizer((text or b"")[:max(text_len, 0)]))
+            if len(ids) > n_tokens_max:
+                return -1
+            for index, token in enumerate(ids):
+                tokens[index] = int(token)
+            return len(ids)
+        except BaseException:  # nothing may propagate into the runtime's thread
+            return -1
+
+    def _embed(self, userdata: int | None, tokens: Any, num_tokens: int, embed: int | None, size: int) -> int:
+        # `len` is the output buffer's size; whether in bytes or floats is not documented, so a reply that fills
+        # the buffer under either reading is accepted (the simulated NPU passes bytes). 0 = success.
+        try:
+            assert self._embedder is not None
+            values = array("f", self._embedder([tokens[i] for i in range(num_tokens)]))
+            nbytes = len(values) * values.itemsize
+            if not embed or not values or size not in (nbytes, len(values)):
+                return -1
+            ctypes.memmove(embed, values.buffer_info()[0], nbytes)
+            return 0
+        except BaseException:  # nothing may propagate into the runtime's thread
+            return -1
+
     def _read_event(self, result_ptr: Any, state: int) -> RunEvent:
         if not result_ptr:
             return RunEvent(state, None, -1)
@@ -159,15 +249,21 @@ class NativeModel:
 
     # -- runs -------------------------------------------------------------------------------------------
 
-    def run(self, run_id: int, request: RunRequest, *, asynchronous: bool = False) -> int:
-        """Calls ``rkllm_run`` (blocking: the runtime calls back from its own thread) or ``rkllm_run_async``."""
+    def run(self, run_id: int, request: RunRequest, *, asynchronous: bool = False,
+            media: MultimodalInput | None = None) -> int:
+        """Calls ``rkllm_run`` (blocking: the runtime calls back from its own thread) or ``rkllm_run_async``.
+
+        With ``media`` the input is ``RKLLM_INPUT_MULTIMODAL``: the request's prompt plus the media's embeddings.
+        """
         abi, features = self._abi, self.features
         keep: list[Any] = []
         # This ABI's own RKLLMInput, zero-filled: on 1.3.1 that is the 208-byte layout whose audio block the runtime
-        # reads (ABI.md "Hazard"). Multimodal input (image, video, 1.3.1's audio) is not sent: RunRequest carries
-        # prompts, token ids and embeddings only.
+        # reads (ABI.md "Hazard"); blocks left unset stay zero.
         rkllm_input = abi.RKLLMInput()
-        if request.token_ids is not None:
+        if media is not None:
+            rkllm_input.input_type = abi.RKLLMInputType.RKLLM_INPUT_MULTIMODAL
+            self._fill_multimodal(rkllm_input.multimodal_input, request, media, keep)
+        elif request.token_ids is not None:
             ids = (ctypes.c_int32 * len(request.token_ids))(*request.token_ids)
             keep.append(ids)
             rkllm_input.input_type = abi.RKLLMInputType.RKLLM_INPUT_TOKEN
@@ -217,6 +313,51 @@ class NativeModel:
                                                        ctypes.c_void_p(run_id)))
         return int(self.library.fn.rkllm_run(self.handle, ctypes.byref(rkllm_input), ctypes.byref(infer),
                                              ctypes.c_void_p(run_id)))
+
+    def _fill_multimodal(self, target: Any, request: RunRequest, media: MultimodalInput, keep: list[Any]) -> None:
+        if request.token_ids is not None or request.embeddings is not None:
+            raise InputError("a multimodal input carries a text prompt, not token ids or embeddings")
+        target.prompt = request.prompt if request.prompt is not None else b""
+        per_input_tags = hasattr(target, "image")  # ABI >= 1.3.0: nested image/video(/audio) blocks
+        blocks = {"image": media.image, "video": media.video, "audio": media.audio}
+        for kind, block in blocks.items():
+            if block is None:
+                continue
+            if kind != "image" and not hasattr(target, kind):
+                raise InputError(f"{kind} input needs ABI {'1.3.0' if kind == 'video' else '1.3.1'} or newer "
+                                 f"(this library is {self._abi.ABI}).")
+            expected = block.count * block.rows_per_item * block.frames_per_item
+            if block.count < 0 or block.rows_per_item < 0 or block.frames_per_item < 1 or \
+                    (expected and len(block.embeddings) % expected):
+                raise InputError(f"the {kind} embedding holds {len(block.embeddings)} floats, not a multiple of "
+                                 f"{block.count} x {block.frames_per_item} x {block.rows_per_item} rows")
+            floats = (ctypes.c_float * len(block.embeddings)).from_buffer(block.embeddings)
+            keep.append(floats)
+            if not per_input_tags:
+                if block.start is not None or block.end is not None or block.content is not None:
+                    raise InputError(f"ABI {self._abi.ABI} takes the image tags once, at init.",
+                                     fix="pass image_tags to NativeModel")
+                if not hasattr(target, "n_image") and block.count != 1:
+                    raise InputError(f"ABI {self._abi.ABI} takes one image per input (it has no n_image).")
+                target.image_embed = floats
+                target.n_image_tokens = block.rows_per_item
+                if hasattr(target, "n_image"):
+                    target.n_image, target.image_width, target.image_height = block.count, block.width, block.height
+                continue
+            slot = getattr(target, kind)
+            setattr(slot, f"{kind}_embed", floats)
+            for tag in ("start", "end", "content"):
+                value = getattr(block, tag)
+                setattr(slot, f"{kind}_{tag}", value.encode() if value is not None else None)
+            if kind == "video":
+                slot.n_frame_tokens, slot.n_frame_per_video, slot.n_video = (block.rows_per_item,
+                                                                             block.frames_per_item, block.count)
+                slot.frame_width, slot.frame_height = block.width, block.height
+            else:
+                setattr(slot, f"n_{kind}_tokens", block.rows_per_item)
+                setattr(slot, f"n_{kind}", block.count)
+                if kind == "image":
+                    slot.image_width, slot.image_height = block.width, block.height
 
     def forget_run(self, run_id: int) -> None:
         self._inflight.pop(run_id, None)

@@ -8,10 +8,21 @@
  *    (failure mode F-3), the context limit (F-7), NPU memory failures (F-1) and the old-driver warning
  *    (F-5) print the texts recorded in knowledge/converter-anchors-and-failure-modes.md section 4.
  *  - Generation runs on a runtime pthread and calls the result callback once per token: NORMAL, WAITING for
- *    a token that ends inside a multi-byte UTF-8 character, FINISH (with perf stats from ABI 1.2.1), ERROR.
- *  - Callback return values (ABI >= 1.2.1): 1 pauses, 2 (1.3.0) releases the output buffer.
+ *    a token that ends inside a multi-byte UTF-8 character, FINISH (with perf stats from ABI 1.2.1), ERROR
+ *    (which carries no token: only NORMAL/WAITING do).
+ *  - Callback return values (ABI >= 1.2.1): 1 pauses (in every mode), 2 (1.3.0) releases the output buffer.
  *  - keep_history, KV cache size and clearing, abort, is_running (its meaning flips in 1.3.0), run_async,
- *    logits / last-hidden-layer modes, 1.3.0 per-run sampling and max_new_tokens.
+ *    logits / last-hidden-layer modes, 1.3.0 per-run sampling and max_new_tokens, a context shift keeping
+ *    n_keep entries, the 1.3.0 tokenizer and embedding callbacks, multimodal input checks.
+ *
+ * Behaviour options. Where the public sources leave a behaviour open, each candidate is selectable through
+ * the same JSON object as the faults (the manifest's "faults", or $RKEDGE_MOCK_FAULT, read at every run):
+ *   "utf8_split":   "overlap" (default) | "pieces" | "whole"   how a multi-byte character split over two
+ *                   tokens reaches the callback (see split_tokens)
+ *   "context_full": "stop" (default) | "shift"                 what happens when generation fills the context
+ *   "buffer_rows":  "all" (default) | "last" | N               the positions each logits / hidden-layer
+ *                   callback carries (N: at most N rows per callback, in order)
+ * The defaults are the behaviours of earlier builds of this stand-in.
  *
  * Where public sources do not settle a behaviour, the choice made here is marked "UNKNOWN (stand-in choice)".
  * Those choices are ours, never claims about the vendor library.
@@ -330,7 +341,17 @@ typedef struct {
     int keep_history;
     int max_new_tokens;
     void *userdata;
+    int input_type;
+    int extra_tokens;           /* positions that are not text: token ids, embeddings, image/video/audio rows */
+    int32_t *input_ids;         /* RKLLM_INPUT_TOKEN ids, kept for the 1.3.0 embedding callback */
+    int n_input_ids;
+    int kv_before_generation;   /* cache + this input: what n_keep = -1 keeps in a context shift */
+    int context_shifts;
+    int embed_callback_calls;
 } run_job;
+
+enum { UTF8_SPLIT_OVERLAP, UTF8_SPLIT_PIECES, UTF8_SPLIT_WHOLE };
+enum { BUFFER_ROWS_ALL = 0, BUFFER_ROWS_LAST = -1 };
 
 typedef struct {
     uint32_t magic;
@@ -342,11 +363,22 @@ typedef struct {
     int max_context_limit, vocab_size, hidden_size, npu_cores;
     double prefill_tps, decode_tps, memory_mb;
     int error_after_tokens, stall_after_tokens, stall_ms;
+    int utf8_split;    /* UTF8_SPLIT_*, from the "utf8_split" option */
+    int context_shift; /* "context_full": "shift" */
+    int buffer_rows;   /* BUFFER_ROWS_ALL, BUFFER_ROWS_LAST or rows per callback ("buffer_rows") */
     int broken;  /* init "failed" but returned 0, as 1.1.x runtimes do: every run ends in ERROR */
     int garbage; /* a model the runtime misreads (F-3 on 1.1): it generates gibberish */
     RKLLMParam param;
     LLMResultCallback callback;
     void *callback_userdata;
+#if ABI_AT_LEAST(130)
+    LLMTokenizerCallback tokenizer_callback;
+    void *tokenizer_userdata;
+    LLMGetEmbedCallback embed_callback;
+    void *embed_userdata;
+#else
+    char *img_start, *img_end, *img_content; /* the image tags, per init up to 1.2.3 (copied) */
+#endif
     char *tpl_system, *tpl_prefix, *tpl_postfix;
     int kv_tokens;
     int paused;
@@ -432,12 +464,20 @@ static int utf8_length(unsigned char c) {
 /*
  * Splits a response into tokens: an ASCII word with its leading space, a punctuation mark, or a multi-byte
  * character. A character of 3 or 4 bytes arrives as two tokens, the first of which does not complete it:
- * the runtime reports it with RKLLM_RUN_WAITING.
- * UNKNOWN (stand-in choice): whether the WAITING callback's text carries the partial bytes, and what the
- * following NORMAL callback carries. Here WAITING carries the partial bytes and NORMAL the whole
- * character, so a client that ignores WAITING (as every official demo does) still sees every character.
+ * the runtime reports it with RKLLM_RUN_WAITING ("the decoded bytes are not yet a complete UTF-8
+ * character, wait for the next call and join", SEMANTICS.md "The result callback").
+ * UNKNOWN (stand-in choice): what the WAITING text and the following NORMAL text carry. No public source
+ * settles it, and the clients in the field assume three different answers (issue 13, "Why"), so each one
+ * is an option ("utf8_split"):
+ *   overlap (default, this stand-in's original choice): WAITING carries the partial bytes, NORMAL the
+ *           whole character again; a client that drops WAITING text still sees every character once.
+ *   pieces: WAITING carries the partial bytes, NORMAL only the rest: the pieces do not overlap and
+ *           joining them gives the character once (SEMANTICS.md's "join"; what the 1.1.4 demo server's
+ *           byte joining relies on).
+ *   whole:  WAITING carries an empty text, NORMAL the whole character (what the 1.2+ servers that read
+ *           only NORMAL text rely on).
  */
-static int split_tokens(const char *text, size_t n, token_piece **out) {
+static int split_tokens(const char *text, size_t n, int mode, token_piece **out) {
     int cap = 16, count = 0;
     token_piece *pieces = malloc(sizeof(token_piece) * (size_t)cap);
     size_t i = 0;
@@ -459,8 +499,16 @@ static int split_tokens(const char *text, size_t n, token_piece **out) {
         int len = utf8_length(c);
         if (i + (size_t)len > n) len = (int)(n - i);
         if (len >= 3) {
-            PUSH(text + i, 1, 1);
-            PUSH(text + i, len, 0);
+            if (mode == UTF8_SPLIT_PIECES) {
+                PUSH(text + i, 1, 1);
+                PUSH(text + i + 1, len - 1, 0);
+            } else if (mode == UTF8_SPLIT_WHOLE) {
+                PUSH(text + i, 0, 1);
+                PUSH(text + i, len, 0);
+            } else {
+                PUSH(text + i, 1, 1);
+                PUSH(text + i, len, 0);
+            }
             i += (size_t)len;
         } else if (len == 2) {
             PUSH(text + i, 2, 0);
@@ -537,31 +585,205 @@ static void write_prompt_cache(mock_handle *h, const char *path) {
     free(b.data);
 }
 
-static void fill_buffer_mode(mock_handle *h, RKLLMResult *result, run_job *job, LLMCallState *state) {
-    int num_tokens = job->prompt_tokens > 0 ? job->prompt_tokens : 1;
-    int width = job->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER ? h->hidden_size : h->vocab_size;
-    size_t count = (size_t)num_tokens * (size_t)width;
-    free(h->output_buffer);
-    h->output_buffer = malloc(sizeof(float) * count);
-    uint64_t seed = fnv1a(job->prompt.data ? job->prompt.data : "", job->prompt.len, 1469598103934665603ull);
-    for (size_t i = 0; i < count; i++) h->output_buffer[i] = (float)sin((double)(seed % 1000) + (double)i * 0.01);
-    *state = RKLLM_RUN_NORMAL;
-    if (job->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) {
-        result->last_hidden_layer.hidden_states = h->output_buffer;
-        result->last_hidden_layer.embd_size = width;
-        result->last_hidden_layer.num_tokens = num_tokens;
-#if RKEDGE_ABI == 110
-        *state = RKLLM_RUN_GET_LAST_HIDDEN_LAYER;
-#endif
-    }
-#if ABI_AT_LEAST(120)
-    else {
-        result->logits.logits = h->output_buffer;
-        result->logits.vocab_size = width;
-        result->logits.num_tokens = num_tokens;
-    }
-#endif
+/* ERROR ends a run and carries no token: SEMANTICS.md gives text and token_id to NORMAL (and WAITING) only.
+ * UNKNOWN (stand-in choice): what the vendor runtime leaves in the struct; here text is NULL, token_id -1 and
+ * no buffer is set, so a client reading it sees no stale token. */
+static void deliver_error(mock_handle *h) {
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.text = NULL;
+    result.token_id = -1;
+    deliver(h, &result, RKLLM_RUN_ERROR);
 }
+
+/* The value of one position of the logits / hidden-layer output: a pure function of (prompt, row, column), so
+ * the rows split over several callbacks join into exactly the buffer a single callback would carry. */
+static float buffer_value(uint64_t seed, size_t row, size_t width, size_t column) {
+    return (float)sin((double)(seed % 1000) + (double)(row * width + column) * 0.01);
+}
+
+/*
+ * Logits / last-hidden-layer modes: num_tokens x width floats per callback (SEMANTICS.md). Every position of
+ * the input is reported: rows [0, prompt_tokens) in order.
+ * UNKNOWN (stand-in choice): how many positions one callback carries. The official demos read num_tokens rows
+ * from each NORMAL callback and warn that "the next callback releases the pointer" (so there may be several),
+ * and 1.3.0's return value 2 releases the buffer early; no public source says whether the runtime gives every
+ * prompt position, the last one only, or chunks. Option "buffer_rows": "all" (default: one callback, every
+ * position), "last" (one callback, the last position), N (callbacks of at most N rows, in order).
+ * Returns 1 when the client paused (return 1, ABI >= 1.2.1: honoured as in generate mode).
+ */
+static int run_buffer_mode(mock_handle *h, run_job *job, int *callbacks, int *positions) {
+    size_t total = (size_t)(job->prompt_tokens > 0 ? job->prompt_tokens : 1);
+    int hidden = job->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER;
+    size_t width = (size_t)(hidden ? h->hidden_size : h->vocab_size);
+    size_t first = h->buffer_rows == BUFFER_ROWS_LAST ? total - 1 : 0;
+    size_t step = h->buffer_rows > 0 ? (size_t)h->buffer_rows : total - first;
+    uint64_t seed = fnv1a(job->prompt.data ? job->prompt.data : "", job->prompt.len, 1469598103934665603ull);
+    int paused = 0;
+    for (size_t row = first; row < total; row += step) {
+        size_t rows = total - row < step ? total - row : step;
+        free(h->output_buffer);
+        h->output_buffer = malloc(sizeof(float) * rows * width);
+        for (size_t r = 0; r < rows; r++)
+            for (size_t c = 0; c < width; c++) h->output_buffer[r * width + c] = buffer_value(seed, row + r, width, c);
+        RKLLMResult result;
+        memset(&result, 0, sizeof result);
+        LLMCallState state = RKLLM_RUN_NORMAL;
+        if (hidden) {
+            result.last_hidden_layer.hidden_states = h->output_buffer;
+            result.last_hidden_layer.embd_size = (int)width;
+            result.last_hidden_layer.num_tokens = (int)rows;
+#if RKEDGE_ABI == 110
+            state = RKLLM_RUN_GET_LAST_HIDDEN_LAYER;
+#endif
+        }
+#if ABI_AT_LEAST(120)
+        else {
+            result.logits.logits = h->output_buffer;
+            result.logits.vocab_size = (int)width;
+            result.logits.num_tokens = (int)rows;
+        }
+#endif
+        int ret = deliver(h, &result, state);
+        (*callbacks)++;
+        *positions += (int)rows;
+        strbuf b = {0};
+        sb_printf(&b, "\"mode\":%d,\"first_position\":%zu,\"num_tokens\":%zu,\"width\":%zu,\"positions\":%zu,"
+                      "\"return\":%d", job->mode, row, rows, width, total, ret);
+        call_log("buffer", &b);
+        free(b.data);
+        if (ret == 2 && ABI_AT_LEAST(130)) {
+            log_callback_return("release", ret);
+            free(h->output_buffer);
+            h->output_buffer = NULL;
+        }
+        if (ABI_AT_LEAST(121) && ret == 1) {
+            log_callback_return("pause", ret);
+            paused = 1;
+            break;
+        }
+        if (h->abort_requested) break;
+    }
+    return paused;
+}
+
+/*
+ * Generation filled the context (max_context_len). SEMANTICS.md: n_keep (>= 1.2.0) is the number of KV entries
+ * kept at the start "when the context window shifts". With option "context_full": "shift" the stand-in shifts:
+ * it keeps the first n_keep entries and discards half of the rest, then generation goes on.
+ * UNKNOWN (stand-in choices): whether the vendor runtime shifts at all (the default, "stop", ends generation
+ * at the full context as earlier builds did), how much it discards (half of what follows n_keep here, as
+ * llama.cpp does), and what n_keep = -1 (every example's value) keeps: here, as in llama.cpp, the whole input
+ * (the cache before this run plus its prompt). ABI 1.1 has no n_keep and behaves as -1.
+ * Returns 1 when room was made.
+ */
+static int shift_context(mock_handle *h, run_job *job) {
+    int n_keep_param = -1;
+#if ABI_AT_LEAST(120)
+    n_keep_param = h->param.n_keep;
+#endif
+    int before = h->kv_tokens;
+    int keep = n_keep_param >= 0 ? n_keep_param : job->kv_before_generation;
+    if (keep > before) keep = before;
+    int discard = (before - keep) / 2;
+    if (discard > 0) {
+        h->kv_tokens -= discard;
+        job->context_shifts++;
+    }
+    strbuf b = {0};
+    sb_printf(&b, "\"n_keep\":%d,\"kept\":%d,\"discarded\":%d,\"kv_tokens_before\":%d,\"kv_tokens_after\":%d",
+              n_keep_param, keep, discard, before, h->kv_tokens);
+    call_log("context_shift", &b);
+    free(b.data);
+    return discard > 0;
+}
+
+#if ABI_AT_LEAST(130)
+/* The simulated tokenizer's ids for a text nobody tokenized: one per 4 bytes (count_tokens), ids >= 3. */
+static int32_t *simulated_ids(mock_handle *h, const char *text, size_t len, int *count) {
+    int n = count_tokens(len);
+    int32_t *ids = calloc((size_t)(n > 0 ? n : 1), sizeof(int32_t));
+    uint64_t vocab = (uint64_t)(h->vocab_size > 3 ? h->vocab_size - 3 : 1);
+    for (int i = 0; i < n; i++) {
+        size_t at = (size_t)i * 4, chunk = len - at < 4 ? len - at : 4;
+        ids[i] = (int32_t)(fnv1a(text + at, chunk, 7) % vocab) + 3;
+    }
+    *count = n;
+    return ids;
+}
+
+/* Asks the client's embedding callback for the rows of n ids. Returns its return value (0 = success). */
+static int embed_via_callback(mock_handle *h, run_job *job, int32_t *ids, int n, int log_it) {
+    size_t floats = (size_t)n * (size_t)h->hidden_size;
+    float *rows = calloc(floats > 0 ? floats : 1, sizeof(float));
+    /* UNKNOWN (stand-in choice): the unit of `len` (bytes here, the buffer's size) and the meaning of the return
+     * value (0 = success, anything else fails the run). */
+    int rc = h->embed_callback(h->embed_userdata, ids, (uint64_t)n, rows, (uint64_t)(floats * sizeof(float)));
+    job->embed_callback_calls++;
+    if (log_it) {
+        double sum = 0;
+        for (size_t i = 0; i < floats; i++) sum += rows[i];
+        strbuf b = {0};
+        sb_printf(&b, "\"num_tokens\":%d,\"len\":%zu,\"returned\":%d,\"sum\":%.6g,\"tokens\":[", n,
+                  floats * sizeof(float), rc, sum);
+        for (int i = 0; i < n; i++) sb_printf(&b, "%s%d", i ? "," : "", ids[i]);
+        sb_puts(&b, "]");
+        call_log("embed_callback", &b);
+        free(b.data);
+    }
+    free(rows);
+    if (rc != 0) diag("E rkllm: [rkedge simulator] the embedding callback returned %d", rc);
+    return rc;
+}
+
+/*
+ * The 1.3.0 tokenizer and embedding callbacks (RKLLMCallback; SEMANTICS.md call flow 2: they may be NULL when
+ * the model carries its own tokenizer and embedding, i.e. they serve models exported without them).
+ * UNKNOWN (stand-in choices): when and from which thread the runtime calls them. Here, when set, on the
+ * runtime's thread at the start of prefill: the tokenizer once for the text input (after the chat template;
+ * n_tokens_max = max_context_len; the return value is the number of ids written, < 0 or above n_tokens_max
+ * fails the run), then the embedding callback once for the input's ids (token input, or the text's ids), and
+ * once per generated token (its row for the next step). Returns 0 on success.
+ */
+static int prefill_callbacks(mock_handle *h, run_job *job) {
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    if (h->tokenizer_callback && job->has_text) {
+        int cap = h->param.max_context_len > 0 ? h->param.max_context_len : 4096;
+        ids = calloc((size_t)cap, sizeof(int32_t));
+        int n = h->tokenizer_callback(h->tokenizer_userdata, job->prompt.data ? job->prompt.data : "",
+                                      (int32_t)job->prompt.len, ids, cap);
+        strbuf b = {0};
+        sb_printf(&b, "\"text_len\":%zu,\"n_tokens_max\":%d,\"returned\":%d,\"text\":", job->prompt.len, cap, n);
+        sb_json_string(&b, job->prompt.data ? job->prompt.data : "", job->prompt.len);
+        sb_puts(&b, ",\"tokens\":[");
+        for (int i = 0; n <= cap && i < n; i++) sb_printf(&b, "%s%d", i ? "," : "", ids[i]);
+        sb_puts(&b, "]");
+        call_log("tokenizer_callback", &b);
+        free(b.data);
+        if (n < 0 || n > cap) {
+            diag("E rkllm: [rkedge simulator] the tokenizer callback returned %d (room for %d tokens)", n, cap);
+            free(ids);
+            return -1;
+        }
+        n_ids = n;
+        job->prompt_tokens = n + job->extra_tokens;
+    }
+    int rc = 0;
+    if (h->embed_callback) {
+        if (!ids && job->input_ids) {
+            ids = malloc(sizeof(int32_t) * (size_t)(job->n_input_ids > 0 ? job->n_input_ids : 1));
+            memcpy(ids, job->input_ids, sizeof(int32_t) * (size_t)job->n_input_ids);
+            n_ids = job->n_input_ids;
+        } else if (!ids && job->has_text) {
+            ids = simulated_ids(h, job->prompt.data ? job->prompt.data : "", job->prompt.len, &n_ids);
+        }
+        if (ids && n_ids > 0) rc = embed_via_callback(h, job, ids, n_ids, 1);
+    }
+    free(ids);
+    return rc;
+}
+#endif
 
 static void *generation_main(void *arg) {
     mock_handle *h = arg;
@@ -569,40 +791,41 @@ static void *generation_main(void *arg) {
     RKLLMResult result;
     memset(&result, 0, sizeof result);
     double t_start = now_ms();
-    int generated = 0, ended_in_error = 0, paused = 0;
+    int generated = 0, ended_in_error = 0, paused = 0, buffer_callbacks = 0, buffer_positions = 0;
     double t_first = t_start;
     (void)t_first; /* perf stats exist from ABI 1.2.1 */
 
     if (h->broken) {
         ended_in_error = 1;
-        deliver(h, &result, RKLLM_RUN_ERROR);
+        deliver_error(h);
         goto done;
     }
+#if ABI_AT_LEAST(130)
+    if (prefill_callbacks(h, job) != 0) {
+        ended_in_error = 1;
+        deliver_error(h);
+        goto done;
+    }
+#endif
     int limit = h->param.max_context_len;
     if (h->kv_tokens + job->prompt_tokens > limit) {
         /* UNKNOWN (stand-in choice): the runtime's text and state for a prompt beyond the context. */
         diag("E rkllm: the input of %d tokens plus %d cached tokens exceeds max_context_len %d",
              job->prompt_tokens, h->kv_tokens, limit);
         ended_in_error = 1;
-        deliver(h, &result, RKLLM_RUN_ERROR);
+        deliver_error(h);
         goto done;
     }
     if (h->prefill_tps > 0 && sleep_unless_aborted(h, 1000.0 * job->prompt_tokens / h->prefill_tps)) goto finish;
     if (h->abort_requested) goto finish;
     h->kv_tokens += job->prompt_tokens;
+    job->kv_before_generation = h->kv_tokens;
     t_first = now_ms();
     if (job->save_prompt_cache && job->prompt_cache_path) write_prompt_cache(h, job->prompt_cache_path);
 
     if (job->mode != RKLLM_INFER_GENERATE) {
-        LLMCallState state;
-        fill_buffer_mode(h, &result, job, &state);
-        int ret = deliver(h, &result, state);
-        if (ret == 2 && ABI_AT_LEAST(130)) {
-            log_callback_return("release", ret);
-            free(h->output_buffer);
-            h->output_buffer = NULL;
-        }
-        memset(&result, 0, sizeof result);
+        paused = run_buffer_mode(h, job, &buffer_callbacks, &buffer_positions);
+        if (paused) goto done;
         goto finish;
     }
 
@@ -617,17 +840,17 @@ static void *generation_main(void *arg) {
             generated_text(&text, seed, h->garbage);
         }
         token_piece *pieces = NULL;
-        int n_pieces = split_tokens(text.data ? text.data : "", text.len, &pieces);
+        int n_pieces = split_tokens(text.data ? text.data : "", text.len, h->utf8_split, &pieces);
         double per_token_ms = h->decode_tps > 0 ? 1000.0 / h->decode_tps : 0;
         for (int i = 0; i < n_pieces; i++) {
             if (generated >= job->max_new_tokens) break;
-            if (h->kv_tokens >= limit) break;
+            if (h->kv_tokens >= limit && !(h->context_shift && shift_context(h, job))) break;
             if (sleep_unless_aborted(h, per_token_ms)) break;
             if (h->error_after_tokens >= 0 && generated == h->error_after_tokens) {
                 /* The text a runtime prints when an NPU op fails mid-run (F-5, driver 0.8.2 reports). */
                 diag("E rkllm: matmul(w8a8) run failed");
                 ended_in_error = 1;
-                deliver(h, &result, RKLLM_RUN_ERROR);
+                deliver_error(h);
                 break;
             }
             if (h->stall_after_tokens >= 0 && generated == h->stall_after_tokens &&
@@ -641,6 +864,16 @@ static void *generation_main(void *arg) {
             int ret = deliver(h, &result, pieces[i].incomplete ? RKLLM_RUN_WAITING : RKLLM_RUN_NORMAL);
             generated++;
             h->kv_tokens++;
+#if ABI_AT_LEAST(130)
+            if (h->embed_callback) {
+                int32_t id = result.token_id;
+                if (embed_via_callback(h, job, &id, 1, 0) != 0) {
+                    ended_in_error = 1;
+                    deliver_error(h);
+                    break;
+                }
+            }
+#endif
             if (ABI_AT_LEAST(121) && ret == 1) {
                 log_callback_return("pause", ret);
                 paused = 1;
@@ -675,6 +908,13 @@ done:
         sb_printf(&b, "\"generated_tokens\":%d,\"aborted\":%s,\"paused\":%s,\"error\":%s", generated,
                   h->abort_requested ? "true" : "false", paused ? "true" : "false",
                   ended_in_error ? "true" : "false");
+        sb_printf(&b, ",\"prompt_tokens\":%d,\"context_shifts\":%d,\"kv_tokens_at_end\":%d", job->prompt_tokens,
+                  job->context_shifts, h->kv_tokens);
+        if (job->mode != RKLLM_INFER_GENERATE)
+            sb_printf(&b, ",\"buffer_callbacks\":%d,\"buffer_positions\":%d", buffer_callbacks, buffer_positions);
+#if ABI_AT_LEAST(130)
+        sb_printf(&b, ",\"embed_callback_calls\":%d", job->embed_callback_calls);
+#endif
         call_log("run_end", &b);
         free(b.data);
     }
@@ -711,6 +951,25 @@ static void load_run_faults(mock_handle *h, json_value *faults) {
     h->error_after_tokens = (int)json_get_number(faults, "error_after_tokens", -1);
     h->stall_after_tokens = (int)json_get_number(faults, "stall_after_tokens", -1);
     h->stall_ms = (int)json_get_number(faults, "stall_ms", 60000);
+    /* The behaviour options (see the top of this file); an unknown value warns and keeps the default. */
+    const char *split = json_get_string(faults, "utf8_split", "overlap");
+    h->utf8_split = strcmp(split, "pieces") == 0 ? UTF8_SPLIT_PIECES
+                    : strcmp(split, "whole") == 0 ? UTF8_SPLIT_WHOLE : UTF8_SPLIT_OVERLAP;
+    if (h->utf8_split == UTF8_SPLIT_OVERLAP && strcmp(split, "overlap") != 0)
+        diag("W rkllm: [rkedge simulator] utf8_split must be overlap, pieces or whole; using overlap");
+    const char *full = json_get_string(faults, "context_full", "stop");
+    h->context_shift = strcmp(full, "shift") == 0;
+    if (!h->context_shift && strcmp(full, "stop") != 0)
+        diag("W rkllm: [rkedge simulator] context_full must be stop or shift; using stop");
+    json_value *rows = json_get(faults, "buffer_rows");
+    h->buffer_rows = BUFFER_ROWS_ALL;
+    if (rows && rows->type == JSON_NUMBER && rows->number >= 1) {
+        h->buffer_rows = (int)rows->number;
+    } else if (rows && rows->type == JSON_STRING && strcmp(rows->string, "last") == 0) {
+        h->buffer_rows = BUFFER_ROWS_LAST;
+    } else if (rows && !(rows->type == JSON_STRING && strcmp(rows->string, "all") == 0)) {
+        diag("W rkllm: [rkedge simulator] buffer_rows must be all, last or a number of rows >= 1; using all");
+    }
 }
 
 static void foreign_model_error(const char *path) {
@@ -766,6 +1025,10 @@ static void log_init_params(RKLLMParam *p) {
 #endif
 #if ABI_AT_LEAST(130)
     sb_printf(&b, ",\"ignore_eos_token\":%s", p->ignore_eos_token ? "true" : "false");
+#else
+    sb_field(&b, "img_start", p->img_start);
+    sb_field(&b, "img_end", p->img_end);
+    sb_field(&b, "img_content", p->img_content);
 #endif
     sb_printf(&b, ",\"base_domain_id\":%d", p->extend_param.base_domain_id);
     sb_printf(&b, ",\"struct_sizes\":[%zu,%zu,%zu,%zu,%zu]", sizeof(RKLLMExtendParam), sizeof(RKLLMParam),
@@ -948,6 +1211,10 @@ RKLLM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLM_INIT_CALLBA
     if (callback) {
         h->callback = callback->result_callback;
         h->callback_userdata = callback->result_userdata;
+        h->tokenizer_callback = callback->tokenizer_callback;
+        h->tokenizer_userdata = callback->tokenizer_userdata;
+        h->embed_callback = callback->embed_callback;
+        h->embed_userdata = callback->embed_userdata;
         strbuf b = {0};
         sb_printf(&b, "\"tokenizer_callback\":%s,\"embed_callback\":%s",
                   callback->tokenizer_callback ? "true" : "false", callback->embed_callback ? "true" : "false");
@@ -956,6 +1223,12 @@ RKLLM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLM_INIT_CALLBA
     }
 #else
     h->callback = callback;
+    h->img_start = xstrdup(param->img_start);
+    h->img_end = xstrdup(param->img_end);
+    h->img_content = xstrdup(param->img_content);
+    h->param.img_start = h->img_start;
+    h->param.img_end = h->img_end;
+    h->param.img_content = h->img_content;
 #endif
 #if ABI_AT_LEAST(120)
     diag("I rkllm: rkllm-toolkit version: %s, max_context_limit: %d, npu_core_num: %d, target_platform: %s, "
@@ -971,6 +1244,110 @@ static void join_previous_run(mock_handle *h) {
         pthread_join(h->thread, NULL);
         h->thread_joinable = 0;
     }
+}
+
+/* ---- multimodal input ---------------------------------------------------------------------------------- */
+
+static size_t count_occurrences(const char *text, const char *tag) {
+    size_t n = 0, len = strlen(tag);
+    for (const char *at = text ? strstr(text, tag) : NULL; at; at = strstr(at + len, tag)) n++;
+    return n;
+}
+
+/*
+ * Checks one kind of media (image, video, audio) of a multimodal input and logs what was seen under `kind`.
+ * The embedding holds items x rows_per_item x hidden_size floats (ABI.md; rows = image tokens, frames x frame
+ * tokens, audio tokens); the stand-in reads all of them, so a short buffer is a read past its end, as on the
+ * board. Returns 0, or -1 with the reason in `why`.
+ * Prompt tags: public multimodal demos put one placeholder per item in the prompt ("<image>", and the 1.3.1
+ * demo "<audio>", ABI.md "Hazard"); the runtime expands it with the start/content/end tags (per init up to
+ * 1.2.3, per input from 1.3.0).
+ * UNKNOWN (stand-in choices): what the vendor runtime does with a mismatch (count of placeholders, an empty
+ * embedding, no content tag, a token count the model's encoder does not give): here the run is refused,
+ * with a text marked as the simulator's own; "<video>" as the video placeholder.
+ */
+static int check_media(mock_handle *h, strbuf *log, const char *kind, const char *placeholder, const char *prompt,
+                       const float *embed, size_t items, size_t rows_per_item, const char *start, const char *end,
+                       const char *content, int expected_rows, int *positions, char *why, size_t why_cap) {
+    size_t tags = count_occurrences(prompt, placeholder);
+    size_t floats = items * rows_per_item * (size_t)h->hidden_size;
+    int rc = 0;
+    if (tags != items) {
+        snprintf(why, why_cap, "the prompt holds %zu %s placeholders for %zu %s(s)", tags, placeholder, items, kind);
+        rc = -1;
+    } else if (items && (!embed || rows_per_item == 0)) {
+        snprintf(why, why_cap, "the %s embedding is empty", kind);
+        rc = -1;
+    } else if (items && (!content || !*content)) {
+        snprintf(why, why_cap, "no %s content tag is set", kind);
+        rc = -1;
+    } else if (items && expected_rows > 0 && rows_per_item != (size_t)expected_rows) {
+        snprintf(why, why_cap, "%zu %s rows per item, the model's encoder gives %d", rows_per_item, kind,
+                 expected_rows);
+        rc = -1;
+    }
+    double sum = 0;
+    float last = 0;
+    if (rc == 0 && floats) {
+        for (size_t i = 0; i < floats; i++) sum += embed[i];
+        last = embed[floats - 1];
+        *positions += (int)(items * rows_per_item);
+    }
+    sb_printf(log, ",\"%s\":{\"items\":%zu,\"rows_per_item\":%zu,\"embed_floats\":%zu,\"embed_sum\":%.6g,"
+                   "\"embed_last\":%.6g,\"tags_in_prompt\":%zu", kind, items, rows_per_item, floats, sum, (double)last,
+              tags);
+    sb_field(log, "start", start);
+    sb_field(log, "end", end);
+    sb_field(log, "content", content);
+    sb_puts(log, "}");
+    return rc;
+}
+
+/* Validates an RKLLM_INPUT_MULTIMODAL input and logs it ("multimodal_input"); returns the positions its media
+ * add to the prompt (>= 0), or -1 when it is refused. */
+static int validate_multimodal(mock_handle *h, const RKLLMMultiModalInput *mm) {
+    json_value *expect = json_get(h->manifest, "multimodal"); /* optional: what the model's encoders give */
+    char why[256] = "";
+    int positions = 0, rc = 0;
+    strbuf b = {0};
+    sb_printf(&b, "\"hidden_size\":%d", h->hidden_size);
+#if ABI_AT_LEAST(130)
+    rc = check_media(h, &b, "image", "<image>", mm->prompt, mm->image.image_embed, mm->image.n_image,
+                     mm->image.n_image_tokens, mm->image.image_start, mm->image.image_end, mm->image.image_content,
+                     (int)json_get_number(expect, "image_tokens", 0), &positions, why, sizeof why);
+    sb_printf(&b, ",\"image_width\":%zu,\"image_height\":%zu", mm->image.image_width, mm->image.image_height);
+    if (rc == 0)
+        rc = check_media(h, &b, "video", "<video>", mm->prompt, mm->video.video_embed, mm->video.n_video,
+                         mm->video.n_frame_per_video * mm->video.n_frame_tokens, mm->video.video_start,
+                         mm->video.video_end, mm->video.video_content,
+                         (int)json_get_number(expect, "video_rows", 0), &positions, why, sizeof why);
+#if ABI_AT_LEAST(131)
+    if (rc == 0)
+        rc = check_media(h, &b, "audio", "<audio>", mm->prompt, mm->audio.audio_embed, mm->audio.n_audio,
+                         mm->audio.n_audio_tokens, mm->audio.audio_start, mm->audio.audio_end,
+                         mm->audio.audio_content, (int)json_get_number(expect, "audio_tokens", 0), &positions, why,
+                         sizeof why);
+#endif
+#else
+#if ABI_AT_LEAST(121)
+    size_t images = mm->n_image;
+    sb_printf(&b, ",\"image_width\":%zu,\"image_height\":%zu", mm->image_width, mm->image_height);
+#else
+    size_t images = mm->n_image_tokens ? 1 : 0; /* no n_image before 1.2.1: one image per input */
+#endif
+    rc = check_media(h, &b, "image", "<image>", mm->prompt, mm->image_embed, images, mm->n_image_tokens,
+                     h->img_start, h->img_end, h->img_content, (int)json_get_number(expect, "image_tokens", 0),
+                     &positions, why, sizeof why);
+#endif
+    sb_printf(&b, ",\"accepted\":%s", rc == 0 ? "true" : "false");
+    sb_field(&b, "reason", rc == 0 ? NULL : why);
+    call_log("multimodal_input", &b);
+    free(b.data);
+    if (rc != 0) {
+        diag("E rkllm: [rkedge simulator] multimodal input refused: %s", why);
+        return -1;
+    }
+    return positions;
 }
 
 static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, int sync) {
@@ -990,7 +1367,9 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     free(job->prompt.data);
     free(job->lora_name);
     free(job->prompt_cache_path);
+    free(job->input_ids);
     memset(job, 0, sizeof *job);
+    job->input_type = (int)input->input_type;
     job->mode = infer ? (int)infer->mode : RKLLM_INFER_GENERATE;
     job->max_new_tokens = h->param.max_new_tokens;
     job->userdata = userdata;
@@ -1023,26 +1402,28 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     int extra_tokens = 0;
     switch (input->input_type) {
     case RKLLM_INPUT_PROMPT: text = input->prompt_input; break;
-    case RKLLM_INPUT_TOKEN: extra_tokens = (int)input->token_input.n_tokens; break;
-    case RKLLM_INPUT_EMBED: extra_tokens = (int)input->embed_input.n_tokens; break;
-    case RKLLM_INPUT_MULTIMODAL:
-        text = input->multimodal_input.prompt;
-#if ABI_AT_LEAST(130)
-        extra_tokens = (int)input->multimodal_input.image.n_image_tokens;
-#if ABI_AT_LEAST(131)
-        /* UNKNOWN (stand-in choice): audio adds n_audio * n_audio_tokens positions, the rows of audio_embed. */
-        extra_tokens += (int)(input->multimodal_input.audio.n_audio * input->multimodal_input.audio.n_audio_tokens);
-#endif
-#else
-        extra_tokens = (int)input->multimodal_input.n_image_tokens;
-#endif
+    case RKLLM_INPUT_TOKEN:
+        extra_tokens = (int)input->token_input.n_tokens;
+        if (input->token_input.input_ids && extra_tokens > 0) {
+            job->input_ids = malloc(sizeof(int32_t) * (size_t)extra_tokens);
+            memcpy(job->input_ids, input->token_input.input_ids, sizeof(int32_t) * (size_t)extra_tokens);
+            job->n_input_ids = extra_tokens;
+        }
         break;
+    case RKLLM_INPUT_EMBED: extra_tokens = (int)input->embed_input.n_tokens; break;
+    case RKLLM_INPUT_MULTIMODAL: text = input->multimodal_input.prompt; break;
     default: diag("E rkllm: unsupported input_type %d", (int)input->input_type); return -1;
     }
     if ((input->input_type == RKLLM_INPUT_PROMPT || input->input_type == RKLLM_INPUT_MULTIMODAL) && !text) {
         diag("E rkllm: prompt is NULL");
         return -1;
     }
+    if (input->input_type == RKLLM_INPUT_MULTIMODAL) {
+        /* Image, video and audio rows take positions like tokens (UNKNOWN: whether the tags take any more). */
+        extra_tokens = validate_multimodal(h, &input->multimodal_input);
+        if (extra_tokens < 0) return -1;
+    }
+    job->extra_tokens = extra_tokens;
     if (h->paused) h->paused = 0; /* a run after a pause resumes on the kept cache */
     {
         json_value *owned = NULL;
@@ -1174,6 +1555,12 @@ RKLLM_API int rkllm_destroy(LLMHandle handle) {
     free(h->job.prompt.data);
     free(h->job.lora_name);
     free(h->job.prompt_cache_path);
+    free(h->job.input_ids);
+#if !ABI_AT_LEAST(130)
+    free(h->img_start);
+    free(h->img_end);
+    free(h->img_content);
+#endif
     free(h->tpl_system);
     free(h->tpl_prefix);
     free(h->tpl_postfix);
