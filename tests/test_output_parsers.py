@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_chat_template import TEMPLATE_DIR
 
 from rkedge.runtime.output_parsers import (
     OutputFormat,
@@ -13,7 +14,6 @@ from rkedge.runtime.output_parsers import (
     prompt_opens_reasoning,
     tool_family_for,
 )
-from test_chat_template import TEMPLATE_DIR
 
 WEATHER = {"city": "Zürich", "days": 2}
 
