@@ -160,3 +160,45 @@ def test_an_abort_right_at_the_start_is_not_lost(tmp_path, call_log, delay_s):
     ends = call_log.entries("run_end")
     assert outcome.completion_tokens <= 3 and all(end["generated_tokens"] <= 3 for end in ends), (outcome, ends)
     assert not engine.queue.busy
+
+
+def test_a_client_that_stops_reading_is_let_go_and_its_run_aborted(tmp_path, call_log):
+    """A phone that sleeps keeps its connection but reads nothing: after send_timeout_s its stream ends."""
+    from rkedge.runtime.server.openai import OpenAIAnswer
+    from rkedge.runtime.server.responses import GenerationResponse
+    from rkedge.runtime.server.schemas import ChatCompletionRequest, conversation
+
+    app, llm = make_app(write_model(tmp_path / "served.rkllm", pace=PACE), send_timeout_s=0.3)
+    engine = app.state.engine
+    sent: list[str] = []
+
+    async def scenario() -> float:
+        request = ChatCompletionRequest.model_validate(chat_body("long", stream=True))
+        params = request.params()
+        job = engine.prepare_chat(conversation(request.messages), params)
+        response = GenerationResponse(engine, job, OpenAIAnswer("chat", "served", params, False), stream=True)
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message["type"])
+            if len(sent) > 4:
+                await asyncio.sleep(3600)  # the client's window is full and it never reads again
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": [], "app": app}
+        started = time.monotonic()
+        await asyncio.wait_for(response(scope, receive, send), 10)
+        took = time.monotonic() - started
+        while engine.queue.busy:
+            await asyncio.sleep(0.01)
+        return took
+
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        llm.close()
+    assert took < 3, "let go after the send timeout, not at the end of the 4 s reply"
+    end = call_log.last("run_end")
+    assert end["aborted"] is True and end["generated_tokens"] < 100

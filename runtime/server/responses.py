@@ -3,9 +3,9 @@
 A route checks admission (429) and shapes the request into a :class:`~rkedge.runtime.server.engine.Job`, then
 returns a :class:`GenerationResponse`. Only when Starlette calls it does it enter the queue, so a response
 that is never sent never queues. While queued and while running it watches the connection: a client that
-leaves while queued is taken out of the queue; one that leaves mid-run (streaming or not) has its run aborted;
-a cancelled call (shutdown) aborts too. The NPU slot is released by the run itself once the native run has
-ended, never by this coroutine.
+leaves while queued is taken out of the queue; one that leaves mid-run (streaming or not), or stops reading
+for ``send_timeout_s``, has its run aborted; a cancelled call (shutdown) aborts too. The NPU slot is
+released by the run itself once the native run has ended, never by this coroutine.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class GenerationResponse(Response):
             await gone.wait()
             return {"type": "http.disconnect"}
 
+        settings = scope["app"].state.settings if "app" in scope else None
+        send_timeout_s = settings.send_timeout_s if settings is not None else None
+
+        async def timed_send(message: Message) -> None:  # a client that stops reading (a phone asleep) is let go
+            await asyncio.wait_for(send(message), send_timeout_s)
+
         watcher = asyncio.ensure_future(watch())
         run: Run | None = None
         try:
@@ -78,7 +84,10 @@ class GenerationResponse(Response):
                     await self._client_left(scope, receive_until_gone, send)
                     return
                 response = self.answer.whole(await run.wait(), run)
-            await response(scope, receive_until_gone, send)
+            try:
+                await response(scope, receive_until_gone, timed_send)
+            except asyncio.TimeoutError:
+                scope.setdefault("state", {})[STATUS_KEY] = CLIENT_CLOSED  # the run is aborted below
         finally:
             watcher.cancel()
             if run is not None:

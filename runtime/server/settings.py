@@ -30,6 +30,7 @@ class ServerSettings:
     max_connections: int = 64  # uvicorn's limit_concurrency: more get 503 at once
     header_timeout_s: float = 10.0  # a connection that has not sent its request headers by then is closed
     body_timeout_s: float = 30.0  # reading one request body
+    send_timeout_s: float = 30.0  # a client that does not take a piece of its answer for this long is let go
     shutdown_grace_s: float = 10.0  # in-flight generations may finish this long after SIGTERM, then are aborted
     # -- browser exposure ------------------------------------------------------------------------------------
     allowed_hosts: tuple[str, ...] = ()  # Host header values; default: see hosts()
