@@ -313,6 +313,19 @@ def test_a_failing_client_callback_fails_the_run(make_model, call_log, capfd, fa
         assert "[rkedge simulator] the " + ("embedding" if failure == "wrong row size" else "tokenizer") in err
 
 
+@pytest.mark.parametrize("exported_without", ["tokenizer", "embedding"])
+def test_a_model_without_its_tokenizer_or_embedding_needs_the_callback(make_model, capfd, exported_without):
+    for abi in AT_LEAST_130:
+        model = make_model(abi, extra={f"export_{exported_without}": False})
+        library = NativeLibrary.load(resolve_library("mock", abi).path, abi)
+        refused = NativeModel(library, str(model), InitParams(), Recorder())
+        assert refused.init_rc != 0 and not refused.alive
+        assert f"the model was exported without its {exported_without}" in capfd.readouterr().err
+        callback = {"tokenizer": byte_tokenizer} if exported_without == "tokenizer" else {"embedder": constant_rows(64)}
+        with native_model(abi, model, Recorder(), **callback) as native:
+            assert native.run(1, RunRequest(prompt=b"hi")) == 0
+
+
 # --- 7. multimodal input ---------------------------------------------------------------------------------------
 
 TAGS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")

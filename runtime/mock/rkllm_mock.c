@@ -1175,6 +1175,23 @@ RKLLM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLM_INIT_CALLBA
 #endif
     }
 
+#if ABI_AT_LEAST(130)
+    /* 1.3.0 models may be exported without their tokenizer or embedding (toolkit export_rkllm(export_tokenizer=,
+     * export_embedding=)); the client then supplies them through RKLLMCallback (SEMANTICS.md call flow 2). A
+     * simulated model says so with "export_tokenizer": false / "export_embedding": false.
+     * UNKNOWN (stand-in choice): what the vendor runtime does when such a model gets no callback; here init fails. */
+    if (result == 0) {
+        json_value *tok = json_get(manifest, "export_tokenizer"), *emb = json_get(manifest, "export_embedding");
+        int no_tokenizer = tok && tok->type == JSON_BOOL && !tok->boolean && !(callback && callback->tokenizer_callback);
+        int no_embedding = emb && emb->type == JSON_BOOL && !emb->boolean && !(callback && callback->embed_callback);
+        if (no_tokenizer || no_embedding) {
+            diag("E rkllm: [rkedge simulator] the model was exported without its %s and no %s callback is set",
+                 no_tokenizer ? "tokenizer" : "embedding", no_tokenizer ? "tokenizer" : "embedding");
+            diag("E rkllm: rkllm_init failed");
+            result = -1;
+        }
+    }
+#endif
     if (result != 0) {
         json_free(owned_faults);
         json_free(manifest);
