@@ -30,7 +30,8 @@ TOOLS = ROOT / ".tools" / "aarch64"
 PACKAGE_DIRS = {"rkedge": "rkedge", "rkedge/convert": "convert", "rkedge/lora": "lora", "rkedge/runtime": "runtime",
                 "rkedge/boards": "boards"}
 PURE_PYTHON = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pytest_timeout", "py", "pygments")
-SUITE = ("tests/test_runtime_behaviour.py", "tests/test_abi_layout.py", "tests/test_abi_selection.py")
+SUITE = ("tests/test_runtime_behaviour.py", "tests/test_abi_layout.py", "tests/test_abi_selection.py",
+         "tests/test_mock_semantics.py")
 
 
 def build_site(site: Path) -> None:
