@@ -473,9 +473,10 @@ static int utf8_length(unsigned char c) {
  *           whole character again; a client that drops WAITING text still sees every character once.
  *   pieces: WAITING carries the partial bytes, NORMAL only the rest: the pieces do not overlap and
  *           joining them gives the character once (SEMANTICS.md's "join"; what the 1.1.4 demo server's
- *           byte joining relies on).
+ *           byte joining relies on, as does rkllama's split_byte_data, runtime-anchors.md section 2.2).
  *   whole:  WAITING carries an empty text, NORMAL the whole character (what the 1.2+ servers that read
- *           only NORMAL text rely on).
+ *           only NORMAL text rely on; runtime-anchors.md section 2.2 shows one decoding each NORMAL text
+ *           on its own, with errors='replace').
  */
 static int split_tokens(const char *text, size_t n, int mode, token_piece **out) {
     int cap = 16, count = 0;
