@@ -1,4 +1,4 @@
-"""One generation as it arrives: stop strings, incremental UTF-8, finish reasons and figures.
+"""One generation as it arrives: stop strings, incremental UTF-8, finish reasons and figures, parsed output.
 
 The backend's callbacks (on the runtime's thread) land in a :class:`RunState`'s queue; the caller's thread
 iterates a :class:`GenerationStream`, which turns those events into text and, at the end, a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import queue
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rkedge.errors import GenerationError, InputError
+from rkedge.runtime.output_parsers import OutputDelta, OutputFormat, OutputParser, ToolCall, parse_output
 from rkedge.runtime.types import CallState, PerfStats, RunEvent
 
 #: Token callback for :meth:`LLM.generate`: called on the runtime's thread with each token's text; return
@@ -40,13 +42,54 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
+    """``text`` is what the model wrote; ``content``/``reasoning``/``tool_calls`` are it parsed (for a run given
+    an :class:`~rkedge.runtime.output_parsers.OutputFormat`; otherwise ``content`` is ``text``)."""
+
     text: str
-    finish_reason: str  # stop | length | abort | error
+    finish_reason: str  # stop | length | abort | error | pause | tool_calls
     stats: GenerationStats
-    values: array[float] | None = None  # logits or hidden states (num_tokens x width), for those modes
+    values: array[float] | None = None  # logits or hidden states: every row the runtime gave (num_tokens x width)
     num_tokens: int = 0
     width: int = 0
     error: str | None = None
+    content: str = ""
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class ByteJoiner:
+    """Text of NORMAL and WAITING callbacks into characters, never losing or repeating a byte.
+
+    A token that ends inside a multi-byte character is reported as WAITING (SEMANTICS.md: "wait for the next
+    call and join"). What WAITING and the following callback carry is not documented (UNKNOWN), and the field
+    relies on three answers: the partial bytes then only the rest ("pieces"), the partial bytes then the whole
+    character again ("overlap"), or nothing then the whole character ("whole"). UTF-8 tells them apart: held
+    bytes are an unfinished character, so a piece that starts with a continuation byte continues them, and a
+    piece that starts with the held bytes themselves repeats them. Anything else means the held bytes were a
+    character the runtime never finished: they are decoded (as U+FFFD), not dropped.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, state: int, text: bytes | None) -> str:
+        piece = text or b""
+        if self._held:
+            if piece[:1] and 0x80 <= piece[0] <= 0xBF:
+                piece = self._held + piece  # pieces: the rest of the character
+            elif not piece.startswith(self._held):
+                piece = self._held + piece  # the held character was never finished: decoded as it is
+            # else overlap: the piece repeats the held bytes and goes on
+            self._held = b""
+        if state == CallState.WAITING:
+            self._held = piece
+            return ""
+        return self._decoder.decode(piece)
+
+    def finish(self) -> str:
+        held, self._held = self._held, b""
+        return self._decoder.decode(held, final=True)
 
 
 class RunEnd:
@@ -84,9 +127,12 @@ class RunState:
     last_token: float | None = None
     tokens: int = 0
     pause_requested: bool = False
+    paused: bool = False  # the runtime was told to pause (callback return 1): the run ends as "pause"
     hook_failed: bool = False
     kv_owner: object | None = None  # who owns the KV cache after this run (keep_history runs)
     aborted: bool = False  # abort() was called for this run (from any thread)
+    hook_joiner: ByteJoiner = field(default_factory=ByteJoiner)  # the token hook's own (runtime thread)
+    ended: threading.Event = field(default_factory=threading.Event)  # the backend's run() returned
 
     def on_event(self, event: RunEvent) -> int:
         """Runs on the runtime's thread for every callback of this run; returns the callback's int."""
@@ -97,9 +143,10 @@ class RunState:
                 self.first_token = now
             self.last_token = now
             self.tokens += 1
-            if self.on_token is not None and not self.hook_failed and state == CallState.NORMAL and event.text:
+            if self.on_token is not None and not self.hook_failed:
                 try:
-                    if self.on_token(event.text.decode("utf-8", "replace")) is True:
+                    text = self.hook_joiner.feed(state, event.text)
+                    if text and self.on_token(text) is True:
                         self.events.put(event)
                         self.events.put(STOP_SIGNAL)
                         return 0
@@ -109,11 +156,18 @@ class RunState:
                     self.events.put(HookFailure(exc))
                     return 0
             self.events.put(event)
-            if self.pause_requested:
-                self.pause_requested = False
-                return 1
-            return 0
+            return self._pause_reply()
+        if state == CallState.HIDDEN_LAYER:
+            self.events.put(event)
+            return self._pause_reply()  # the runtime honours 1 in the logits / hidden-layer modes too
         self.events.put(event)
+        return 0
+
+    def _pause_reply(self) -> int:
+        if self.pause_requested:
+            self.pause_requested = False
+            self.paused = True
+            return 1
         return 0
 
 
@@ -144,17 +198,20 @@ class GenerationStream(Iterator[str]):
     """
 
     def __init__(self, llm: StreamOwner, run: RunState, stop: Sequence[str],
-                 on_done: Callable[[GenerationResult], None] | None) -> None:
+                 on_done: Callable[[GenerationResult], None] | None, output: OutputFormat | None = None) -> None:
         self._llm = llm
         self._run = run
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._buffer = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._joiner = ByteJoiner()
         self._chunks: list[str] = []
         self._pending: list[str] = []
         self._perf: PerfStats | None = None
-        self._values: tuple[array[float] | None, int, int] = (None, 0, 0)
+        self._rows: list[array[float]] = []  # logits / hidden-state buffers, in the order the runtime gave them
+        self._num_rows = 0
+        self._width = 0
+        self._output = output
         self._error: str | None = None
         self._stopped = False
         self._delivered = 0  # token events taken before a stop (what the caller actually received)
@@ -190,19 +247,18 @@ class GenerationStream(Iterator[str]):
             state = item.state
             if state <= CallState.WAITING and not self._stopped:
                 self._delivered += 1
-            if state == CallState.NORMAL:
+            if state <= CallState.WAITING:
                 if item.values is not None:
-                    self._values = (item.values, item.num_tokens, item.width)
-                if item.text and not self._stopped:
-                    self._emit(self._decoder.decode(item.text))
+                    self._add_rows(item)
+                if not self._stopped:
+                    self._emit(self._joiner.feed(state, item.text))
             elif state == CallState.FINISH:
                 self._perf = item.perf
             elif state == CallState.ERROR:
+                # ERROR carries no token (SEMANTICS.md): whatever text it holds is not the model's.
                 self._error = "the runtime reported RKLLM_RUN_ERROR"
             elif state == CallState.HIDDEN_LAYER and item.values is not None:
-                self._values = (item.values, item.num_tokens, item.width)
-            # WAITING: the token ends inside a multi-byte character; its text is not emitted (the runtime
-            # delivers the whole character with the next NORMAL token).
+                self._add_rows(item)
         elif item is STOP_SIGNAL:
             self._stopped = True
             self._send_abort()
@@ -211,6 +267,17 @@ class GenerationStream(Iterator[str]):
             self._send_abort()
         elif isinstance(item, RunEnd):
             self._finish(item)
+
+    def _add_rows(self, event: RunEvent) -> None:
+        """Every buffer joins the run's values: the runtime may give the positions over several callbacks."""
+        if event.values is None:
+            return
+        if self._rows and event.width != self._width:
+            self._error = f"the runtime changed the buffer width mid-run ({self._width} -> {event.width})"
+            return
+        self._rows.append(event.values)
+        self._num_rows += event.num_tokens
+        self._width = event.width
 
     def _emit(self, text: str) -> None:
         if not text:
@@ -240,7 +307,7 @@ class GenerationStream(Iterator[str]):
             self._llm._native_abort()
 
     def _finish(self, end: RunEnd) -> None:
-        tail = self._decoder.decode(b"", final=True)
+        tail = self._joiner.finish()
         if tail and not self._stopped:
             self._emit(tail)
         if self._buffer and not self._stopped:
@@ -258,6 +325,8 @@ class GenerationStream(Iterator[str]):
             reason = "stop"
         elif run.aborted or self._hook_exc is not None:
             reason = "abort"
+        elif run.paused:
+            reason = "pause"  # the KV cache holds the run so far; continue it with LLM.resume()
         elif run.tokens >= run.max_new_tokens:
             reason = "length"
         elif self._perf is not None and \
@@ -265,8 +334,17 @@ class GenerationStream(Iterator[str]):
             reason = "length"  # the context filled up
         else:
             reason = "stop"
-        values, rows, width = self._values
-        self.result = GenerationResult("".join(self._chunks), reason, self._stats(), values, rows, width, self._error)
+        values: array[float] | None = None
+        if self._rows:
+            values = self._rows[0] if len(self._rows) == 1 else array("f", b"".join(r.tobytes() for r in self._rows))
+        text = "".join(self._chunks)
+        parsed = parse_output(text, self._output) if self._output is not None else None
+        self.result = GenerationResult(text, reason, self._stats(), values, self._num_rows, self._width, self._error,
+                                       content=parsed.content if parsed else text,
+                                       reasoning=parsed.reasoning if parsed else None,
+                                       tool_calls=parsed.tool_calls if parsed else [])
+        if parsed is not None and parsed.tool_calls and reason == "stop":
+            self.result.finish_reason = "tool_calls"
         self._done = True
         self._llm._run_finished(run, self.result)
         if self._on_done is not None:
@@ -334,6 +412,18 @@ class GenerationStream(Iterator[str]):
         except Exception:  # interpreter shutdown
             pass
 
+    def deltas(self) -> Iterator[OutputDelta]:
+        """The rest of the stream parsed as it arrives: content and reasoning text, and each tool call once
+        complete (needs a run given an output format; without one every chunk is content)."""
+        parser = OutputParser(self._output) if self._output is not None else None
+        for chunk in self:
+            if parser is None:
+                yield OutputDelta("content", chunk)
+            else:
+                yield from parser.feed(chunk)
+        if parser is not None:
+            yield from parser.finish()
+
     def collect(self) -> GenerationResult:
         """Consumes the rest of the stream and returns the result."""
         for _ in self:
@@ -342,4 +432,5 @@ class GenerationStream(Iterator[str]):
         return self.result
 
 
-__all__ = ["GenerationStream", "GenerationResult", "GenerationStats", "TokenHook", "RunState", "StreamOwner"]
+__all__ = ["GenerationStream", "GenerationResult", "GenerationStats", "TokenHook", "RunState", "StreamOwner",
+           "ByteJoiner"]

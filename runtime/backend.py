@@ -80,7 +80,10 @@ class Backend(Protocol):
 
     def is_running(self) -> bool: ...
 
-    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None: ...
+    def clear_kv_cache(self, keep_system_prompt: bool = False, start: list[int] | None = None,
+                       end: list[int] | None = None) -> None:
+        """Clears the cache, or only positions ``start[i]..end[i]`` of each batch where the runtime can."""
+        ...
 
     def kv_cache_sizes(self, batches: int = 1) -> list[int] | None:
         """Tokens held per batch, or None when this backend cannot tell."""

@@ -6,8 +6,15 @@ previous prompt plus the reply). If the rendering no longer extends what is cach
 model, the template rewrote history), the cache is cleared and the whole conversation is sent. ABI 1.1 has
 no ``keep_history``: every turn sends the whole conversation.
 
-Without a template family (a vendor ``.rkllm`` with no rkedge manifest), the runtime's embedded template
-wraps each user turn (ABI >= 1.2.0) and only the new user text is sent.
+The template is the model's own Jinja template when its manifest carries one (tools, tool results, thinking
+and documents go through it, as Hugging Face renders them), else a hand-written family (no tools). Without
+either (a vendor ``.rkllm`` with no rkedge manifest), the runtime's embedded template wraps each turn
+(ABI >= 1.2.0) and only the new text is sent: tools then go through ``rkllm_set_function_tools``, tool results
+with the ``tool`` role, thinking through ``enable_thinking``.
+
+A conversation longer than the context either fails with :class:`~rkedge.errors.ContextLengthExceeded` or,
+by the session's ``context_policy``, loses its oldest turns (the system prompt stays) or starts over from the
+last turn.
 
 Assumption (UNKNOWN for librkllmrt, true of llama.cpp-style loops): the EOS token that ends a reply is not
 evaluated into the KV cache, so the next turn's delta starts with the end-of-turn marker.
@@ -15,27 +22,59 @@ evaluated into the KV cache, so the next turn's delta starts with the end-of-tur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
-from rkedge.errors import InputError
+from rkedge.errors import ContextLengthExceeded, InputError
 from rkedge.runtime._stream import GenerationResult, GenerationStream, TokenHook
+from rkedge.runtime.chat_template import JinjaChatTemplate
 from rkedge.runtime.llm import LLM
-from rkedge.runtime.types import RunRequest, Sampling
+from rkedge.runtime.output_parsers import OutputFormat
+from rkedge.runtime.types import RunRequest, Sampling, c_text
+
+log = logging.getLogger("rkedge.runtime")
+
+#: What a session does with a conversation longer than the context: refuse it, drop the oldest turns (the
+#: system prompt stays), or keep only the last turn.
+ContextPolicy = Literal["error", "drop_oldest", "reset"]
+CONTEXT_POLICIES: tuple[ContextPolicy, ...] = ("error", "drop_oldest", "reset")
+Message = dict[str, Any]
 
 
 class ChatSession:
-    """A conversation with one :class:`LLM`."""
+    """A conversation with one :class:`LLM`.
 
-    def __init__(self, llm: LLM, system: str | None = None) -> None:
+    Args:
+        system: the system prompt (needs a template rkedge renders).
+        context_policy: what to do when the conversation no longer fits the context (see :data:`ContextPolicy`).
+        count_tokens: how to count a prompt's tokens; default: the model's tokenizer where one is known
+            (:func:`rkedge.runtime.tokens.counter_for`), else the context is not checked before the run.
+    """
+
+    def __init__(self, llm: LLM, system: str | None = None, *, context_policy: ContextPolicy = "error",
+                 count_tokens: Callable[[str], int] | None = None) -> None:
+        if context_policy not in CONTEXT_POLICIES:
+            raise InputError(f"unknown context policy {context_policy!r}", fix=f"use one of {CONTEXT_POLICIES}")
         self.llm = llm
         self.system = system
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.context_policy: ContextPolicy = context_policy
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self._cached_text: str | None = None  # what the runtime's KV cache holds for this session
+        #: Messages the context policy dropped for the last reply (0: none).
+        self.dropped_messages = 0
+        #: Turns whose rendering did not extend what the KV cache held, so the whole conversation was prefilled.
+        self.full_prefills = 0
+        if count_tokens is None:
+            from rkedge.runtime.tokens import counter_for
+
+            count_tokens = counter_for(llm.model_path, llm.metadata, llm.encode)
+        self._count = count_tokens
         if system and llm.template is None:
             raise InputError(
                 "a system prompt needs the model's chat template, and this model has none in a manifest.",
-                fix="pass --template FAMILY (gemma, llama3, qwen2, qwen2.5, chatml, phi3)")
+                fix="pass --template FAMILY (gemma, llama3, qwen2, qwen2.5, chatml, phi3) or a .jinja file")
 
     @property
     def uses_kv_cache(self) -> bool:
@@ -43,92 +82,215 @@ class ChatSession:
 
     @overload
     def send(self, content: str, *, stream: Literal[True] = ..., lora: str | None = None, stop: Sequence[str] = (),
-             enable_thinking: bool = False, on_token: TokenHook | None = None,
-             **sampling: Any) -> GenerationStream: ...
+             enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream: ...
 
     @overload
     def send(self, content: str, *, stream: Literal[False], lora: str | None = None, stop: Sequence[str] = (),
-             enable_thinking: bool = False, on_token: TokenHook | None = None,
-             **sampling: Any) -> GenerationResult: ...
+             enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             on_token: TokenHook | None = None, **sampling: Any) -> GenerationResult: ...
 
     @overload
     def send(self, content: str, *, stream: bool, lora: str | None = None, stop: Sequence[str] = (),
-             enable_thinking: bool = False, on_token: TokenHook | None = None,
-             **sampling: Any) -> GenerationStream | GenerationResult: ...
+             enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream | GenerationResult: ...
 
     def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: Sequence[str] = (),
-             enable_thinking: bool = False, on_token: TokenHook | None = None,
-             **sampling: Any) -> GenerationStream | GenerationResult:
+             enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream | GenerationResult:
         """Adds a user turn and generates the reply (appended to :attr:`messages` when it ends)."""
         if not content:
             raise InputError("empty message")
         return self.respond([*self.messages, {"role": "user", "content": content}], stream=stream, lora=lora,
-                            stop=stop, enable_thinking=enable_thinking, on_token=on_token, **sampling)
+                            stop=stop, enable_thinking=enable_thinking, tools=tools, on_token=on_token, **sampling)
+
+    def send_tool_result(self, content: str, *, tool_call_id: str | None = None, name: str | None = None,
+                         stream: bool = True, **kwargs: Any) -> GenerationStream | GenerationResult:
+        """Adds the result of a tool call (the ``tool`` role) and generates the model's answer to it."""
+        message: Message = {"role": "tool", "content": content}
+        if tool_call_id is not None:
+            message["tool_call_id"] = tool_call_id
+        if name is not None:
+            message["name"] = name
+        return self.respond([*self.messages, message], stream=stream, **kwargs)
 
     @overload
-    def respond(self, messages: list[dict[str, str]], *, stream: Literal[True] = ..., lora: str | None = None,
-                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                rendered: str | None = None, **sampling: Any) -> GenerationStream: ...
+    def respond(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True] = ...,
+                lora: str | None = None, stop: Sequence[str] = (), enable_thinking: bool | None = None,
+                tools: Sequence[Mapping[str, Any]] | None = None, template_kwargs: Mapping[str, Any] | None = None,
+                on_token: TokenHook | None = None, rendered: str | None = None,
+                **sampling: Any) -> GenerationStream: ...
 
     @overload
-    def respond(self, messages: list[dict[str, str]], *, stream: Literal[False], lora: str | None = None,
-                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                rendered: str | None = None, **sampling: Any) -> GenerationResult: ...
+    def respond(self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False], lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool | None = None,
+                tools: Sequence[Mapping[str, Any]] | None = None, template_kwargs: Mapping[str, Any] | None = None,
+                on_token: TokenHook | None = None, rendered: str | None = None,
+                **sampling: Any) -> GenerationResult: ...
 
     @overload
-    def respond(self, messages: list[dict[str, str]], *, stream: bool, lora: str | None = None,
-                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                rendered: str | None = None, **sampling: Any) -> GenerationStream | GenerationResult: ...
+    def respond(self, messages: Sequence[Mapping[str, Any]], *, stream: bool, lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool | None = None,
+                tools: Sequence[Mapping[str, Any]] | None = None, template_kwargs: Mapping[str, Any] | None = None,
+                on_token: TokenHook | None = None, rendered: str | None = None,
+                **sampling: Any) -> GenerationStream | GenerationResult: ...
 
-    def respond(self, messages: list[dict[str, str]], *, stream: bool = True, lora: str | None = None,
-                stop: Sequence[str] = (), enable_thinking: bool = False, on_token: TokenHook | None = None,
-                rendered: str | None = None, **sampling: Any) -> GenerationStream | GenerationResult:
-        """Generates the reply to a whole conversation (ending with a user turn), reusing the KV cache for
-        whatever prefix of it the cache already holds (an OpenAI-style server sends the history each time).
-        ``rendered``: the conversation's template rendering when the caller has made it (the server, to count it)."""
-        if not messages or messages[-1].get("role") != "user":
-            raise InputError("the conversation must end with a user message")
-        conversation = [dict(m) for m in messages]
-        prompt, full = self._prompt_for(conversation, conversation[-1]["content"], rendered)
+    def respond(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = True, lora: str | None = None,
+                stop: Sequence[str] = (), enable_thinking: bool | None = None,
+                tools: Sequence[Mapping[str, Any]] | None = None, template_kwargs: Mapping[str, Any] | None = None,
+                on_token: TokenHook | None = None, rendered: str | None = None,
+                **sampling: Any) -> GenerationStream | GenerationResult:
+        """Generates the reply to a whole conversation (ending with a user turn or a tool result), reusing the
+        KV cache for whatever prefix of it the cache already holds (an OpenAI-style server sends the history
+        each time).
+
+        Args:
+            enable_thinking: the template's (or runtime's) thinking switch; None leaves the template's default.
+            tools: tool definitions (OpenAI/JSON-schema shape): rendered by the model's template, or given to the
+                runtime's function calling when the runtime renders. Tool calls in the reply are parsed into
+                ``result.tool_calls``.
+            template_kwargs: other keywords of the model's template (``documents``, ``date_string``...).
+            rendered: the conversation's rendering when the caller has made it (the server, to count it).
+        """
+        if not messages or messages[-1].get("role") not in ("user", "tool"):
+            raise InputError("the conversation must end with a user message or a tool result")
+        conversation: list[Message] = [dict(m) for m in messages]
+        self.dropped_messages = 0
+        tool_list = [dict(t) for t in tools] if tools else None
+        if self.llm.template is None:
+            request, output = self._runtime_renders(conversation, tool_list, enable_thinking)
+            full: str | None = None
+        else:
+            prompt, full = self._prompt_for(conversation, tool_list, enable_thinking, template_kwargs, rendered)
+            request = RunRequest(prompt=c_text(prompt, "the prompt"), keep_history=self.uses_kv_cache,
+                                 enable_thinking=bool(enable_thinking))
+            output = self.llm.output_format(tools=bool(tool_list), prompt=full)
         keep = self.uses_kv_cache
+        request.lora_name = lora
+        request.max_new_tokens = sampling.pop("max_new_tokens", None)
 
         def record(result: GenerationResult) -> None:
             if result.finish_reason == "error":
                 self.messages = conversation[:-1]
                 self._cached_text = None
                 return
-            self.messages = [*conversation, {"role": "assistant", "content": result.text}]
+            reply: Message = {"role": "assistant", "content": result.content}
+            if result.reasoning is not None:
+                reply["reasoning_content"] = result.reasoning
+            if result.tool_calls:
+                reply["tool_calls"] = [call.as_message_field() for call in result.tool_calls]
+            self.messages = [*conversation, reply]
             self._cached_text = (full + result.text) if (keep and full is not None) else None
 
-        request = RunRequest(prompt=prompt.encode("utf-8"), keep_history=keep, lora_name=lora,
-                             enable_thinking=enable_thinking, max_new_tokens=sampling.pop("max_new_tokens", None))
-        sampling = {k: v for k, v in sampling.items() if v is not None}
-        if sampling:
-            request.sampling = Sampling(**sampling)
-        result = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record)
-        return result if stream else result.collect()
+        values = {k: v for k, v in sampling.items() if v is not None}
+        if values:
+            request.sampling = Sampling(**values)
+        generation = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record, output=output)
+        return generation if stream else generation.collect()
 
-    def _prompt_for(self, conversation: list[dict[str, str]], content: str,
-                    rendered: str | None = None) -> tuple[str, str | None]:
+    # -- rkedge renders ----------------------------------------------------------------------------------------
+
+    def _render(self, conversation: list[Message], tools: list[Message] | None, enable_thinking: bool | None,
+                template_kwargs: Mapping[str, Any] | None) -> str:
         template = self.llm.template
-        if template is None:
-            # The runtime's own template wraps this turn; its KV cache holds the earlier ones.
-            if not self.uses_kv_cache and len(conversation) > 1:
-                raise InputError("multi-turn chat on ABI 1.1 needs the model's chat template.",
-                                 fix="pass --template FAMILY")
-            if self.llm.kv_cache_owner is not self or conversation[:-1] != self.messages:
-                # The cache holds another conversation: start over from this turn alone.
-                if self.llm.kv_cache_owner is self:
-                    self.llm.clear_kv_cache()
-                conversation[:] = [conversation[-1]]
-            return content, None
-        full = rendered if rendered is not None else template.render(conversation, add_generation_prompt=True)
+        assert template is not None
+        if isinstance(template, JinjaChatTemplate):
+            kwargs = dict(template_kwargs or {})
+            if enable_thinking is not None:
+                kwargs["enable_thinking"] = enable_thinking
+            return template.render(conversation, True, tools=tools, **kwargs)
+        if tools:
+            raise InputError(f"this model's chat template is rkedge's hand-written {template.family} family, which "
+                             "has no tool calling; the tools would be lost.",
+                             fix="reconvert the model so its manifest carries its Hugging Face chat template, or "
+                                 "pass the model's .jinja template (chat_template=...)")
+        return template.render(conversation, add_generation_prompt=True)
+
+    def _prompt_for(self, conversation: list[Message], tools: list[Message] | None, enable_thinking: bool | None,
+                    template_kwargs: Mapping[str, Any] | None, rendered: str | None) -> tuple[str, str]:
+        full = rendered if rendered is not None else self._render(conversation, tools, enable_thinking,
+                                                                  template_kwargs)
+        if rendered is None:
+            full = self._fit(conversation, full, lambda: self._render(conversation, tools, enable_thinking,
+                                                                      template_kwargs))
         cached = self._cached_text
-        if self.uses_kv_cache and cached is not None and self.llm.kv_cache_owner is self and full.startswith(cached):
-            return full[len(cached):], full
+        if self.uses_kv_cache and cached is not None and self.llm.kv_cache_owner is self:
+            if full.startswith(cached):
+                return full[len(cached):], full
+            # The template rewrote history (Qwen3 drops earlier reasoning, a date changed...): say so, start over.
+            self.full_prefills += 1
+            log.warning("the chat template's rendering of this conversation does not extend what the KV cache "
+                        "holds (%d characters); clearing the cache and prefilling the whole conversation",
+                        len(cached))
         if self.llm.kv_cache_owner is self:
             self.llm.clear_kv_cache()
         return full, full
+
+    def _fit(self, conversation: list[Message], full: str, render: Callable[[], str]) -> str:
+        """Applies the context policy until the rendering fits (a counter is needed to know)."""
+        count = self._count
+        if count is None:
+            return full
+        limit = self.llm.max_context_len
+        tokens = count(full)
+        if tokens < limit:
+            return full
+        if self.context_policy == "error":
+            raise _too_long(tokens, limit)
+        before = len(conversation)
+        while tokens >= limit:
+            if not _drop_oldest_turn(conversation, keep_only_last=self.context_policy == "reset"):
+                raise _too_long(tokens, limit, after_policy=self.context_policy)
+            full = render()
+            tokens = count(full)
+        self.dropped_messages = before - len(conversation)
+        log.info("context full: dropped the %d oldest messages (policy %s)", self.dropped_messages,
+                 self.context_policy)
+        return full
+
+    # -- the runtime renders -----------------------------------------------------------------------------------
+
+    def _runtime_renders(self, conversation: list[Message], tools: list[Message] | None,
+                         enable_thinking: bool | None) -> tuple[RunRequest, OutputFormat]:
+        """The runtime's embedded template wraps this turn; its KV cache holds the earlier ones."""
+        llm = self.llm
+        if not self.uses_kv_cache and len(conversation) > 1:
+            raise InputError("multi-turn chat on ABI 1.1 needs the model's chat template.",
+                             fix="pass --template FAMILY")
+        last = conversation[-1]
+        if tools is not None:
+            if not llm.features.has_function_tools:
+                raise InputError(f"tools need the model's chat template or runtime function calling (ABI 1.2.1 or "
+                                 f"newer; this library is {llm.abi}).", fix="pass the model's .jinja template")
+            tools_json = json.dumps(tools, ensure_ascii=False)
+            if tools_json != llm._runtime_tools:
+                llm.set_function_tools("", tools_json, "tool_response")
+                # UNKNOWN whether librkllmrt keeps the cache across a new tool list: start this conversation over.
+                if llm.kv_cache_owner is self:
+                    llm.clear_kv_cache()
+        fresh = llm.kv_cache_owner is not self or conversation[:-1] != self.messages
+        if fresh:
+            if llm.kv_cache_owner is self:
+                llm.clear_kv_cache()
+            conversation[:] = [last]
+        content = last.get("content")
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        count = self._count
+        if count is not None:
+            held = 0 if fresh else (llm.kv_cache_size() or 0)
+            tokens = held + count(text)
+            if tokens >= llm.max_context_len:
+                if self.context_policy == "error" or fresh:
+                    raise _too_long(tokens, llm.max_context_len)
+                self.dropped_messages = len(conversation) - 1
+                llm.clear_kv_cache()
+                conversation[:] = [last]
+        request = RunRequest(prompt=c_text(text, "the message"), keep_history=self.uses_kv_cache,
+                             role="tool" if last.get("role") == "tool" else "user",
+                             enable_thinking=bool(enable_thinking))
+        return request, llm.output_format(tools=bool(tools))
+
+    # -- the rest ----------------------------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forgets the conversation (keeps the system prompt) and clears the KV cache."""
@@ -142,3 +304,23 @@ class ChatSession:
             raise InputError("a system prompt needs the model's chat template.", fix="pass --template FAMILY")
         self.system = system or None
         self.reset()
+
+
+def _drop_oldest_turn(conversation: list[Message], *, keep_only_last: bool) -> bool:
+    """Removes the oldest turn (a user message and what answered it) after the system prompt; with
+    ``keep_only_last`` every turn but the last. False when only the last turn is left."""
+    first = 1 if conversation and conversation[0].get("role") == "system" else 0
+    starts = [i for i in range(first, len(conversation)) if conversation[i].get("role") == "user"]
+    if len(starts) < 2:
+        return False
+    cut = starts[-1] if keep_only_last else starts[1]
+    del conversation[first:cut]
+    return True
+
+
+def _too_long(tokens: int, limit: int, after_policy: str | None = None) -> ContextLengthExceeded:
+    where = f" even after the '{after_policy}' policy" if after_policy else ""
+    return ContextLengthExceeded(
+        f"the conversation is {tokens} tokens{where}; the model's context holds {limit}.",
+        fix="start over (/reset), let the session drop old turns (context_policy='drop_oldest'), or load the "
+            "model with a larger max_context_len (up to its limit)")

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import threading
+import time
+from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -21,9 +23,14 @@ from rkedge.errors import BusyError, ContextLengthExceeded, InputError, RkedgeEr
 from rkedge.runtime._stream import GenerationResult, GenerationStats, GenerationStream, RunEnd, RunState, TokenHook
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.backend import Backend, RuntimeInfo, open_backend
+from rkedge.runtime.chat_template import SPECIAL_TOKEN_NAMES, JinjaChatTemplate
+from rkedge.runtime.output_parsers import OutputFormat, ToolFamily, tool_family_for
 from rkedge.runtime.rkllm_backend import load_model_metadata
-from rkedge.runtime.templates import ChatTemplate, get_template
-from rkedge.runtime.types import InferMode, InitParams, RunEvent, RunRequest, Sampling
+from rkedge.runtime.templates import TEMPLATES, ChatTemplate, get_template
+from rkedge.runtime.types import InferMode, InitParams, RunEvent, RunRequest, Sampling, c_text
+
+#: Whatever renders a conversation on the host: the model's own Jinja template, or a hand-written family.
+PromptTemplate = ChatTemplate | JinjaChatTemplate
 
 if TYPE_CHECKING:
     from rkedge.runtime.chat import ChatSession
@@ -40,9 +47,11 @@ class LLM:
         library: path of ``librkllmrt.so``, ``"mock"`` for the simulated NPU, or None to search.
         abi: the runtime's ABI or release (``1.1``, ``1.2.0``, ``1.2.2``, ``1.2.3``, ``1.3.0``); detected when
             the library tells, required when it does not.
-        chat_template: a template family (``gemma``, ``llama3``, ``qwen2``...); default: the model's
-            manifest. With a known family rkedge renders prompts itself and turns the runtime's embedded
-            template off, so nothing is templated twice.
+        chat_template: the model's Jinja chat template (its text, or a ``.jinja`` file), or a hand-written
+            family (``gemma``, ``llama3``, ``qwen2``...); default: the manifest's Hugging Face template, else its
+            family. When rkedge renders (it then passes tools and thinking through the template) it turns the
+            runtime's embedded template off, so nothing is templated twice; with no template the runtime
+            renders, and tools and thinking go through ``rkllm_set_function_tools`` and ``enable_thinking``.
         verbose: echo the runtime's init log.
         **params: ``RKLLMParam`` fields (``max_context_len``, ``max_new_tokens``, ``top_k``, ``temperature``,
             ``base_domain_id``...).
@@ -52,6 +61,10 @@ class LLM:
                  abi: str | None = None, *, chat_template: str | None = None, verbose: bool = False,
                  **params: Any) -> None:
         self._closed = True
+        self._closing = False
+        self._close_pending = False  # close() was called on the runtime's thread: the run's thread finishes it
+        self._state_lock = threading.RLock()  # orders run starts against close()
+        self._runtime_tools: str | None = None  # the tools rkllm_set_function_tools last received
         self.model_path = Path(model_path)
         try:
             init = InitParams(**params)
@@ -72,8 +85,11 @@ class LLM:
         self.warnings: list[str] = list(backend.warnings)
         self.metadata: dict[str, Any] = dict(backend.metadata)
         self._closed = False
-        family = chat_template or self.metadata.get("chat_family")
-        self.template: ChatTemplate | None = get_template(family) if family else None
+        try:
+            self.template: PromptTemplate | None = self._choose_template(chat_template)
+        except BaseException:
+            self.close()
+            raise
         if self.template is not None and self.features.has_chat_template:
             # We render the whole prompt ourselves: switch the runtime's embedded template off so nothing is
             # templated twice. Done once, before any KV exists (it also clears the cache, rknn-llm#377).
@@ -82,6 +98,65 @@ class LLM:
             except RkedgeError as exc:  # the model still runs; its own template may then wrap our prompts
                 self.warnings.append(f"could not switch the runtime's chat template off: {exc.message}")
                 log.warning(self.warnings[-1])
+
+    def _choose_template(self, chosen: str | None) -> PromptTemplate | None:
+        """The caller's template, else the manifest's Hugging Face template, else its family, else None (the
+        runtime renders with the template embedded in the model)."""
+        meta = self.metadata
+        name = str(meta.get("name") or self.model_path.name)
+        if chosen is not None and chosen not in TEMPLATES:
+            source = chosen
+            if "{{" not in chosen and "{%" not in chosen:
+                path = Path(chosen)
+                if not path.is_file():
+                    get_template(chosen)  # raises: neither a family nor a template file
+                source = path.read_text(encoding="utf-8")
+            return JinjaChatTemplate(source, self._special_tokens(), name)
+        if chosen is not None:
+            return get_template(chosen)
+        family = meta.get("chat_family")
+        found = meta.get("chat_template")
+        if not isinstance(found, str):  # a simulated model's chat_template is the runtime's three parts
+            found = meta.get("jinja_chat_template")
+        if isinstance(found, str) and found:
+            source = found
+            tokens = self._special_tokens()
+            if "eos_token" in source and "eos_token" not in tokens and family in TEMPLATES:
+                # Rendering without the EOS text would drop it from every finished turn: keep the family.
+                self.warnings.append("the manifest has the model's chat template but not its special tokens; "
+                                     f"using the hand-written {family} family (reconvert to record them)")
+                log.warning(self.warnings[-1])
+                return get_template(family)
+            return JinjaChatTemplate(source, tokens, name)
+        return get_template(family) if family else None
+
+    def _special_tokens(self) -> dict[str, str]:
+        """The manifest's special-token texts (bos_token, eos_token...), as the template's keywords."""
+        found = self.metadata.get("special_tokens")
+        tokens = {k: v for k, v in found.items() if k in SPECIAL_TOKEN_NAMES and isinstance(v, str)} \
+            if isinstance(found, dict) else {}
+        family = self.metadata.get("chat_family")
+        if "bos_token" not in tokens and family in TEMPLATES and TEMPLATES[family].bos_token:
+            tokens["bos_token"] = TEMPLATES[family].bos_token
+        return tokens
+
+    @property
+    def renders_prompts(self) -> bool:
+        """rkedge renders chat prompts (a template is known); False: the runtime's embedded template does."""
+        return self.template is not None
+
+    def output_format(self, *, tools: bool, prompt: str = "") -> OutputFormat:
+        """How to read a chat reply: the tool-call syntax of this model's template (when tools were offered)
+        and whether ``prompt`` left a ``<think>`` block open."""
+        from rkedge.runtime.output_parsers import prompt_opens_reasoning
+
+        family: ToolFamily | None = None
+        if tools:
+            template = self.template
+            source = template.source if isinstance(template, JinjaChatTemplate) else None
+            family = tool_family_for(source, template.family if isinstance(template, ChatTemplate) else
+                                     str(self.metadata.get("chat_family") or "")) or "hermes"
+        return OutputFormat(family, starts_in_reasoning=prompt_opens_reasoning(prompt))
 
     # -- properties ---------------------------------------------------------------------------------------
 
@@ -128,6 +203,7 @@ class LLM:
             "abi_selected_by": self.runtime.selected_by,
             "simulated": self.runtime.simulated,
             "chat_template": self.template.family if self.template else None,
+            "renders_prompts": self.renders_prompts,
             "max_context_len": self.max_context_len,
             "warnings": list(self.warnings),
         }
@@ -137,7 +213,7 @@ class LLM:
     @overload
     def generate(self, prompt: str | None = None, *, stream: Literal[True] = ..., max_new_tokens: int | None = None,
                  stop: Sequence[str] = (), on_token: TokenHook | None = None, token_ids: Sequence[int] | None = None,
-                 mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
+                 embeds: Any = None, mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
                  save_prompt_cache: bool = False, role: str = "user", enable_thinking: bool = False,
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
@@ -147,7 +223,7 @@ class LLM:
     @overload
     def generate(self, prompt: str | None = None, *, stream: Literal[False], max_new_tokens: int | None = None,
                  stop: Sequence[str] = (), on_token: TokenHook | None = None, token_ids: Sequence[int] | None = None,
-                 mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
+                 embeds: Any = None, mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
                  save_prompt_cache: bool = False, role: str = "user", enable_thinking: bool = False,
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
@@ -157,7 +233,7 @@ class LLM:
     @overload
     def generate(self, prompt: str | None = None, *, stream: bool, max_new_tokens: int | None = None,
                  stop: Sequence[str] = (), on_token: TokenHook | None = None, token_ids: Sequence[int] | None = None,
-                 mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
+                 embeds: Any = None, mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
                  save_prompt_cache: bool = False, role: str = "user", enable_thinking: bool = False,
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
@@ -166,20 +242,24 @@ class LLM:
 
     def generate(self, prompt: str | None = None, *, stream: bool = True, max_new_tokens: int | None = None,
                  stop: Sequence[str] = (), on_token: TokenHook | None = None, token_ids: Sequence[int] | None = None,
-                 mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
+                 embeds: Any = None, mode: str = "generate", lora: str | None = None, prompt_cache: str | None = None,
                  save_prompt_cache: bool = False, role: str = "user", enable_thinking: bool = False,
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
                  ) -> GenerationStream | GenerationResult:
-        """Runs the model on ``prompt`` (sent as is: no chat template; use :meth:`chat_session` for chat).
+        """Runs the model on ``prompt`` (sent as is: no chat template; use :meth:`chat_session` for chat), on
+        ``token_ids``, or on ``embeds`` (input embeddings: rows of floats, or a 2-D array, one row per position).
 
         Per-run sampling and ``max_new_tokens`` are applied on ABI 1.3.0; older ABIs fix them at init and
-        refuse per-run values that differ (they would be silently ignored otherwise).
+        refuse per-run values that differ (they would be silently ignored otherwise). ``mode="hidden"`` or
+        ``"logits"`` returns every position the runtime gives in ``result.values`` (``num_tokens x width``).
         """
+        embeddings, embed_tokens = _embedding_rows(embeds) if embeds is not None else (None, 0)
         request = RunRequest(
-            prompt=prompt.encode("utf-8") if prompt is not None else None,
+            prompt=c_text(prompt, "the prompt") if prompt is not None else None,
             token_ids=list(token_ids) if token_ids is not None else None,
+            embeddings=embeddings, embed_tokens=embed_tokens,
             role=role, enable_thinking=enable_thinking, mode=_mode(mode), lora_name=lora,
             prompt_cache_path=prompt_cache, save_prompt_cache=save_prompt_cache, keep_history=keep_history,
             sampling=Sampling(top_k=top_k, top_p=top_p, temperature=temperature, repeat_penalty=repeat_penalty,
@@ -189,8 +269,8 @@ class LLM:
         return result if stream else result.collect()
 
     def run(self, request: RunRequest, *, owner: object | None = None, stop: Sequence[str] = (),
-            on_token: TokenHook | None = None, on_done: Callable[[GenerationResult], None] | None = None
-            ) -> GenerationStream:
+            on_token: TokenHook | None = None, on_done: Callable[[GenerationResult], None] | None = None,
+            output: OutputFormat | None = None) -> GenerationStream:
         """Starts one run of ``request`` and returns its stream (what :meth:`generate` and chat sessions use).
 
         Args:
@@ -199,38 +279,43 @@ class LLM:
             stop: stop strings (the text ends before the first one found).
             on_token: called on the runtime's thread with each token's text; True stops the run.
             on_done: called with the result once the run has ended, before the stream's last chunk is returned.
+            output: how to parse the reply into content, reasoning and tool calls (:meth:`output_format`).
 
         Raises:
             BusyError: a run is already in progress on this model.
             InputError: the request asks for something this backend or ABI cannot do.
         """
-        if self._closed:
-            raise RkedgeError("this LLM is closed.", fix="create a new LLM")
-        if request.prompt is None and request.token_ids is None:
-            raise InputError("nothing to generate from: pass a prompt or token_ids")
-        self._check_request(request)
-        if not self._lock.acquire(blocking=False):
-            raise BusyError("a generation is already running on this model; the NPU serves one at a time.",
-                            fix="wait for it to finish (or abort it), or queue requests (rkedge serve does)")
-        try:
-            if self._kv_owner is not None and self._kv_owner is not owner and self.features.clear_kv_cache_arity:
-                self._backend.clear_kv_cache(False)
-                self._kv_owner = None
-            self._next_run += 1
-            limit = request.max_new_tokens if (request.max_new_tokens and self.features.has_sampling_params) \
-                else self.max_new_tokens
-            run = RunState(self._next_run, limit, on_token)
-            self._runs[run.run_id] = run
-            stream = GenerationStream(self, run, stop, on_done)
-            thread = threading.Thread(target=self._run_backend, args=(run, request), daemon=True,
-                                      name=f"rkedge-run-{run.run_id}")
-            self._active = (run, thread)
-            run.kv_owner = owner if request.keep_history else None
-            thread.start()
-            return stream
-        except BaseException:
-            self._lock.release()
-            raise
+        if request.prompt is None and request.token_ids is None and request.embeddings is None:
+            raise InputError("nothing to generate from: pass a prompt, token_ids or embeds")
+        _check_c_strings(request)
+        with self._state_lock:
+            if self._closed or self._closing:
+                raise RkedgeError("this LLM is closed.", fix="create a new LLM")
+            self._check_request(request)
+            if not self._lock.acquire(blocking=False):
+                raise BusyError("a generation is already running on this model; the NPU serves one at a time.",
+                                fix="wait for it to finish (or abort it), or queue requests (rkedge serve does)")
+            try:
+                if self._kv_owner is not None and self._kv_owner is not owner and \
+                        self.features.clear_kv_cache_arity:
+                    self._backend.clear_kv_cache(False)
+                    self._kv_owner = None
+                self._next_run += 1
+                limit = request.max_new_tokens if (request.max_new_tokens and self.features.has_sampling_params) \
+                    else self.max_new_tokens
+                run = RunState(self._next_run, limit, on_token)
+                self._runs[run.run_id] = run
+                stream = GenerationStream(self, run, stop, on_done, output)
+                thread = threading.Thread(target=self._run_backend, args=(run, request), daemon=True,
+                                          name=f"rkedge-run-{run.run_id}")
+                self._active = (run, thread)
+                run.kv_owner = owner if request.keep_history else None
+                thread.start()
+                return stream
+            except BaseException:
+                self._active = None
+                self._lock.release()
+                raise
 
     def _start(self, request: RunRequest, *, stop: Sequence[str] = (), on_token: TokenHook | None = None,
                owner: object | None = None, on_done: Callable[[GenerationResult], None] | None = None
@@ -261,15 +346,26 @@ class LLM:
 
     def _run_backend(self, run: RunState, request: RunRequest) -> None:
         try:
-            rc = self._backend.run(run.run_id, request)
+            # A close() that came first aborted this run before the runtime saw it: do not start it.
+            rc = 0 if run.aborted else self._backend.run(run.run_id, request)
             run.events.put(RunEnd(rc))
         except BaseException as exc:  # reported to the consumer
             run.events.put(RunEnd(-1, exc))
+        finally:
+            run.ended.set()
+            if self._close_pending:  # close() was called from a token hook: free the model now the run is over
+                self._finish_close()
 
     def _on_event(self, run_id: int, event: RunEvent) -> int:
         """Runs on the runtime's thread for every callback; returns the callback's int."""
         run = self._runs.get(run_id)
-        return run.on_event(event) if run is not None else 0
+        if run is None:
+            return 0
+        _callback_thread.run = run
+        try:
+            return run.on_event(event)
+        finally:
+            _callback_thread.run = None
 
     def _run_finished(self, run: RunState, result: GenerationResult) -> None:
         active = self._active
@@ -296,6 +392,21 @@ class LLM:
             active[0].aborted = True
             self._native_abort()
 
+    def pause(self) -> None:
+        """Pauses the running generation at its next token (ABI >= 1.2.1): it ends with ``finish_reason ==
+        "pause"`` and the KV cache keeps it; the next run (:meth:`resume`) continues on that cache."""
+        if not self.can_pause:
+            raise InputError(f"pause needs ABI 1.2.1 or newer (this library is {self.abi}).")
+        active = self._active
+        if active is not None:
+            active[0].pause_requested = True
+
+    def resume(self, prompt: str = "", *, stop: Sequence[str] = (), on_token: TokenHook | None = None,
+               max_new_tokens: int | None = None) -> GenerationStream:
+        """Continues after a paused run: a run on the cache the pause kept (``prompt`` is added to it; the
+        runtime's resume takes a new input, UNKNOWN whether an empty one means "go on" on librkllmrt)."""
+        return self.generate(prompt, stop=stop, on_token=on_token, max_new_tokens=max_new_tokens)
+
     def is_running(self) -> bool:
         return self._backend.is_running() if not self._closed else False
 
@@ -306,9 +417,21 @@ class LLM:
 
         return ChatSession(self, system=system)
 
-    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None:
+    def clear_kv_cache(self, keep_system_prompt: bool = False, start: Sequence[int] | None = None,
+                       end: Sequence[int] | None = None) -> None:
+        """Clears the KV cache; ``start``/``end`` (one position per batch, ABI >= 1.2.1): only that range,
+        which the runtime allows while a run is paused with ``keep_history`` off (SEMANTICS.md)."""
+        ranged = start is not None or end is not None
+        if ranged and self.features.clear_kv_cache_arity < 4:
+            raise InputError(f"ranged KV cache clears need ABI 1.2.1 or newer (this library is {self.abi}).")
+        if ranged and (start is None or end is None or len(start) != len(end)):
+            raise InputError("pass start and end positions together, one per batch")
         if self.features.clear_kv_cache_arity == 0:
             return  # ABI 1.1 keeps no history between runs
+        if ranged:
+            assert start is not None and end is not None
+            self._backend.clear_kv_cache(keep_system_prompt, list(start), list(end))
+            return  # what is left is still the same conversation's
         self._backend.clear_kv_cache(keep_system_prompt)
         self._kv_owner = None
 
@@ -333,22 +456,50 @@ class LLM:
 
     def set_function_tools(self, system_prompt: str, tools: list[dict[str, Any]] | str,
                            tool_response_str: str = "tool_response") -> None:
-        tools_json = tools if isinstance(tools, str) else json.dumps(tools)
+        """The runtime's own tool calling (ABI >= 1.2.1), for when the runtime renders the prompt."""
+        tools_json = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        for text, what in ((system_prompt, "the system prompt"), (tools_json, "the tools"),
+                           (tool_response_str, "tool_response_str")):
+            c_text(text, what)
         self._backend.set_function_tools(system_prompt, tools_json, tool_response_str)
+        self._runtime_tools = tools_json
 
     # -- lifetime -----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Aborts a running generation, waits for it, and frees the model. Safe to call twice."""
-        if self._closed:
+        """Aborts a running generation, waits for it, and frees the model. Safe to call twice, from any thread,
+        while another thread starts a generation, and from inside a token hook (the model is then freed as
+        soon as the run has ended, by the run's own thread: waiting there would wait for itself)."""
+        with self._state_lock:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+            active = self._active
+        if active is None:
+            self._finish_close()
             return
-        active = self._active
-        if active is not None:
-            active[0].aborted = True
+        run, thread = active
+        run.aborted = True
+        if getattr(_callback_thread, "run", None) is not None or thread is threading.current_thread():
+            self._close_pending = True
             self._backend.abort()
-            active[1].join(timeout=30)
-        self._closed = True
-        self._backend.close()
+            if run.ended.is_set():
+                self._finish_close()
+            return
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:
+            # Repeated: an abort that lands before the runtime started the run does nothing.
+            self._backend.abort()
+            thread.join(timeout=0.05)
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_pending = False
+            self._backend.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -361,6 +512,41 @@ class LLM:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+#: Set on the runtime's thread while a callback of ours runs (so close() knows not to wait for the run).
+_callback_thread = threading.local()
+
+
+def _check_c_strings(request: RunRequest) -> None:
+    """Every text reaches C as a NUL-terminated string: a NUL would cut it there, silently."""
+    if request.prompt is not None and b"\x00" in request.prompt:
+        raise InputError("the prompt contains a NUL character; the runtime takes C strings and would cut it there.",
+                         fix="remove NUL (\\x00) characters from the prompt")
+    for value, what in ((request.role, "role"), (request.lora_name, "lora"),
+                        (request.prompt_cache_path, "prompt_cache")):
+        if value is not None:
+            c_text(value, what)
+
+
+def _embedding_rows(embeds: Any) -> tuple[array[float], int]:
+    """Input embeddings as float32 values and their number of positions (rows)."""
+    shape = getattr(embeds, "shape", None)
+    if shape is not None:  # a numpy-like array, without importing numpy
+        if len(shape) != 2 or not shape[0] or not shape[1]:
+            raise InputError(f"embeds must be 2-D (positions x hidden size), not shape {tuple(shape)}")
+        rows = [list(map(float, row)) for row in embeds.tolist()]
+    else:
+        rows = [list(map(float, row)) for row in embeds]
+    if not rows or not rows[0]:
+        raise InputError("embeds is empty: pass one row of floats per input position")
+    width = len(rows[0])
+    if any(len(row) != width for row in rows):
+        raise InputError("every embedding row must have the same length (the model's hidden size)")
+    values = array("f")
+    for row in rows:
+        values.extend(row)
+    return values, len(rows)
 
 
 def _mode(name: str) -> InferMode:

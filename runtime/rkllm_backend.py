@@ -115,8 +115,13 @@ class RkllmBackend:
 
     # -- cache, templates, adapters ---------------------------------------------------------------------------
 
-    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None:
-        if self._native.clear_kv_cache(keep_system_prompt) != 0:
+    def clear_kv_cache(self, keep_system_prompt: bool = False, start: list[int] | None = None,
+                       end: list[int] | None = None) -> None:
+        if self._native.clear_kv_cache(keep_system_prompt, start, end) != 0:
+            if start is not None:
+                raise GenerationError("rkllm_clear_kv_cache refused the range (the runtime clears ranges only "
+                                      "while a run is paused with keep_history off)",
+                                      fix="pause a run without keep_history first, or clear the whole cache")
             raise GenerationError("rkllm_clear_kv_cache failed (is a generation running?)",
                                   fix="wait for the running generation to end, or abort it")
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar, NamedTuple
 
+from rkedge.errors import InputError
+
 
 class CallState(IntEnum):
     """The runtime's ``LLMCallState``; ``HIDDEN_LAYER`` (4) exists in ABI 1.1 only."""
@@ -114,3 +116,16 @@ class RunRequest:
     sampling: Sampling | None = None
     max_new_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def c_text(text: str, what: str) -> bytes:
+    """``text`` as the NUL-terminated UTF-8 string C receives, refusing what such a string cannot carry: a NUL
+    (C would end the string there, silently dropping the rest) or a lone surrogate (not encodable as UTF-8)."""
+    if "\x00" in text:
+        raise InputError(f"{what} contains a NUL character; the runtime takes C strings and would cut it there.",
+                         fix="remove NUL (\\x00) characters")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} is not valid Unicode text ({exc.reason} at position {exc.start}).",
+                         fix="send UTF-8 text (no lone surrogates)") from None

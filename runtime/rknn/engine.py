@@ -389,7 +389,11 @@ class RknnModel:
 
     # -- cache and the rest of the librkllmrt surface --------------------------------------------------------
 
-    def clear_kv_cache(self, keep_system_prompt: bool = False) -> None:
+    def clear_kv_cache(self, keep_system_prompt: bool = False, start: list[int] | None = None,
+                       end: list[int] | None = None) -> None:
+        if start is not None or end is not None:
+            raise InputError("a recurrent state has no positions to clear a range of.",
+                             fix="clear the whole state (clear_kv_cache() without start/end)")
         if self._running:
             raise GenerationError("the RKNN state cannot be cleared while a generation is running.",
                                   fix="wait for the generation to end, or abort it")
