@@ -16,6 +16,7 @@ from typing import Any
 
 from rkedge.convert.estimate import GIB
 from rkedge.convert.perf_model import load_perf_model
+from rkedge.convert.rknn.shape import GriffinShape
 
 SOURCE = "recurrentgemma-rknn-feasibility.md"
 #: Bytes per weight on the NPU for the RKNN dtypes rk3588 accepts (w8a8 carries per-channel scales, ~0.15%).
@@ -34,53 +35,10 @@ RKNN_LIMITS = (
 )
 
 
-@dataclass(frozen=True)
-class GriffinShape:
-    hidden: int
-    lru_width: int
-    layers: int
-    recurrent_layers: int
-    attention_layers: int
-    heads: int
-    head_dim: int
-    kv_heads: int
-    window: int
-    conv_width: int
-    vocab: int
-    mlp_width: int
-    layer_params: int
-    embedding_params: int
-
-    @property
-    def total_params(self) -> int:
-        return self.layer_params + self.embedding_params
-
-
 def griffin_shape(config: dict[str, Any], tensors: dict[str, Any] | None = None) -> GriffinShape:
     """Shape and parameter split (model-configs.md section 4, Griffin formulas; exact from tensors when given)."""
-    H = int(config["hidden_size"])
-    W = int(config.get("lru_width") or H)
-    L = int(config["num_hidden_layers"])
-    pattern = config.get("block_types") or config.get("_block_types") or ["recurrent", "recurrent", "attention"]
-    kinds = [pattern[i % len(pattern)] for i in range(L)]
-    attention = kinds.count("attention")
-    heads = int(config.get("num_attention_heads", 10))
-    head_dim = int(config.get("head_dim") or H // heads)
-    kv_heads = int(config.get("num_key_value_heads", 1))
-    mlp = int(config.get("intermediate_size", 6 * H)) // 2  # HF's intermediate_size is twice the real width
-    k = int(config.get("conv1d_width", 4))
-    V = int(config.get("vocab_size", 256000))
-    if tensors:
-        embedding = sum(t.numel for n, t in tensors.items() if "embed" in n)
-        layer_params = sum(t.numel for n, t in tensors.items() if "embed" not in n)
-    else:
-        per_layer = 2 * (H * mlp + mlp) + mlp * H + H + 2 * H
-        recurrent = 2 * (H * W + W) + W * H + H + W * k + W + W + 2 * (heads * (W // heads) ** 2 + W)
-        attn = H * heads * head_dim + 2 * H * kv_heads * head_dim + heads * head_dim * H + H
-        layer_params = L * per_layer + (L - attention) * recurrent + attention * attn + H
-        embedding = V * H
-    return GriffinShape(H, W, L, L - attention, attention, heads, head_dim, kv_heads,
-                        int(config.get("attention_window_size", 2048)), k, V, mlp, layer_params, embedding)
+    shape = GriffinShape.from_dict(config)
+    return shape.with_tensor_counts(tensors) if tensors else shape
 
 
 @dataclass(frozen=True)
@@ -168,6 +126,5 @@ def plan_recurrent_gemma(path: Path, config: dict[str, Any], *, dtype: str = "w8
         f"the model is built as {p.graphs} graphs (about 1 GB each, plus the LM head) chained through their states",
         *RKNN_LIMITS,
     ]
-    shape_dict = {**asdict(shape), "total_params": shape.total_params}
-    return PlanReport(Path(path).name, shape_dict, prediction, fits, board_name, notes,
+    return PlanReport(Path(path).name, shape.summary(), prediction, fits, board_name, notes,
                       load_perf_model().physical())

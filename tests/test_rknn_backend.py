@@ -22,9 +22,10 @@ np = pytest.importorskip("numpy")
 
 from rkedge.convert.rknn import pipeline  # noqa: E402
 from rkedge.convert.rknn.build_worker import edit_cfg, hybrid_keys  # noqa: E402
-from rkedge.convert.rknn.decode_step import GriffinDims, plan_chunks, plan_head_rows  # noqa: E402
+from rkedge.convert.rknn.decode_step import plan_chunks, plan_head_rows  # noqa: E402
 from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn  # noqa: E402
 from rkedge.convert.rknn.quality import compare  # noqa: E402
+from rkedge.convert.rknn.shape import GriffinShape, bfloat16_round  # noqa: E402
 from rkedge.convert.rknn.torch_graphs import torch_loop, verify_against_transformers  # noqa: E402
 from rkedge.errors import InputError, ModelFileError, ToolkitError  # noqa: E402
 from rkedge.runtime import LLM  # noqa: E402
@@ -105,11 +106,40 @@ def test_the_default_quality_run_fits_its_time_budget():
     assert 16 <= steps_2b < 64, "about a minute per simulated token at 2.7B"
 
 
+RG_2B = {"hidden_size": 2560, "intermediate_size": 15360, "num_hidden_layers": 26, "num_attention_heads": 10,
+         "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000, "lru_width": 2560,
+         "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"], "conv1d_width": 4,
+         "logits_soft_cap": 30.0, "partial_rotary_factor": 0.5, "rope_theta": 10000.0}  # model-configs.json
+
+
+@pytest.mark.parametrize("overrides", [{}, {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+                                         "head_dim": 48, "lru_width": 256, "vocab_size": 1024,
+                                         "attention_window_size": 64},
+                                        {"num_hidden_layers": 4, "block_types": ["attention", "recurrent"]}],
+                         ids=["2b", "tiny-with-its-own-head-dim", "other-pattern"])
+def test_one_shape_reads_a_config_file_as_transformers_does(overrides):
+    from transformers import AutoConfig
+
+    raw = {**RG_2B, **overrides}
+    config = AutoConfig.for_model("recurrent_gemma", **raw)
+    from_file, from_transformers = GriffinShape.from_dict(raw), GriffinShape.from_transformers(config)
+    assert from_file == from_transformers
+    assert from_file.head_dim == config.head_dim
+    assert from_file.kv_heads == config.num_key_value_heads
+    assert [k == "attention" for k in from_file.kinds] == [t == "sliding_attention" for t in config.layers_block_type]
+    assert from_file.normalizer == float(torch.tensor(config.hidden_size ** 0.5, dtype=torch.bfloat16).float())
+
+
+def test_the_normalizer_rounds_to_bfloat16_as_torch_does():
+    for hidden in range(1, 20_000):
+        expected = float(torch.tensor(hidden ** 0.5, dtype=torch.bfloat16).float())
+        assert bfloat16_round(hidden ** 0.5) == expected, hidden
+    assert bfloat16_round(2560 ** 0.5) == 50.5  # feasibility section 1
+
+
 def test_graph_planning_respects_the_parameter_budget():
-    dims = GriffinDims(hidden=2560, lru_width=2560, heads=10, head_dim=256, kv_heads=1, window=2048, conv_width=4,
-                       vocab=256_000, rotary_dim=128, rope_theta=10000.0, logits_soft_cap=30.0, eps=1e-6,
-                       kinds=("recurrent", "recurrent", "attention") * 8 + ("recurrent", "recurrent"),
-                       normalizer=50.5)
+    dims = GriffinShape.from_dict(RG_2B)
+    assert dims.kinds == ("recurrent", "recurrent", "attention") * 8 + ("recurrent", "recurrent")
     layer_params = [78_000_000] * 26
     chunks = plan_chunks(dims, layer_params, max_params=500_000_000)
     assert [layer for chunk in chunks for layer in chunk] == list(range(26))

@@ -19,50 +19,14 @@ Position-derived inputs, computed on the host (``rkedge.runtime.rknn.features``)
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from rkedge.convert.rknn.shape import GriffinShape
+
 MASK_VALUE = -30.0  # additive mask for empty window slots (exp(-30) ~ 1e-13; stays representable in fp16)
-
-
-@dataclass(frozen=True)
-class GriffinDims:
-    hidden: int
-    lru_width: int
-    heads: int
-    head_dim: int
-    kv_heads: int
-    window: int
-    conv_width: int
-    vocab: int
-    rotary_dim: int
-    rope_theta: float
-    logits_soft_cap: float
-    eps: float
-    kinds: tuple[str, ...]  # "recurrent" | "attention" per layer
-    normalizer: float  # sqrt(hidden) rounded to bfloat16, as transformers does
-
-    @classmethod
-    def from_config(cls, config: Any) -> GriffinDims:
-        rope = getattr(config, "rope_parameters", None) or {}
-        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5))
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        head_dim = config.head_dim
-        kinds = tuple("attention" if k == "sliding_attention" else "recurrent" for k in config.layers_block_type)
-        normalizer = float(torch.tensor(config.hidden_size ** 0.5, dtype=torch.bfloat16).float())
-        return cls(config.hidden_size, config.lru_width, config.num_attention_heads, head_dim,
-                   config.num_key_value_heads, config.attention_window_size, config.conv1d_width, config.vocab_size,
-                   int(head_dim * partial), float(theta), float(config.logits_soft_cap), float(config.rms_norm_eps),
-                   kinds, normalizer)
-
-    def state_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        if self.kinds[layer] == "recurrent":
-            return {f"conv{layer}": (1, self.conv_width - 1, self.lru_width), f"h{layer}": (1, self.lru_width)}
-        kv = (1, self.window - 1, self.kv_heads * self.head_dim)
-        return {f"k{layer}": kv, f"v{layer}": kv}
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -125,7 +89,7 @@ class ShortConv(nn.Module):
 
 
 class RecurrentLayer(nn.Module):
-    def __init__(self, source: nn.Module, dims: GriffinDims) -> None:
+    def __init__(self, source: nn.Module, dims: GriffinShape) -> None:
         super().__init__()
         block = source.temporal_block
         self.temporal_pre_norm, self.channel_pre_norm = source.temporal_pre_norm, source.channel_pre_norm
@@ -149,7 +113,7 @@ class RecurrentLayer(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-    def __init__(self, source: nn.Module, dims: GriffinDims) -> None:
+    def __init__(self, source: nn.Module, dims: GriffinShape) -> None:
         super().__init__()
         block = source.temporal_block
         self.temporal_pre_norm, self.channel_pre_norm = source.temporal_pre_norm, source.channel_pre_norm
@@ -191,7 +155,7 @@ class AttentionLayer(nn.Module):
 class ChunkStep(nn.Module):
     """Layers [first, last) of the model as one graph: x + their states in, x + new states out."""
 
-    def __init__(self, model: Any, dims: GriffinDims, layers: list[int]) -> None:
+    def __init__(self, model: Any, dims: GriffinShape, layers: list[int]) -> None:
         super().__init__()
         self.dims = dims
         self.layer_ids = list(layers)
@@ -250,7 +214,7 @@ class HeadStep(nn.Module):
     A 256k-row head is ~655M parameters; building it as one graph took 12.8 GB of host RAM (feasibility section 6),
     so it can be split by vocabulary rows into several graphs whose logits the host concatenates."""
 
-    def __init__(self, model: Any, dims: GriffinDims, rows: tuple[int, int] | None = None) -> None:
+    def __init__(self, model: Any, dims: GriffinShape, rows: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.final_norm = model.model.final_norm
         self.start, self.stop = rows or (0, dims.vocab)
@@ -275,7 +239,7 @@ class HeadStep(nn.Module):
         return torch.tanh(logits / cap) * cap
 
 
-def plan_head_rows(dims: GriffinDims, *, max_params: int) -> list[tuple[int, int]]:
+def plan_head_rows(dims: GriffinShape, *, max_params: int) -> list[tuple[int, int]]:
     """Vocabulary row ranges for the head graphs, each at most ``max_params`` parameters (equal parts)."""
     parts = max(1, -(-(dims.vocab * dims.hidden) // max(max_params, 1)))
     parts = min(parts, dims.vocab)
@@ -283,7 +247,7 @@ def plan_head_rows(dims: GriffinDims, *, max_params: int) -> list[tuple[int, int
     return list(itertools.pairwise(bounds))
 
 
-def plan_chunks(dims: GriffinDims, layer_params: list[int], *, max_params: int) -> list[list[int]]:
+def plan_chunks(dims: GriffinShape, layer_params: list[int], *, max_params: int) -> list[list[int]]:
     """Consecutive layer groups of at most ``max_params`` parameters each (at least one layer per group)."""
     chunks: list[list[int]] = [[]]
     size = 0
@@ -300,6 +264,6 @@ def layer_param_counts(model: Any) -> list[int]:
     return [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
 
 
-def embedding_table(model: Any, dims: GriffinDims) -> torch.Tensor:
+def embedding_table(model: Any, dims: GriffinShape) -> torch.Tensor:
     """The embedding rows as the first graph receives them: already scaled by the bf16-rounded normalizer."""
     return model.model.embed_tokens.weight.detach().float() * dims.normalizer

@@ -11,13 +11,13 @@ import torch
 
 from rkedge.convert.rknn.decode_step import (
     ChunkStep,
-    GriffinDims,
     HeadStep,
     embedding_table,
     layer_param_counts,
     plan_chunks,
     plan_head_rows,
 )
+from rkedge.convert.rknn.shape import GriffinShape
 from rkedge.runtime.rknn.loop import DecodeLoop, Floats, GraphSpec
 
 
@@ -41,9 +41,9 @@ def graph_spec(module: Any, name: str) -> GraphSpec:
 
 
 def build_torch_graphs(model: Any, *, max_chunk_params: int | None = None
-                       ) -> tuple[GriffinDims, list[ChunkStep], list[HeadStep]]:
+                       ) -> tuple[GriffinShape, list[ChunkStep], list[HeadStep]]:
     """The layer-chunk graphs and the head graphs, each within ``max_chunk_params`` (default: one of each)."""
-    dims = GriffinDims.from_config(model.config)
+    dims = GriffinShape.from_transformers(model.config)
     counts = layer_param_counts(model)
     chunks = plan_chunks(dims, counts, max_params=max_chunk_params or sum(counts))
     steps = [ChunkStep(model, dims, layers).eval() for layers in chunks]
@@ -60,7 +60,7 @@ def torch_loop(model: Any, *, max_chunk_params: int | None = None) -> DecodeLoop
     return loop_over(model, *build_torch_graphs(model, max_chunk_params=max_chunk_params))
 
 
-def loop_over(model: Any, dims: GriffinDims, chunks: list[ChunkStep], heads: list[HeadStep]) -> DecodeLoop:
+def loop_over(model: Any, dims: GriffinShape, chunks: list[ChunkStep], heads: list[HeadStep]) -> DecodeLoop:
     """The decode loop over graphs already built (torch, float32)."""
     specs = [graph_spec(m, n) for m, n in zip([*chunks, *heads], graph_names(chunks, heads), strict=True)]
     return DecodeLoop(specs[:len(chunks)], specs[len(chunks):], TorchGraphs([*chunks, *heads]),
