@@ -2,6 +2,8 @@
 
 Bytes per weight per dtype: int8 = 1, int4 = 0.5; grouped dtypes add one fp16 scale per group
 (converter-anchors section 3.1 and F-1: "grouped types add per-group scales and raise the footprint").
+That fp16 scale is what decode is taken to read per token; what a group costs in memory is fitted instead
+(:func:`rkedge.convert.perf_model.memory_features`: the published figures show more than 2 bytes per group).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``rkedge plan``: will this model run on this board, and how fast, before converting it.
 
-Memory, TTFT (128-token prompt) and decode tokens/s come from the fitted model in :mod:`.perf_model`; the
-verdict per RAM size weighs them against the board's RAM, the 4 GiB-per-IOMMU-domain rule and the driver gate
-(F-1). The thresholds and verdicts are :mod:`rkedge.fit`'s, which ``doctor`` uses on the board too.
+Memory (what the runtime holds, term by term), TTFT (128-token prompt) and decode tokens/s come from the fitted
+model in :mod:`.perf_model`; the verdict per RAM size weighs them against the board's RAM, the 4 GiB-per-IOMMU-domain
+rule and the driver gate (F-1). The thresholds and verdicts are :mod:`rkedge.fit`'s, which ``doctor`` uses on the board too.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class PlanReport:
                  f"{'RKNN backend' if rknn else 'max_context ' + str(p['max_context'])}",
                  f"  memory   {p['total_bytes'] / GIB:6.2f} GiB = weights {p['weight_bytes'] / GIB:.2f} + "
                  + (f"host embedding {p['embedding_bytes'] / GIB:.2f} + state {p['kv_cache_bytes'] / GIB:.3f}" if rknn
-                    else f"embedding {p['embedding_bytes'] / GIB:.2f} + KV cache {p['kv_cache_bytes'] / GIB:.2f} + "
+                    else (f"embedding {p['embedding_bytes'] / GIB:.2f}" if p["embedding_bytes"] else "embedding in storage")
+                    + f" + KV cache {p['kv_cache_bytes'] / GIB:.2f} + "
                          f"runtime {p['runtime_bytes'] / GIB:.2f}"),
                  f"  decode   {p['decode_tokens_per_s']:6.2f} tokens/s (RK3588, memory-bandwidth bound)",
                  f"  TTFT     {p['ttft_ms']:6.0f} ms for a {p['prompt_tokens']}-token prompt"]

@@ -30,10 +30,12 @@ def published_errors() -> dict:
 def test_the_model_meets_the_accuracy_targets_on_published_rows(published_errors, kind):
     from validate_perf_model import LIMITS, SHARES, share_within
 
-    for metric, limit in LIMITS.items():  # tokens/s and memory within 15% for 80% of rows, TTFT 25% for 70%
+    # memory within 15% on every row (issue 12), tokens/s within 15% for 80% of rows, TTFT 25% for 70% (issue 6)
+    for metric, limit in LIMITS.items():
         assert share_within(published_errors[kind][metric], limit) >= SHARES[metric], (kind, metric)
     assert LIMITS == {"tokens_per_s": 0.15, "memory_mb": 0.15, "ttft_ms": 0.25}
-    assert SHARES == {"tokens_per_s": 0.8, "memory_mb": 0.8, "ttft_ms": 0.7}
+    assert SHARES == {"tokens_per_s": 0.8, "memory_mb": 1.0, "ttft_ms": 0.7}
+    assert len(published_errors[kind]["memory_mb"]) >= 100  # every release's table, not one
 
 
 def test_committed_coefficients_are_a_fresh_fit():
@@ -47,8 +49,33 @@ def test_fitted_parameters_are_physical():
     physical = load_perf_model().physical()
     assert 20 < physical["effective_bandwidth_GBps"] < 34.2  # LPDDR4x-4224 peak is 33.8 GB/s (boards.md)
     assert 0.3 < physical["effective_int8_matmul_TOPS"] < 6  # 6 TOPS peak
-    assert 0.8 < physical["bytes_per_weight_byte"] < 1.3
+    assert 0.95 < physical["bytes_per_weight_byte"] < 1.05  # int8 is one byte: nothing else scales with the weights
+    assert 2 < physical["bytes_per_resident_embedding_parameter"] <= 4.2  # between fp16 and fp32
+    assert physical["bytes_per_8bit_quantization_group"] > 0 and physical["bytes_per_4bit_quantization_group"] > 0
     assert all(v >= 0 for v in physical.values())
+
+
+def test_held_back_memory_rows_are_predicted_within_15_percent():
+    from rkedge.convert.perf_model import memory_rows, predict_memory_row
+
+    held_back = [row for row in memory_rows() if row["use"] == "held back"]
+    assert {row["model"] for row in held_back} >= {"Qwen3-1.7B"}  # a model no fitted row has
+    assert {row["dtype"] for row in held_back} >= {"w8a8", "w8a8_g128", "w4a16", "w4a16_g128"}
+    for row in held_back:
+        assert abs(predict_memory_row(row) / row["memory_mb"] - 1) <= 0.15, row
+
+
+def test_the_npu_holds_an_lm_head_tied_or_not_and_the_embedding_only_when_resident():
+    from rkedge.convert.perf_model import ModelShape, predict
+
+    tied = ModelShape(1_000_000_000, 100_000_000, 0, 24, 2048, 16, 128, 49152, 50_000)
+    untied = ModelShape(1_000_000_000, 100_000_000, 100_000_000, 24, 2048, 16, 128, 49152, 50_000)
+    assert predict(tied).weight_bytes == predict(untied).weight_bytes
+    assert predict(tied).weight_bytes > 1.1e9 * 0.95  # the 100M-parameter head is on the NPU too
+    assert predict(tied).embedding_bytes == 0  # embed_flash: read from storage
+    resident = predict(tied, embed_flash=False)
+    assert 2e8 < resident.embedding_bytes < 4.2e8 and resident.total_bytes > predict(tied).total_bytes
+    assert any("embed_flash = 0" in note for note in predict(tied).assumptions)
 
 
 def test_gemma_2_9b_it_on_8_and_16_gb():
