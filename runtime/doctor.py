@@ -222,15 +222,7 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
 def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str | None) -> dict[str, Any]:
     """librkllmrt found and its ABI selected the way ``rkedge chat`` will (library.find_library/select_abi)."""
     from rkedge.errors import AbiSelectionError, LibraryNotFoundError
-    from rkedge.runtime._elf import elf_machine
-    from rkedge.runtime.library import (
-        ENV_ABI,
-        detect_abi,
-        find_library,
-        is_simulated_library,
-        resolve_library,
-        select_abi,
-    )
+    from rkedge.runtime.library import ENV_ABI, detect_abi, find_library, resolve_library, select_abi
 
     info: dict[str, Any] = {"path": None, "abi": None, "version": None, "simulated": False}
     report.facts["library"] = info
@@ -241,15 +233,14 @@ def _check_library(fs: Root, report: DoctorReport, library: str | None, abi: str
         return info
     try:
         path = find_library(library, root=fs.root)
-        detection = detect_abi(path)
-        machine = elf_machine(path)
+        detection = detect_abi(path)  # one read of the file: ABI, machine and simulated-NPU marker together
     except LibraryNotFoundError as exc:
         report.add("library", "fail", "librkllmrt", exc.message, exc.fix, "rknn-llm rkllm-runtime")
         return info
     except RkedgeError as exc:
         report.add("library", "fail", "librkllmrt", exc.message, exc.fix)
         return info
-    simulated = is_simulated_library(path)
+    machine, simulated = detection.machine, detection.simulated
     info.update(path=str(path), version=detection.runtime_version, simulated=simulated, machine=machine)
     if machine not in ("aarch64",) and not simulated:
         report.add("library", "warn", "librkllmrt", f"{path} is built for {machine}, not aarch64")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import run_cli
@@ -149,6 +150,32 @@ def test_library_is_found_and_its_abi_selected_as_chat_would(tmp_path, monkeypat
     monkeypatch.setenv("RKEDGE_RKLLM_LIB", str(elsewhere))
     report = run_doctor(root)
     assert statuses(report)["library"] == "ok" and report.facts["library"]["path"] == str(elsewhere)
+
+
+def test_the_library_file_is_read_once(tmp_path, monkeypatch):
+    import builtins
+
+    root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=16,
+                     driver="0.9.8")
+    library = root / "usr" / "lib" / "librkllmrt.so"
+    reads: list[str] = []
+    read_bytes, real_open = Path.read_bytes, builtins.open
+
+    def counting_read_bytes(self: Path) -> bytes:
+        reads.append(str(self))
+        return read_bytes(self)
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", counting_read_bytes)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    report = run_doctor(root)
+    assert reads.count(str(library)) == 1, reads
+    facts = report.facts["library"]
+    assert facts["simulated"] is True and facts["machine"]  # machine and marker came with the one read
+    assert statuses(report)["library"] == "ok" and "built for" not in report.render()
 
 
 def test_trial_init_reads_the_runtime_log(tmp_path):
