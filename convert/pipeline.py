@@ -3,9 +3,11 @@
 The plan (:func:`rkedge.convert.planner.plan`) decides everything: the findings, the steps and the toolkit job
 with symbolic inputs. The pipeline then runs the steps once, in order, and binds the job's inputs to the
 steps' outputs. Each step writes into ``OUT/.rkedge-work/<step>`` through a temporary name and records the
-digest of its inputs (:meth:`Step.key`); a rerun with the same inputs skips finished steps. Final files appear
-in ``OUT`` by rename, the ``.rkllm`` last: an interrupted run (even SIGKILL) leaves no ``.rkllm`` in place,
-and a manifest without its model is visibly incomplete. The next run cleans up what an interrupted one left.
+digest of its inputs (:meth:`Step.key`); a rerun with the same inputs skips finished steps. One conversion at a
+time writes into ``OUT`` (a lock in the work folder). Final files are all written in a staging folder, then
+renamed into ``OUT``, the ``.rkllm`` last (:func:`_quantize_and_publish`): an interrupted run (even SIGKILL)
+leaves no ``.rkllm`` in place, and a manifest without its model is visibly incomplete. The next run cleans up
+what an interrupted one left, job files included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rkedge import __version__, fit
-from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, sha256_file
+from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, folder_lock, sha256_file
 from rkedge.convert import calibration as calib
 from rkedge.convert.chat_family import ChatSetup
 from rkedge.convert.export import export_checkpoint
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
     from rkedge.lora.adapter import AdapterInfo
 
 WORK = ".rkedge-work"
+#: In ``OUT/.rkedge-work``: held (flock) by the one conversion writing into ``OUT``.
+LOCK_FILE = "convert.lock"
+#: ``OUT/.rkedge-tmp-<pid>``: where the toolkit, manifest and card write before anything is published.
+STAGING_PREFIX = ".rkedge-tmp-"
 
 
 class Reporter(Protocol):
@@ -119,6 +125,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
         raise InputError(f"{request.model} does not exist.", fix="pass a Hugging Face checkpoint folder or a .gguf file")
     if request.model.suffix == ".gguf":
         return _convert_gguf(request, dry_run=dry_run)
+    _check_out_folder(request)
     info = inspect_checkpoint(request.model)
     env = _toolkit(request, info)
     the_plan = plan(request, info, env.version, simulated_toolkit=env.simulated,
@@ -134,28 +141,42 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     raise_on_errors(the_plan.findings, "this conversion")
 
     out = request.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / WORK).mkdir(exist_ok=True)
-    _clean_leftovers(out, out / WORK)
-    for step in steps:
-        result.steps.append(step.execute())
-    known = {f.id for f in the_plan.findings}
-    result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    with folder_lock(out / WORK / LOCK_FILE, what=f"the output folder {out}"):
+        _clean_leftovers(out, out / WORK)
+        for step in steps:
+            result.steps.append(step.execute())
+        known = {f.id for f in the_plan.findings}
+        result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
+        _quantize_and_publish(result, env, info, export, calibration, reporter, started)
+    return result
 
-    # -- quantize (the toolkit), then manifest, card and the model (the .rkllm appears last) ----------------
+
+def _quantize_and_publish(result: ConversionResult, env: ToolkitEnv, info: CheckpointInfo, export: ExportStep,
+                          calibration: CalibrationStep, reporter: Reporter, started: float) -> None:
+    """The toolkit writes into a staging folder, where the manifest and card are written too; only then do they
+    move into ``OUT``: any earlier model of the same name first (so no old ``.rkllm`` ever sits beside a new
+    manifest), the ``.rkllm`` last. Every byte is written before the first rename, so a full disk or a crash
+    leaves ``OUT`` as it was, and a SIGKILL between renames leaves no ``.rkllm`` (a manifest without its model is
+    visibly incomplete; ``rkedge.modelfile.check_model_file`` refuses a model that does not match its manifest).
+    One folder rename is not used because ``OUT`` also holds the step cache and the user's other files."""
+    the_plan = result.plan
+    request = the_plan.request
+    out = request.out
     final_model = out / the_plan.output_name
     paths: dict[Input, str | Path] = {Input.EXPORTED: export.output.resolve(),
                                       Input.CALIBRATION: calibration.output.resolve()}
     if request.lora is not None:
         paths[Input.ADAPTER] = request.lora.resolve()
-    staging = out / f".rkedge-tmp-{os.getpid()}"
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
         model_tmp = staging / the_plan.output_name
         lora_tmp = staging / (Path(the_plan.output_name).stem + "_lora.rkllm")
         reporter.step("quantize", f"rkllm-toolkit {env.version} ({env.label})")
         toolkit_started = time.monotonic()
-        run = _run_toolkit(env, the_plan.job.bind({**paths, Input.OUTPUT: model_tmp.resolve()}), reporter)
+        run = _run_toolkit(env, the_plan.job.bind({**paths, Input.OUTPUT: model_tmp.resolve()}), reporter,
+                           job_dir=out / WORK)
         _verify_output(model_tmp, env.simulated)
         if request.lora is not None and request.lora_mode == "runtime" and not lora_tmp.is_file():
             raise ToolkitError(f"the toolkit did not write {lora_tmp.name} for the runtime LoRA.",
@@ -168,16 +189,52 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
                              model_tmp=model_tmp, lora_tmp=lora_tmp if final_lora else None, calls=result.calls,
                              findings=result.findings, started=started)
         card = render_card(manifest, license_id=source_card_license(request.model))
+        card_tmp = staging / "README.md"
+        manifest_tmp = manifest_path(model_tmp)
+        atomic_write_text(card_tmp, card)
+        atomic_write_text(manifest_tmp, manifest.to_json())
+        _fsync(model_tmp, *([lora_tmp] if final_lora else []))
+        # publish: the old model goes first, the new one comes last
+        final_model.unlink(missing_ok=True)
         if final_lora is not None:
             os.replace(lora_tmp, final_lora)
-        atomic_write_text(out / "README.md", card)
-        atomic_write_text(manifest_path(final_model), manifest.to_json())
+        os.replace(card_tmp, out / "README.md")
+        os.replace(manifest_tmp, manifest_path(final_model))
         os.replace(model_tmp, final_model)
+        _fsync_folder(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.model_file, result.lora_file = final_model, final_lora
     result.manifest_file, result.card_file, result.manifest = manifest_path(final_model), out / "README.md", manifest
-    return result
+
+
+def _check_out_folder(request: ConversionRequest) -> None:
+    """``--out`` must not be an input's folder: the card (README.md), the manifest and the work folder would
+    overwrite or litter the source. A folder inside the checkpoint is allowed (no source file has an output's
+    name there; only top-level files are weights)."""
+    out = request.out.resolve()
+    inputs = [("the model folder", request.model)] + ([("the LoRA folder", request.lora)] if request.lora else [])
+    for what, folder in inputs:
+        if out == folder.resolve():
+            raise InputError(f"--out {request.out} is {what}; the model card (README.md) and the manifest would "
+                             "overwrite the source's files.", fix="choose a new folder for --out")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {request.out} exists and is not a folder.", fix="choose a folder for --out")
+
+
+def _fsync(*files: Path) -> None:
+    """The model bytes on disk before its name is published (a power loss must not leave a truncated .rkllm)."""
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _toolkit(request: ConversionRequest, info: CheckpointInfo) -> ToolkitEnv:
@@ -356,16 +413,19 @@ def _steps(the_plan: Plan, info: CheckpointInfo, work: Path,
 
 
 def _clean_leftovers(out: Path, work: Path) -> None:
-    """Removes what an interrupted run left: staging folders and partial step outputs."""
-    for leftover in [*out.glob(".rkedge-tmp-*"), *work.glob("*.partial-*"), *out.glob(".*.part"),
-                     *work.glob(".*.part")]:
+    """Removes what an interrupted run left: staging folders, partial step outputs and job files (called with
+    the folder's lock held, so none of them belongs to a live run)."""
+    from rkedge.convert.toolkit.runner import JOB_FILE_GLOB
+
+    for leftover in [*out.glob(f"{STAGING_PREFIX}*"), *work.glob("*.partial-*"), *out.glob(".*.part"),
+                     *work.glob(".*.part"), *work.glob(JOB_FILE_GLOB)]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
 
 
-def _run_toolkit(env: ToolkitEnv, job: ToolkitJob, reporter: Reporter) -> ToolkitResult:
+def _run_toolkit(env: ToolkitEnv, job: ToolkitJob, reporter: Reporter, *, job_dir: Path) -> ToolkitResult:
     from rkedge.convert.toolkit import run_job
 
     def on_event(event: Event) -> None:
@@ -377,7 +437,7 @@ def _run_toolkit(env: ToolkitEnv, job: ToolkitJob, reporter: Reporter) -> Toolki
         elif kind == "progress":
             reporter.log(f"[{event.get('step')}] {event.get('state')}")
 
-    run = run_job(env, job.worker_job(), on_event=on_event)
+    run = run_job(env, job.worker_job(), on_event=on_event, job_dir=job_dir)
     run.raise_for_error(what=f"rkllm-toolkit {env.version}")
     return run
 

@@ -194,10 +194,16 @@ def output_name(base: str, build_kwargs: dict[str, Any]) -> str:
 
 
 def default_name(request: ConversionRequest, info: CheckpointInfo | None) -> str:
+    """``--name``, else the model's name; a merged LoRA adds the adapter's folder name, so a LoRA convert into
+    the folder of a plain one writes beside the base model instead of replacing it (a runtime LoRA keeps the
+    base's name: its .rkllm is the plain base model, and the adapter is the separate ``_lora`` file)."""
     if request.name:
         return request.name
     source = (info.source_name if info else None) or request.model.name
-    return Path(source.rstrip("/")).name.replace(" ", "-") or "model"
+    name = Path(source.rstrip("/")).name.replace(" ", "-") or "model"
+    if request.lora is not None and request.lora_mode == "merge":
+        name += "-" + request.lora.resolve().name.replace(" ", "-")
+    return name
 
 
 def refusal(info: CheckpointInfo) -> Finding | None:

@@ -105,3 +105,35 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: str | os.PathLike[str], *, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``lock_file`` (created if missing) for the block; refuses when another process
+    holds it. ``what`` names the guarded folder in the message.
+
+    ``flock`` locks die with their process (SIGKILL included), so a crashed run never leaves a stale lock; the
+    file itself stays (deleting it would let a third process lock a different inode).
+    """
+    import fcntl
+
+    from rkedge.errors import InputError
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a+", encoding="utf-8")  # held open (and locked) for the whole block
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(f"{what} is in use by {holder}; two runs writing into one folder would mix their "
+                             "outputs.", fix="wait for that run to finish, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"rkedge (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock

@@ -11,8 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rkedge.errors import ModelFileError
 from rkedge.failures import vendor_text
+
+if TYPE_CHECKING:
+    from rkedge.manifest import Manifest
 
 #: The first line of a simulated model, simulated LoRA and simulated prompt cache (the C simulator spells the same).
 SIMULATED_MODEL_MAGIC = b"RKEDGE-SIMULATED-RKLLM-MODEL/1\n"
@@ -77,3 +82,33 @@ def sniff_rkllm(path: str | Path) -> RkllmFile:
 def toolkit_version_trailer(path: str | Path) -> str | None:
     """The toolkit version a vendor file names in its trailer, if it carries one."""
     return sniff_rkllm(path).toolkit_version_trailer
+
+
+def check_model_file(manifest: Manifest, model_file: str | Path, *, verify_sha256: bool = False) -> None:
+    """Refuses a model file that is not the one ``manifest`` describes (a re-conversion that left an old
+    ``.rkllm`` beside a new manifest, a copy cut short, another model renamed onto the name).
+
+    The name and size are always compared (a stat, free on the board); ``verify_sha256`` also hashes the whole
+    file (seconds per GB on the board: for ``doctor``, not for every load). A manifest without a size or digest
+    (older rkedge) is not checked on that point.
+
+    Raises:
+        ModelFileError: the file and the manifest disagree; the fix says to reconvert or fetch the pair again.
+    """
+    from rkedge._fs import sha256_file
+
+    path = Path(model_file)
+    fix = "convert again into an empty --out, or copy the .rkllm together with its manifest (.rkllm.json)"
+    if manifest.model_file and manifest.model_file != path.name:
+        raise ModelFileError(f"the manifest beside {path} describes {manifest.model_file}, not {path.name}.", fix=fix)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {path} ({exc.strerror or exc}).",
+                             fix="check the path; the manifest is there but its model is not") from None
+    if manifest.size is not None and size != manifest.size:
+        raise ModelFileError(f"{path} is {size} bytes, but its manifest says {manifest.size}: the two come from "
+                             "different conversions (or the copy is incomplete).", fix=fix)
+    if verify_sha256 and manifest.sha256 and sha256_file(path) != manifest.sha256:
+        raise ModelFileError(f"{path} does not have the sha256 its manifest records: the two come from different "
+                             "conversions (or the file is damaged).", fix=fix)

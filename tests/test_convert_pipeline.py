@@ -56,7 +56,7 @@ def test_convert_with_a_lora_then_chat(tiny, calibration_file, tmp_path, kind, m
     result = convert(ConversionRequest(model=tiny[kind], out=out, toolkit="mock", toolkit_version=version,
                                        calibration=str(calibration_file), lora=lora))
     assert [s.name for s in result.steps] == ["merge", "export", "calibration", "quantize"]
-    model = out / f"{kind}_w8a8_rk3588.rkllm"
+    model = out / f"{kind}-{lora.name}_w8a8_rk3588.rkllm"  # a merged LoRA is named apart from the base
     assert result.model_file == model and model.is_file()
     manifest = read_manifest(model)
     assert manifest["simulated"] is True and manifest["toolkit"]["version"] == version

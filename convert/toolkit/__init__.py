@@ -223,11 +223,13 @@ def probe_toolkit(env: ToolkitEnv, *, extra_env: Mapping[str, str] | None = None
 
 def run_job(env: ToolkitEnv, job: Mapping[str, Any], *, on_event: EventHandler | None = None,
             timeout: float | None = None, extra_env: Mapping[str, str] | None = None,
-            cwd: str | os.PathLike[str] | None = None) -> ToolkitResult:
+            cwd: str | os.PathLike[str] | None = None,
+            job_dir: str | os.PathLike[str] | None = None) -> ToolkitResult:
     """Runs one load -> build -> export job in the toolkit's interpreter; never leaves the worker running.
 
     ``on_event`` is called (in this thread) for every event: ``log``, ``progress``, ``error``, ``result``.
     ``cwd`` defaults to the export folder, where the toolkit's stray files (``*.qparams``) then land.
+    ``job_dir``: where the job file is written (see :func:`run_worker`).
     """
     from rkedge.convert.toolkit.known_errors import findings_from_log
 
@@ -236,7 +238,8 @@ def run_job(env: ToolkitEnv, job: Mapping[str, Any], *, on_event: EventHandler |
     if cwd is None and export_path.parent.is_dir():
         cwd = export_path.parent
     run = run_worker([env.python, str(WORKER), "--job"], job, what="the toolkit", env=_child_env(env, extra_env),
-                     on_event=on_event, timeout=timeout, cwd=cwd, exit_meanings=EXIT_MEANINGS)
+                     on_event=on_event, timeout=timeout, cwd=cwd, exit_meanings=EXIT_MEANINGS,
+                     job_dir=job_dir)
     result_event = run.result_event or {}
     ok = run.error is None and run.returncode == EXIT_OK and bool(result_event.get("ok"))
     scan = list(run.log_lines)

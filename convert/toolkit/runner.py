@@ -9,6 +9,7 @@ what the kernel's OOM killer sends. Events are JSON objects with a ``type`` (``l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -24,6 +25,9 @@ from typing import IO, Any
 #: One decoded JSON-line event; its fields are the worker's (see worker.py's docstring).
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
+#: Job files are named ``rkedge-job-*.json`` (the next run's cleanup and tests look for this).
+JOB_FILE_PREFIX = "rkedge-job-"
+JOB_FILE_GLOB = f"{JOB_FILE_PREFIX}*.json"
 
 
 @dataclass
@@ -48,14 +52,18 @@ class WorkerRun:
 
 def run_worker(argv: Sequence[str], job: Mapping[str, Any], *, what: str, env: Mapping[str, str],
                on_event: EventHandler | None = None, timeout: float | None = None,
-               cwd: str | os.PathLike[str] | None = None, exit_meanings: Mapping[int, str] | None = None) -> WorkerRun:
+               cwd: str | os.PathLike[str] | None = None, exit_meanings: Mapping[int, str] | None = None,
+               job_dir: str | os.PathLike[str] | None = None) -> WorkerRun:
     """Writes ``job`` to a temporary file, runs ``[*argv, JOB_FILE]`` and returns when it and its group are gone.
 
     ``what`` names the worker in error texts ("the toolkit", "rknn-toolkit2"). ``on_event`` is called in this
-    thread for every event.
+    thread for every event. ``job_dir``: where the job file goes (default: the system temp folder). A caller
+    with a work folder passes it, so a job file left by a SIGKILLed parent is inside that folder, where the next
+    run's cleanup (``JOB_FILE_GLOB``) finds it, not in /tmp for ever.
     """
     started = time.monotonic()
-    handle, job_file = tempfile.mkstemp(prefix="rkedge-job-", suffix=".json")
+    handle, job_file = tempfile.mkstemp(prefix=JOB_FILE_PREFIX, suffix=".json",
+                                        dir=None if job_dir is None else os.fspath(job_dir))
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         json.dump(job, out, indent=1)
     lines: list[str] = []
@@ -87,7 +95,8 @@ def run_worker(argv: Sequence[str], job: Mapping[str, Any], *, what: str, env: M
         finally:
             events.close()
     finally:
-        os.unlink(job_file)
+        with contextlib.suppress(FileNotFoundError):  # the worker may have deleted it once read
+            os.unlink(job_file)
 
     step = events.step or "?"
     error: str | None = None

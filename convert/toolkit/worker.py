@@ -295,6 +295,10 @@ def run_job(path):
                                      "traceback": None}) + "\n")
         sys.stdout.flush()
         return EXIT_BAD_JOB
+    try:  # read once: deleting it now means no job file outlives this worker, whatever happens to the parent
+        os.unlink(path)
+    except OSError:
+        pass
 
     channel = Channel()
     try:
