@@ -155,6 +155,9 @@ class ChatSession:
         if not messages or messages[-1].get("role") not in ("user", "tool"):
             raise InputError("the conversation must end with a user message or a tool result")
         conversation: list[Message] = [dict(m) for m in messages]
+        for message in conversation:  # refused before anything is rendered or counted
+            if isinstance(message.get("content"), str):
+                c_text(message["content"], f"a {message.get('role')} message")
         self.dropped_messages = 0
         tool_list = [dict(t) for t in tools] if tools else None
         if self.llm.template is None:
