@@ -309,7 +309,8 @@ def _calls_from_json(value: Any, arguments_key: str) -> list[ToolCall] | None:
     for item in items:
         if not isinstance(item, Mapping):
             return None
-        function = item.get("function") if isinstance(item.get("function"), Mapping) else item
+        nested = item.get("function")
+        function: Mapping[str, Any] = nested if isinstance(nested, Mapping) else item
         name = function.get("name")
         arguments = function.get(arguments_key, function.get("arguments", function.get("parameters", {})))
         if not isinstance(name, str) or not name:
