@@ -12,12 +12,12 @@ it says or raises a :class:`~rkedge.errors.RkedgeError` that says why: return co
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rkedge.errors import LibraryNotFoundError, ModelFileError
+from rkedge.errors import InputError, LibraryNotFoundError, ModelFileError
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.types import InitParams, RunEvent, RunRequest
 
@@ -104,12 +104,25 @@ class Backend(Protocol):
         ...
 
 
+#: The 1.3.0 tokenizer callback: text (after the runtime's chat template) -> token ids.
+TextTokenizer = Callable[[str], Sequence[int]]
+#: The 1.3.0 embedding callback: token ids -> their embedding rows, row-major floats.
+TokenEmbedder = Callable[[Sequence[int]], Sequence[float]]
+
+
 def open_backend(model_path: Path, library: str | os.PathLike[str] | None, abi: str | None, params: InitParams,
-                 on_event: EventHandler, *, verbose: bool = False) -> Backend:
-    """The backend for ``model_path``: an RKNN bundle folder, else a ``.rkllm`` (or simulated model) file."""
+                 on_event: EventHandler, *, verbose: bool = False, tokenizer: TextTokenizer | None = None,
+                 embedder: TokenEmbedder | None = None) -> Backend:
+    """The backend for ``model_path``: an RKNN bundle folder, else a ``.rkllm`` (or simulated model) file.
+
+    ``tokenizer``/``embedder``: Python callbacks the runtime calls for a model exported without its tokenizer or
+    embedding (librkllmrt ABI >= 1.3.0)."""
     from rkedge.runtime.rknn.bundle import is_rknn_bundle
 
     if is_rknn_bundle(model_path):
+        if tokenizer is not None or embedder is not None:
+            raise InputError("tokenizer and embedding callbacks are librkllmrt's (ABI 1.3.0); an RKNN bundle "
+                             "carries its own tokenizer and embedding table.", fix="drop tokenizer=/embedder=")
         try:
             from rkedge.runtime.rknn.engine import RknnModel
         except ImportError as exc:
@@ -125,7 +138,8 @@ def open_backend(model_path: Path, library: str | os.PathLike[str] | None, abi: 
                              fix="pass the path of a .rkllm file (or create a simulated one: rkedge mock-model)")
     from rkedge.runtime.rkllm_backend import RkllmBackend
 
-    return RkllmBackend(model_path, library, abi, params, on_event, verbose=verbose)
+    return RkllmBackend(model_path, library, abi, params, on_event, verbose=verbose, tokenizer=tokenizer,
+                        embedder=embedder)
 
 
-__all__ = ["Backend", "EventHandler", "RuntimeInfo", "open_backend"]
+__all__ = ["Backend", "EventHandler", "RuntimeInfo", "TextTokenizer", "TokenEmbedder", "open_backend"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from rkedge.errors import BusyError, ContextLengthExceeded, InputError, RkedgeError
 from rkedge.runtime._stream import GenerationResult, GenerationStats, GenerationStream, RunEnd, RunState, TokenHook
 from rkedge.runtime.abi._common import AbiFeatures
-from rkedge.runtime.backend import Backend, RuntimeInfo, open_backend
+from rkedge.runtime.backend import Backend, RuntimeInfo, TextTokenizer, TokenEmbedder, open_backend
 from rkedge.runtime.chat_template import SPECIAL_TOKEN_NAMES, JinjaChatTemplate
 from rkedge.runtime.output_parsers import OutputFormat, ToolFamily, tool_family_for
 from rkedge.runtime.rkllm_backend import load_model_metadata
@@ -53,12 +53,16 @@ class LLM:
             runtime's embedded template off, so nothing is templated twice; with no template the runtime
             renders, and tools and thinking go through ``rkllm_set_function_tools`` and ``enable_thinking``.
         verbose: echo the runtime's init log.
+        tokenizer: a Python tokenizer (text -> ids) the runtime calls back (ABI >= 1.3.0), for a model exported
+            without its tokenizer; ``embedder`` (ids -> embedding rows, row-major floats) likewise for a model
+            exported without its embedding.
         **params: ``RKLLMParam`` fields (``max_context_len``, ``max_new_tokens``, ``top_k``, ``temperature``,
             ``base_domain_id``...).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], library: str | os.PathLike[str] | None = None,
                  abi: str | None = None, *, chat_template: str | None = None, verbose: bool = False,
+                 tokenizer: TextTokenizer | None = None, embedder: TokenEmbedder | None = None,
                  **params: Any) -> None:
         self._closed = True
         self._closing = False
@@ -76,7 +80,8 @@ class LLM:
         self._next_run = 0
         self._active: tuple[RunState, threading.Thread] | None = None
         self._kv_owner: object | None = None
-        self._backend: Backend = open_backend(self.model_path, library, abi, init, self._on_event, verbose=verbose)
+        self._backend: Backend = open_backend(self.model_path, library, abi, init, self._on_event, verbose=verbose,
+                                              tokenizer=tokenizer, embedder=embedder)
         backend = self._backend
         self.runtime: RuntimeInfo = backend.runtime
         self.abi: str = backend.runtime.abi

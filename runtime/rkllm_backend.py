@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from rkedge.manifest import read_manifest
 from rkedge.runtime._stderr import capture_native_stderr, echo_to_stderr
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.abi._native import NativeLibrary, NativeModel
-from rkedge.runtime.backend import EventHandler, RuntimeInfo
+from rkedge.runtime.backend import EventHandler, RuntimeInfo, TextTokenizer, TokenEmbedder
 from rkedge.runtime.library import resolve_library
 from rkedge.runtime.simmodel import is_simulated_model, read_simulated_model
 from rkedge.runtime.types import InitParams, RunRequest
@@ -52,7 +52,8 @@ class RkllmBackend:
     """One ``LLMHandle`` of the library the ABI selection picked."""
 
     def __init__(self, model_path: Path, library: str | os.PathLike[str] | None, abi: str | None, params: InitParams,
-                 on_event: EventHandler, *, verbose: bool = False) -> None:
+                 on_event: EventHandler, *, verbose: bool = False, tokenizer: TextTokenizer | None = None,
+                 embedder: TokenEmbedder | None = None) -> None:
         chosen = resolve_library(library, abi)
         self.runtime = RuntimeInfo(chosen.path, chosen.abi, chosen.runtime_version, chosen.selected_by,
                                    chosen.simulated)
@@ -67,7 +68,9 @@ class RkllmBackend:
         native_library = NativeLibrary.load(chosen.path, chosen.abi)
         self.features: AbiFeatures = native_library.features
         with capture_native_stderr() as captured:
-            self._native = NativeModel(native_library, str(model_path), params, on_event)
+            self._native = NativeModel(native_library, str(model_path), params, on_event,
+                                       tokenizer=_bytes_tokenizer(tokenizer) if tokenizer is not None else None,
+                                       embedder=embedder)
         self.init_log: str = captured.text
         error = failures.first_error(self.init_log, "runtime")
         if verbose or error or self._native.init_rc != 0:
@@ -160,6 +163,14 @@ class RkllmBackend:
 
     def close(self) -> None:
         self._native.destroy()
+
+
+def _bytes_tokenizer(tokenizer: TextTokenizer) -> Callable[[bytes], Sequence[int]]:
+    """The runtime hands UTF-8 bytes; a Python tokenizer takes text."""
+    def tokenize(text: bytes) -> Sequence[int]:
+        return tokenizer(text.decode("utf-8", "replace"))
+
+    return tokenize
 
 
 __all__ = ["RkllmBackend", "load_model_metadata"]

@@ -386,3 +386,28 @@ def session_prompt_after_drop(call_log) -> str:
         if text.startswith("<|im_start|>system"):
             return text
     return ""
+
+
+def test_the_runtime_calls_a_python_tokenizer_and_embedder(abi, make_model, call_log):
+    model = make_model(abi, hidden_size=4, responses=[{"text": "ok"}],
+                       extra={"export_tokenizer": False, "export_embedding": False})
+    texts: list[str] = []
+
+    def tokenizer(text: str) -> list[int]:
+        texts.append(text)
+        return [ord(c) % 100 for c in text]
+
+    def embedder(ids):
+        return [float(i) for i in ids for _ in range(4)]
+
+    if not for_version(abi).FEATURES.init_takes_callback_struct:
+        with pytest.raises(InputError, match="1.3.0"):
+            LLM(model, library="mock", abi=abi, tokenizer=tokenizer)
+        return
+    with pytest.raises(RkedgeError):  # exported without them, and none given: the runtime cannot load it
+        LLM(model, library="mock", abi=abi)
+    with LLM(model, library="mock", abi=abi, tokenizer=tokenizer, embedder=embedder) as llm:
+        result = llm.generate("héllo", stream=False)
+    assert result.text == "ok" and texts == ["héllo"]
+    [call] = call_log.entries("tokenizer_callback")
+    assert call["tokens"] == [ord(c) % 100 for c in "héllo"] and call["returned"] == 5
