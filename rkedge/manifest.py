@@ -3,7 +3,7 @@
 Two files carry one, both described by :class:`Manifest`:
 
 - ``<file>.rkllm.json`` beside every ``.rkllm`` (schema ``rkedge-manifest``, backend ``rkllm``): the chat
-  template family, BOS/EOS ids, context limit and recommended runtime settings the board reads, and every
+  template (Hugging Face's Jinja text, its special tokens, and the family), BOS/EOS ids, context limit and recommended runtime settings the board reads, and every
   argument that reached the toolkit, with the inputs' hashes and every version involved, so a file can be
   traced back to its source. ``doctor`` checks the model's toolkit version against the runtime (F-3/F-4).
 - ``bundle.json`` inside an RKNN bundle folder (schema ``rkedge-rknn-bundle``, backend ``rknn``): the graphs
@@ -52,7 +52,8 @@ _FIX = "reconvert the model (rkedge convert), or restore its manifest from the c
 KEYS: dict[Backend, tuple[str, ...]] = {
     "rkllm": ("schema", "schema_version", "simulated", "name", "model_file", "sha256", "size", "lora_file",
               "architecture", "model_type", "platform", "dtype", "max_context_limit", "npu_cores", "chat_family",
-              "chat_template", "chat_template_parts", "bos_token_id", "eos_token_id", "toolkit", "rkedge_version",
+              "chat_template", "chat_template_parts", "bos_token_id", "eos_token_id", "special_tokens", "toolkit",
+              "rkedge_version",
               "inputs", "toolkit_calls", "request", "findings", "estimate", "runtime", "host", "created_at",
               "wall_time_s"),
     "rknn": ("schema", "schema_version", "backend", "name", "architecture", "platform", "dtype", "hybrid", "graphs",
@@ -144,6 +145,9 @@ class Manifest(Mapping[str, Any]):
     chat_template_parts: ChatTemplateParts | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None  # a list where the checkpoint ends turns with several tokens
+    #: The tokenizer's special-token texts the chat template reads (``bos_token``, ``eos_token``, ``unk_token``,
+    #: ``pad_token``...: transformers' ``special_tokens_map``), so the board renders ``chat_template`` exactly.
+    special_tokens: dict[str, str] | None = None
     toolkit: ToolkitInfo | None = None
     rkedge_version: str | None = None
     toolkit_calls: dict[str, dict[str, Any]] | None = None

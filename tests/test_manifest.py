@@ -22,7 +22,7 @@ def rkllm_manifest(**changes: Any) -> dict[str, Any]:
         "max_context_limit": 4096, "npu_cores": 3, "chat_family": "gemma", "chat_template": "{{ bos_token }}",
         "chat_template_parts": {"system_prompt": "", "prompt_prefix": "<start_of_turn>user\n",
                                 "prompt_postfix": "<end_of_turn>\n<start_of_turn>model\n"},
-        "bos_token_id": 2, "eos_token_id": 1,
+        "bos_token_id": 2, "eos_token_id": 1, "special_tokens": {"bos_token": "<bos>", "eos_token": "<eos>"},
         "toolkit": {"kind": "mock", "version": "1.3.0", "label": "simulated", "python": "3.11.7",
                     "reported_version": "1.3.0"},
         "rkedge_version": "0.1.0",
@@ -179,3 +179,18 @@ def test_the_runtime_reads_the_manifest_and_ignores_a_broken_one_with_a_warning(
         with caplog.at_level("WARNING", logger="rkedge.runtime"):
             assert load_model_metadata(model) == {}
         assert "ignoring the manifest" in caplog.text, "the model still loads; the warning says why"
+
+
+def test_special_tokens_reach_the_runtime_template(tmp_path: Path) -> None:
+    """The manifest's Hugging Face template and special tokens are what LLM renders with (load_model_metadata)."""
+    from rkedge.runtime.rkllm_backend import load_model_metadata
+
+    data = {**rkllm_manifest(), "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"}
+    model = tmp_path / "m.rkllm"
+    model.write_bytes(b"x")
+    (tmp_path / "m.rkllm.json").write_text(json.dumps(data))
+    meta = load_model_metadata(model)
+    assert meta["special_tokens"] == {"bos_token": "<bos>", "eos_token": "<eos>"}
+    bad = {**data, "special_tokens": ["<bos>"]}
+    with pytest.raises(ModelFileError, match="special_tokens"):
+        Manifest.from_dict(bad)
