@@ -72,6 +72,10 @@ class ChatRepl:
             self.write("\n")
         if failure is not None:
             self.error(failure)  # after the reply's line ends, so the two streams do not interleave mid-line
+        if self.session.dropped_messages:
+            self.err.write(f"(context full: the {self.session.dropped_messages} oldest messages were dropped; "
+                           "the system prompt stays. /reset starts over)\n")
+            self.err.flush()
         self.last = stream.result
         return self.last
 
@@ -176,7 +180,8 @@ def run_chat(model: Path, *, library: str | None, abi: str | None, template: str
              system: str | None, prompts: list[str], lora_path: Path | None, params: dict[str, Any]) -> None:
     with LLM(model, library=library, abi=abi, chat_template=template, verbose=verbose, **params) as llm:
         lora = llm.load_lora(lora_path) if lora_path else None
-        repl = ChatRepl(llm, llm.chat_session(system), lora=lora)
+        # A terminal conversation goes on when the context fills: the oldest turns make room (the REPL says so).
+        repl = ChatRepl(llm, llm.chat_session(system, context_policy="drop_oldest"), lora=lora)
         if prompts:
             for prompt in prompts:
                 repl.turn(prompt)

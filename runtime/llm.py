@@ -33,7 +33,7 @@ from rkedge.runtime.types import InferMode, InitParams, RunEvent, RunRequest, Sa
 PromptTemplate = ChatTemplate | JinjaChatTemplate
 
 if TYPE_CHECKING:
-    from rkedge.runtime.chat import ChatSession
+    from rkedge.runtime.chat import ChatSession, ContextPolicy
 
 log = logging.getLogger("rkedge.runtime")
 
@@ -417,10 +417,11 @@ class LLM:
 
     # -- sessions, caches, adapters -------------------------------------------------------------------------
 
-    def chat_session(self, system: str | None = None) -> ChatSession:
+    def chat_session(self, system: str | None = None, *, context_policy: ContextPolicy = "error") -> ChatSession:
+        """A conversation on this model; ``context_policy``: what to do when it outgrows the context."""
         from rkedge.runtime.chat import ChatSession
 
-        return ChatSession(self, system=system)
+        return ChatSession(self, system=system, context_policy=context_policy)
 
     def clear_kv_cache(self, keep_system_prompt: bool = False, start: Sequence[int] | None = None,
                        end: Sequence[int] | None = None) -> None:

@@ -411,3 +411,20 @@ def test_the_runtime_calls_a_python_tokenizer_and_embedder(abi, make_model, call
     assert result.text == "ok" and texts == ["héllo"]
     [call] = call_log.entries("tokenizer_callback")
     assert call["tokens"] == [ord(c) % 100 for c in "héllo"] and call["returned"] == 5
+
+
+def test_the_chat_cli_keeps_going_when_the_context_fills(make_model):
+    import io
+
+    from rkedge.runtime.chat_cli import ChatRepl
+
+    abi = "1.3.0"
+    with LLM(make_model(abi, chat_family="qwen2.5", responses=[{"text": "ok."}]), library="mock", abi=abi,
+             max_context_len=160) as llm:
+        out, err = io.StringIO(), io.StringIO()
+        repl = ChatRepl(llm, llm.chat_session("Be brief.", context_policy="drop_oldest"), out=out, err=err)
+        for turn in range(8):
+            result = repl.turn(f"turn {turn}: " + "words " * 10)
+            assert result is not None and result.text == "ok."
+    assert "context full" in err.getvalue() and "error" not in err.getvalue()
+    assert out.getvalue().count("ok.") == 8
