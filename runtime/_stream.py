@@ -412,6 +412,11 @@ class GenerationStream(Iterator[str]):
         except Exception:  # interpreter shutdown
             pass
 
+    @property
+    def output(self) -> OutputFormat | None:
+        """How this run's reply is parsed (None: it is not), for a caller that parses chunks itself."""
+        return self._output
+
     def deltas(self) -> Iterator[OutputDelta]:
         """The rest of the stream parsed as it arrives: content and reasoning text, and each tool call once
         complete (needs a run given an output format; without one every chunk is content)."""

@@ -202,12 +202,7 @@ class ChatSession:
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
             return template.render(conversation, True, tools=tools, **kwargs)
-        if tools:
-            raise InputError(f"this model's chat template is rkedge's hand-written {template.family} family, which "
-                             "has no tool calling; the tools would be lost.",
-                             fix="reconvert the model so its manifest carries its Hugging Face chat template, or "
-                                 "pass the model's .jinja template (chat_template=...)")
-        return template.render(conversation, add_generation_prompt=True)
+        return template.render(conversation, add_generation_prompt=True, tools=tools)
 
     def _prompt_for(self, conversation: list[Message], tools: list[Message] | None, enable_thinking: bool | None,
                     template_kwargs: Mapping[str, Any] | None, rendered: str | None) -> tuple[str, str]:

@@ -1,6 +1,8 @@
-"""Chat templates, rendered in pure Python (no Jinja on the board).
+"""Hand-written chat template families: the fallback for a model whose files carry no Jinja template.
 
-Each family reproduces the Hugging Face template of its models character for character (tests compare
+A model's own Hugging Face template is rendered by :mod:`rkedge.runtime.chat_template` (tools, thinking and
+the ``tool`` role included); these families cover vendor files and older manifests that only name a family.
+They have no tool calling: given tools they refuse (the tools would otherwise be lost). Each family reproduces the Hugging Face template of its models character for character (tests compare
 against ``tokenizer.apply_chat_template`` with the real Jinja templates in ``tests/data/chat_templates``).
 The runtime is sent the rendering *without* the BOS token: the runtime's tokenizer adds BOS itself, as
 llama.cpp-derived tokenizers do (UNKNOWN for librkllmrt; documented in the README).
@@ -15,10 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from rkedge.errors import InputError
 
-Message = Mapping[str, str]
+Message = Mapping[str, Any]
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -36,8 +39,14 @@ class ChatTemplate:
     date_string: str = field(default_factory=lambda: time.strftime("%d %b %Y"))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, *,
-               include_bos: bool = False) -> str:
-        """The prompt for ``messages`` (roles: system, user, assistant)."""
+               include_bos: bool = False, tools: Sequence[Mapping[str, Any]] | None = None,
+               **template_kwargs: Any) -> str:
+        """The prompt for ``messages`` (roles: system, user, assistant). Other template keywords
+        (``enable_thinking``, ``documents``...) are ignored, as a Hugging Face template that does not read them
+        ignores them; ``tools`` are refused: these families cannot render them."""
+        if tools:
+            raise InputError(f"rkedge's hand-written {self.family} template has no tool calling; the tools would be "
+                             "lost.", fix="use the model's own chat template (reconvert, or pass its .jinja file)")
         for message in messages:
             if message.get("role") not in ("system", "user", "assistant"):
                 raise InputError(f"unknown chat role {message.get('role')!r}; use system, user or assistant")

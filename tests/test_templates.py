@@ -92,3 +92,11 @@ def test_unknown_family_and_role():
         get_template("nope")
     with pytest.raises(InputError, match="role"):
         get_template("gemma").render([{"role": "tool", "content": "x"}])
+
+
+def test_families_ignore_keywords_they_do_not_read_and_refuse_tools():
+    messages = CONVERSATIONS[0]
+    template = get_template("qwen2.5")
+    assert template.render(messages, True, enable_thinking=False, documents=[]) == template.render(messages, True)
+    with pytest.raises(InputError, match="no tool calling"):
+        template.render(messages, True, tools=[{"type": "function", "function": {"name": "f"}}])
