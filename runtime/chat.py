@@ -165,8 +165,11 @@ class ChatSession:
             full: str | None = None
         else:
             prompt, full = self._prompt_for(conversation, tool_list, enable_thinking, template_kwargs, rendered)
+            # The model's own template carries the thinking switch; the runtime's flag acts through the runtime's
+            # template, which is off. Hand-written families have no switch: their runs keep passing the flag.
+            runtime_flag = bool(enable_thinking) and not isinstance(self.llm.template, JinjaChatTemplate)
             request = RunRequest(prompt=c_text(prompt, "the prompt"), keep_history=self.uses_kv_cache,
-                                 enable_thinking=bool(enable_thinking))
+                                 enable_thinking=runtime_flag)
             output = self.llm.output_format(tools=bool(tool_list), prompt=full)
         keep = self.uses_kv_cache
         request.lora_name = lora

@@ -134,6 +134,15 @@ def test_qwen3_thinking_switch_and_tools_reach_the_prompt(abi, make_model, call_
         assert call_log.last("rkllm_set_chat_template")["prompt_prefix"] == ""
 
 
+def test_thinking_on_through_the_template_works_on_every_abi(abi, make_model, call_log):
+    """rkedge renders: thinking is the template's, so even ABIs without the runtime's flag can think."""
+    with LLM(qwen_model(make_model, abi, responses=[{"text": "<think>\nok\n</think>\n\nYes."}]), library="mock",
+             abi=abi) as llm:
+        result = llm.chat_session().send("Think?", enable_thinking=True, stream=False)
+    assert (result.reasoning, result.content) == ("\nok\n", "Yes.")
+    assert prompt_of(call_log.runs()[-1]).endswith("<|im_start|>assistant\n")
+
+
 def test_tool_calls_and_reasoning_are_parsed_and_a_tool_result_is_answered(abi, make_model, call_log):
     responses = [{"match": "<tool_response>", "text": "It is 21 C in Zürich."}, {"text": TOOL_REPLY}]
     with LLM(qwen_model(make_model, abi, responses=responses), library="mock", abi=abi) as llm:
