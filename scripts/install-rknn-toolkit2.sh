@@ -42,9 +42,15 @@ try:
     listed = requires("rkedge") or []
 except PackageNotFoundError:
     sys.exit("rkedge is not installed in this Python: pip install 'rkedge[convert,rknn]' (or make venv) first")
-for requirement in listed:
-    if 'extra == "rknn"' in requirement:
-        print(requirement.split(";")[0].strip())
+from packaging.requirements import Requirement  # a base dependency of rkedge
+
+# The requirements the extra adds: true with extra == "rknn", false without it (build backends spell the markers
+# differently, so evaluate them instead of matching text).
+for text in listed:
+    requirement = Requirement(text)
+    marker = requirement.marker
+    if marker is not None and marker.evaluate({"extra": "rknn"}) and not marker.evaluate({"extra": ""}):
+        print(f"{requirement.name}{requirement.specifier}")
 PY
 )
 # shellcheck disable=SC2086  # one argument per requirement
