@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools" / "aarch64"
 PACKAGE_DIRS = {"rkedge": "rkedge", "rkedge/convert": "convert", "rkedge/lora": "lora", "rkedge/runtime": "runtime",
                 "rkedge/boards": "boards"}
-PURE_PYTHON = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pytest_timeout", "py", "pygments")
+PURE_PYTHON = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pytest_timeout", "py", "pygments", "jinja2",
+               "markupsafe")
 SUITE = ("tests/test_runtime_behaviour.py", "tests/test_abi_layout.py", "tests/test_abi_selection.py",
-         "tests/test_mock_semantics.py")
+         "tests/test_mock_semantics.py", "tests/test_llm_features.py")
 
 
 def build_site(site: Path) -> None:
