@@ -437,3 +437,14 @@ def test_the_chat_cli_keeps_going_when_the_context_fills(make_model):
             assert result is not None and result.text == "ok."
     assert "context full" in err.getvalue() and "error" not in err.getvalue()
     assert out.getvalue().count("ok.") == 8
+
+
+def test_embeds_from_a_2d_array(make_model, call_log):
+    numpy = pytest.importorskip("numpy")
+    abi = "1.3.0"
+    with LLM(make_model(abi, hidden_size=4, responses=[{"text": "ok"}]), library="mock", abi=abi) as llm:
+        assert llm.generate(embeds=numpy.ones((5, 4), dtype=numpy.float32), stream=False).text == "ok"
+        with pytest.raises(InputError, match="2-D"):
+            llm.generate(embeds=numpy.ones(4))
+    assert call_log.runs()[-1]["input_type"] == 2
+    assert call_log.last("run_end")["prompt_tokens"] == 5, "one position per embedding row"
