@@ -80,8 +80,11 @@ class LLM:
         self._next_run = 0
         self._active: tuple[RunState, threading.Thread] | None = None
         self._kv_owner: object | None = None
+        # The callbacks are passed only when given, so a backend opener that predates them keeps working.
+        callbacks: dict[str, Any] = {k: v for k, v in (("tokenizer", tokenizer), ("embedder", embedder))
+                                     if v is not None}
         self._backend: Backend = open_backend(self.model_path, library, abi, init, self._on_event, verbose=verbose,
-                                              tokenizer=tokenizer, embedder=embedder)
+                                              **callbacks)
         backend = self._backend
         self.runtime: RuntimeInfo = backend.runtime
         self.abi: str = backend.runtime.abi
