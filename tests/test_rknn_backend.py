@@ -168,6 +168,73 @@ def test_quality_metrics_see_a_degraded_model(tiny_model):
     assert worse["top1_agreement"] < 0.9 and worse["nll_delta_pct"] > 1 and worse["kl_divergence"] > 0.01
 
 
+# --- calibration: streamed to disk, bounded -----------------------------------------------------------------
+
+def _held_calibration(loop, prompts, steps):
+    """The calibration as it was computed before streaming: every step of every graph held, then subsampled."""
+    captured = {i: [] for i in range(len(loop.chunks) + len(loop.heads))}
+    inner = loop.runner
+
+    class Hold:
+        def run(self, index, inputs):
+            captured[index].append([np.array(a, copy=True) for a in inputs])
+            return inner.run(index, inputs)
+
+    loop.runner = Hold()
+    for prompt in prompts:
+        tokens = [2] + [b + BYTE_OFFSET for b in prompt.encode()]
+        while len(tokens) < steps:
+            tokens += [b + BYTE_OFFSET for b in (" " + prompt).encode()]
+        loop.reset()
+        for token in tokens[:steps]:
+            loop.step(token)
+    loop.runner = inner
+    return {index: samples[:4] + samples[4::max(1, len(samples) // 96)] for index, samples in captured.items()}
+
+
+def test_streamed_calibration_equals_holding_every_step(tiny_model, tmp_path):
+    loop = torch_loop(tiny_model, max_chunk_params=20_000)  # 3 chunk graphs and 2 head graphs
+    prompts = [item if isinstance(item, str) else item.get("prompt") or item["input"]
+               for item in json.loads(CALIBRATION.read_text())]
+    request = RknnRequest(model=TINY, out=tmp_path, calibration=str(CALIBRATION))
+    encode = lambda text: [b + BYTE_OFFSET for b in text.encode()]  # noqa: E731 (the tiny model is byte-level)
+    datasets = pipeline._calibration(loop, request, encode, {"bos_token_id": 2}, tmp_path / "calib", 5)
+    steps = min(loop.window + 16, pipeline.CALIBRATION_MAX_STEPS)
+    assert len(prompts) * steps <= pipeline.CALIBRATION_MAX_TOTAL_STEPS, "the bound does not cut this set"
+    expected = _held_calibration(loop, prompts, steps)
+    for index, dataset in datasets.items():
+        lines = dataset.read_text().splitlines()
+        assert len(lines) == len(expected[index]) <= 4 + 2 * 96
+        for line, sample in zip(lines, expected[index], strict=True):
+            arrays = [np.load(path) for path in line.split()]
+            assert len(arrays) == len(sample)
+            assert all(np.array_equal(a, b.astype(np.float32)) for a, b in zip(arrays, sample, strict=True))
+
+
+def test_calibration_runs_a_bounded_number_of_steps(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CALIBRATION_MAX_TOTAL_STEPS", 200)
+    loop = torch_loop(tiny_model)
+    calls = []
+    inner = loop.runner
+
+    class Count:
+        def run(self, index, inputs):
+            calls.append(index)
+            return inner.run(index, inputs)
+
+    loop.runner = Count()
+    request = RknnRequest(model=TINY, out=tmp_path, calibration=str(CALIBRATION))
+    encode = lambda text: [b + BYTE_OFFSET for b in text.encode()]  # noqa: E731
+    datasets = pipeline._calibration(loop, request, encode, {"bos_token_id": 2}, tmp_path / "calib", 2)
+    steps = min(loop.window + 16, pipeline.CALIBRATION_MAX_STEPS)
+    assert calls.count(0) == (200 // steps) * steps, "whole prompts, cut to the step budget"
+    assert calls.count(1) == 0, "the head graph's input is the chunk output; the head is not run"
+    assert [len(d.read_text().splitlines()) for d in datasets.values()] == \
+        [len(pipeline.calibration_sample_steps((200 // steps) * steps))] * 2
+    assert pipeline.calibration_sample_steps(10_000)[:5] == [0, 1, 2, 3, 4]
+    assert 96 <= len(pipeline.calibration_sample_steps(10_000)) <= 101
+
+
 # --- the toolkit's hybrid-quantization cfg ----------------------------------------------------------------
 
 CFG = """custom_quantize_layers: {}

@@ -10,6 +10,7 @@ atomically (a staging folder renamed into place) with its manifest and a model c
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -46,6 +47,10 @@ BUILD_TIMEOUT_S = 2 * 3600  # the default quality report stays within about half
 #: Calibration runs each prompt this many decode steps at most (through the window wrap on small windows); the
 #: activation ranges of a 2048-token window's k/v slots do not need the whole window filled.
 CALIBRATION_MAX_STEPS = 256
+#: ... and the prompt set is cut to this many decode steps in all. ~100 samples per graph are kept, so more steps
+#: only cost time: 20 prompts x 256 steps took ~9 minutes of torch decode at 2b width and 3 layers, and would take
+#: over an hour at full depth. The tiny test models (20 prompts x 80 steps) stay under it.
+CALIBRATION_MAX_TOTAL_STEPS = 2048
 #: Tensors kept in fp16 in the hybrid build: the RG-LRU chain and the conv1d before it, with their recurrent (h,
 #: conv) and attention (k/v) state I/O. Chosen by measurement over many steps, not one (benchmarks/
 #: bench_rknn_hybrid.py: trained tiny RecurrentGemma, 1024 teacher-forced steps on held-out code, KL to
@@ -189,7 +194,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rkedge.convert.rknn.decode_step import ChunkStep, HeadStep, embedding_table, layer_param_counts
+    from rkedge.convert.rknn.decode_step import ChunkStep, HeadStep, layer_param_counts
     from rkedge.convert.rknn.torch_graphs import (
         build_torch_graphs,
         graph_names,
@@ -224,26 +229,26 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         modules: list[ChunkStep | HeadStep] = [*chunks, *heads]
         graphs = list(zip(graph_names(chunks, heads), modules, strict=True))
         report("export", f"{len(graphs)} ONNX graphs (opset 17)")
-        for graph_name, module in graphs:
-            example = tuple(torch.zeros(shape) for shape in module.input_shapes().values())
-            # One folder per graph: a graph over 2 GB keeps its weights as external data files named after the
-            # tensors, and the chunks' tensor names repeat (blocks.0... in every chunk).
-            onnx_file = _onnx_path(staging, graph_name)
-            onnx_file.parent.mkdir(parents=True)
-            torch.onnx.export(module, example, str(onnx_file), opset_version=17, dynamo=False,
-                              input_names=module.input_names(), output_names=module.output_names())
+        _export_onnx(staging, graphs)
         datasets: dict[int, Path] = {}
         if request.dtype == "w8a8":
             report("calibrate", "decode states of the prompt set")
             datasets = _calibration(loop, request, encode, tokenizer_spec, staging / "calibration", len(graphs))
+        quality_tokens = eval_tokens[: eval_steps + 1]
+        # The reference side of the quality report, computed now so the float model is gone before the builds:
+        # at 2b width the parent held ~9 GB (float32 weights, embedding copies) next to a build needing ~28 bytes
+        # per parameter, and the two together outgrew a 24 GB host.
+        reference_logits = reference_quality_logits(loop, quality_tokens)
+        np.save(staging / "embedding.npy", loop.embedding.astype(np.float16))
+        specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
+        del model, loop, chunks, heads, modules, graphs
+        gc.collect()
         built = []
-        for index, (graph_name, _module) in enumerate(graphs):
-            report("build", f"{graph_name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
-            built.append(_build_graph(staging, graph_name, request, datasets.get(index), on_event=on_event))
-        np.save(staging / "embedding.npy", embedding_table(model, dims).numpy().astype(np.float16))
+        for index, spec in enumerate(specs):
+            report("build", f"{spec.name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
+            built.append(_build_graph(staging, spec.name, request, datasets.get(index), on_event=on_event))
         for file in tokenizer_files:
             shutil.copyfile(file, staging / file.name)
-        specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
         draft = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
         shutil.rmtree(staging / "calibration", ignore_errors=True)
 
@@ -251,7 +256,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
                + ("" if request.eval_steps else " (--eval-steps to change)"))
         from rkedge.convert.rknn.quality import measure_quality
 
-        quality = measure_quality(staging, draft, loop, eval_tokens[: eval_steps + 1])
+        quality = measure_quality(staging, draft, reference_logits, quality_tokens)
         manifest = Manifest.from_dict({**draft, "quality": quality,
                                        "wall_time_s": round(time.monotonic() - started, 1)}, backend="rknn")
         (staging / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
@@ -313,10 +318,21 @@ def _eval_tokens(request: RknnRequest, encode: Callable[[str], list[int]], spec:
     return tokens
 
 
+def calibration_sample_steps(total: int) -> list[int]:
+    """Which of ``total`` captured decode steps become calibration samples: always positions 0-3 (the reset and
+    the first window slots), then about 96 evenly spaced."""
+    return sorted({*range(min(4, total)), *range(4, total, max(1, total // 96))})
+
+
 def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
                  folder: Path, graph_count: int) -> dict[int, Path]:
     """Real decode-step inputs of every graph, captured from torch trajectories over a prompt set (positions from 0,
-    through the attention window wrap), written as one .npy per input and one dataset line per sample."""
+    through the attention window wrap), written as one .npy per input and one dataset line per sample.
+
+    Streamed: the steps to keep are known before the first one runs (every prompt runs the same number of steps),
+    so each kept sample goes to disk as it is captured and the rest are never held. Holding every step's inputs
+    took ~4 MB per step per attention graph at 2b width (a 2047-slot k/v window), 24 GB for 20 prompts; now the
+    host holds one step. The LM head graphs are not run: their input is the last chunk's output."""
     import numpy as np
 
     from rkedge.convert import calibration as calib
@@ -324,44 +340,75 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
     items = calib.load_prompts(request.calibration)
     prompts = [item.get("prompt") or item.get("input") or "" for item in items]
     bos = spec.get("bos_token_id")
-    captured: dict[int, list[list[Any]]] = {i: [] for i in range(graph_count)}
+    steps = min(loop.window + 16, CALIBRATION_MAX_STEPS)
+    prompts = prompts[: max(1, CALIBRATION_MAX_TOTAL_STEPS // steps)]
+    sample_of = {step: number for number, step in enumerate(calibration_sample_steps(len(prompts) * steps))}
+    specs = [*loop.chunks, *loop.heads]
+    last_chunk = len(loop.chunks) - 1
+    folder.mkdir(parents=True, exist_ok=True)
+    lines: dict[int, list[str]] = {i: [] for i in range(graph_count)}
+
+    def save(index: int, number: int, inputs: list[Floats]) -> None:
+        paths = []
+        for input_name, array in zip(specs[index].inputs, inputs, strict=True):
+            path = folder / f"g{index}_{number}_{input_name}.npy"
+            np.save(path, np.asarray(array).astype(np.float32))
+            paths.append(str(path.resolve()))
+        lines[index].append(" ".join(paths))
+
     inner = loop.runner
+    step_counter = [0]
 
     class Capture:
         def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
-            captured[index].append([np.array(a, copy=True) for a in inputs])
             outputs: list[Floats] = inner.run(index, inputs)
+            number = sample_of.get(step_counter[0])
+            if number is not None:
+                save(index, number, inputs)
+                if index == last_chunk:  # what DecodeLoop hands every head graph
+                    head_input = np.asarray(outputs[0]).reshape(1, 1, -1).astype(np.float32)
+                    for head in range(len(loop.heads)):
+                        save(last_chunk + 1 + head, number, [head_input])
+            if index == last_chunk:
+                step_counter[0] += 1
             return outputs
 
     loop.runner = Capture()
     try:
-        steps = min(loop.window + 16, CALIBRATION_MAX_STEPS)
         for prompt in prompts:
             tokens = ([int(bos)] if bos is not None else []) + encode(prompt)
             while len(tokens) < steps:
                 tokens += encode(" " + prompt)
             loop.reset()
             for token in tokens[:steps]:
-                loop.step(token)  # the head graphs need their inputs captured too
+                loop.step(token, logits=False)
     finally:
         loop.runner = inner
-    folder.mkdir(parents=True, exist_ok=True)
     datasets = {}
-    specs = [*loop.chunks, *loop.heads]
-    for index, samples in captured.items():
-        chosen = samples[:4] + samples[4::max(1, len(samples) // 96)]  # always positions 0-3, then ~96 samples
-        lines = []
-        for number, sample in enumerate(chosen):
-            paths = []
-            for input_name, array in zip(specs[index].inputs, sample, strict=True):
-                path = folder / f"g{index}_{number}_{input_name}.npy"
-                np.save(path, array.astype(np.float32))
-                paths.append(str(path.resolve()))
-            lines.append(" ".join(paths))
+    for index, graph_lines in lines.items():
         dataset = folder / f"dataset_{index}.txt"
-        dataset.write_text("\n".join(lines) + "\n")
+        dataset.write_text("\n".join(graph_lines) + "\n")
         datasets[index] = dataset
     return datasets
+
+
+def reference_quality_logits(loop: Any, tokens: list[int]) -> Floats:
+    """The float model's teacher-forced logits over ``tokens[:-1]`` (torch): the reference of the quality report."""
+    logits: Floats = loop.teacher_forced_logits(tokens[:-1])
+    return logits
+
+
+def _export_onnx(staging: Path, graphs: list[tuple[str, Any]]) -> None:
+    import torch
+
+    for graph_name, module in graphs:
+        example = tuple(torch.zeros(shape) for shape in module.input_shapes().values())
+        # One folder per graph: a graph over 2 GB keeps its weights as external data files named after the
+        # tensors, and the chunks' tensor names repeat (blocks.0... in every chunk).
+        onnx_file = _onnx_path(staging, graph_name)
+        onnx_file.parent.mkdir(parents=True)
+        torch.onnx.export(module, example, str(onnx_file), opset_version=17, dynamo=False,
+                          input_names=module.input_names(), output_names=module.output_names())
 
 
 def _onnx_path(staging: Path, name: str) -> Path:

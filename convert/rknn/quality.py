@@ -61,17 +61,21 @@ def compare_logits(reference: Array, candidate: Array, tokens: list[int]) -> dic
     }
 
 
-def compare(reference: DecodeLoop, candidate: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
-    """Both loops teacher-forced over ``tokens``, each keeping its own state (so state drift shows)."""
+def compare(reference: DecodeLoop | Array, candidate: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
+    """Both loops teacher-forced over ``tokens``, each keeping its own state (so state drift shows). ``reference``
+    may be that loop's logits already computed (``DecodeLoop.teacher_forced_logits(tokens[:-1])``), so the float
+    model need not be held while the candidate runs."""
     inputs = tokens[:-1]
     with capture_native_output():
         ours = candidate.teacher_forced_logits(inputs, getattr(candidate.runner, "release_graph", None))
-    return compare_logits(reference.teacher_forced_logits(inputs), ours, tokens)
+    expected = reference.teacher_forced_logits(inputs) if isinstance(reference, DecodeLoop) else reference
+    return compare_logits(expected, ours, tokens)
 
 
-def measure_quality(folder: Path, bundle: Mapping[str, Any], reference: DecodeLoop, tokens: list[int]) -> dict[str, Any]:
-    """The bundle in the simulator against ``reference`` (transformers' weights in torch), graph by graph so the
-    host holds one simulated graph at a time."""
+def measure_quality(folder: Path, bundle: Mapping[str, Any], reference: DecodeLoop | Array,
+                    tokens: list[int]) -> dict[str, Any]:
+    """The bundle in the simulator against ``reference`` (transformers' weights in torch, or their teacher-forced
+    logits), graph by graph so the host holds one simulated graph at a time."""
     from rkedge.runtime.rknn.engine import SimulatorGraphs
 
     candidate = simulator_loop(folder, bundle, lazy=True)
