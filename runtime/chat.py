@@ -204,6 +204,15 @@ class ChatSession:
             kwargs = dict(template_kwargs or {})
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
+            if tools:
+                keyword = template.tools_keyword
+                if keyword is None:  # transformers would drop them without a word
+                    raise InputError(f"{template.model_name or 'this model'}'s chat template has no place for "
+                                     "tools; they would be lost.",
+                                     fix="send the request without tools, or use a model trained for tool calling")
+                if keyword != "tools":
+                    kwargs.setdefault(keyword, tools)
+                    tools = None
             return template.render(conversation, True, tools=tools, **kwargs)
         return template.render(conversation, add_generation_prompt=True, tools=tools)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -56,8 +57,16 @@ class JinjaChatTemplate:
 
     @property
     def supports_tools(self) -> bool:
-        """The template reads ``tools`` (so a tool list reaches the prompt)."""
-        return "tools" in self.source
+        """The template reads ``tools`` (so a tool list passed as ``tools`` reaches the prompt)."""
+        return re.search(r"(?<!\w)tools(?!\w)", self.source) is not None
+
+    @property
+    def tools_keyword(self) -> str | None:
+        """The keyword this template takes tools under: ``tools``, or SmolLM3's ``xml_tools``; None: it has
+        no place for tools."""
+        if self.supports_tools:
+            return "tools"
+        return "xml_tools" if re.search(r"(?<!\w)xml_tools(?!\w)", self.source) else None
 
     @property
     def supports_thinking(self) -> bool:

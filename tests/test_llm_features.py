@@ -448,3 +448,17 @@ def test_embeds_from_a_2d_array(make_model, call_log):
             llm.generate(embeds=numpy.ones(4))
     assert call_log.runs()[-1]["input_type"] == 2
     assert call_log.last("run_end")["prompt_tokens"] == 5, "one position per embedding row"
+
+
+def test_a_template_without_tools_refuses_them_and_smollm3_takes_xml_tools(make_model, call_log):
+    abi = "1.3.0"
+    phi3 = (TEMPLATES / "phi-3-mini-4k-instruct.jinja").read_text()
+    model = make_model(abi, name="phi-3", extra={"jinja_chat_template": phi3,
+                                                 "special_tokens": {"bos_token": "<s>", "eos_token": "<|endoftext|>"}})
+    with LLM(model, library="mock", abi=abi) as llm:
+        with pytest.raises(InputError, match="no place for tools"):
+            llm.chat_session().send("hi", tools=[WEATHER_TOOL])
+    xml = "{% for t in xml_tools %}<tool>{{ t | tojson }}</tool>{% endfor %}{{ messages[-1].content }}"
+    with LLM(make_model(abi), library="mock", abi=abi, chat_template=xml) as llm:
+        llm.chat_session().send("hi", tools=[WEATHER_TOOL], stream=False)
+    assert prompt_of(call_log.runs()[-1]) == "<tool>" + json.dumps(WEATHER_TOOL) + "</tool>hi"
