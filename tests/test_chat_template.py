@@ -33,6 +33,8 @@ TOKENS: dict[str, tuple[str | None, str]] = {
     "phi-3-mini-4k-instruct.jinja": ("<s>", "<|endoftext|>"),
     "mistral-nemo-instruct-2407.jinja": ("<s>", "</s>"),
     "smollm3-3b.jinja": (None, "<|im_end|>"),
+    "deepseek-r1-distill-qwen-32b.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "hermes-3-llama-3.1-8b-tool_use.jinja": ("<|begin_of_text|>", "<|im_end|>"),
 }
 
 WEATHER_TOOL = {"type": "function", "function": {

@@ -110,6 +110,7 @@ def test_tool_call_ids_and_message_fields():
     ("qwen3-0.6b.jinja", "hermes"), ("qwen2.5-1.5b-instruct.jinja", "hermes"), ("smollm3-3b.jinja", None),
     ("llama-3.1-8b-instruct.jinja", "llama3"), ("llama-3.2-1b-instruct.jinja", "llama3"),
     ("mistral-nemo-instruct-2407.jinja", "mistral"), ("gemma-3-1b-it.jinja", "gemma"),
+    ("hermes-3-llama-3.1-8b-tool_use.jinja", "hermes"),
 ])
 def test_tool_family_from_the_template(filename, family):
     assert tool_family_for((TEMPLATE_DIR / filename).read_text()) == family
@@ -120,3 +121,15 @@ def test_tool_family_from_a_hand_written_family():
     assert tool_family_for(None, "llama3.2") == "llama3"
     assert tool_family_for(None, "gemma") == "gemma"
     assert tool_family_for(None, "phi3") is None
+
+
+def test_a_generation_prompt_that_opens_the_think_block():
+    """DeepSeek-R1 distills end the generation prompt with <think>: the reply starts inside the reasoning."""
+    from rkedge.runtime.chat_template import JinjaChatTemplate
+
+    template = JinjaChatTemplate((TEMPLATE_DIR / "deepseek-r1-distill-qwen-32b.jinja").read_text(),
+                                 {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"})
+    prompt = template.render([{"role": "user", "content": "2+2?"}])
+    assert prompt_opens_reasoning(prompt)
+    parsed = parse_output("Two plus two.\n</think>\n\n4", OutputFormat(starts_in_reasoning=True))
+    assert (parsed.reasoning, parsed.content) == ("Two plus two.\n", "4")
