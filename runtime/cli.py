@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from rkedge.runtime.options import library_options, llm_kwargs, resolve_library_choice, runtime_param_options
-from rkedge.runtime.server.options import server_limit_options
+from rkedge.runtime.server.options import model_settings, server_limit_options, server_model_options
 
 
 @click.command()
@@ -71,7 +71,7 @@ def mock_model(out: Path, name: str, architecture: str, toolkit_version: str, pl
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @library_options
 @runtime_param_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
@@ -81,16 +81,19 @@ def mock_model(out: Path, name: str, architecture: str, toolkit_version: str, pl
               help="Requests that may wait behind the running one; more get 429.")
 @click.option("--name", "model_name", default=None, help="Model id clients use (default: from the manifest).")
 @server_limit_options
-def serve(model: Path, mock: bool, library: str | None, abi: str | None, max_context: int | None,
+@server_model_options
+def serve(models: tuple[Path, ...], mock: bool, library: str | None, abi: str | None, max_context: int | None,
           max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
           base_domain_id: int | None, template: str | None, verbose: bool, host: str, port: int,
           api_key: str | None, max_queue: int, model_name: str | None, **limits: Any) -> None:
-    """Serve MODEL over an OpenAI- and Ollama-compatible HTTP API with a web chat page at /."""
+    """Serve MODELS (files, or folders of them) over an OpenAI- and Ollama-compatible HTTP API with a web chat
+    page at /. Each request's model selects one; they share the NPU, loaded on demand."""
     from rkedge.runtime.server.run import run_server
     from rkedge.runtime.server.settings import ServerSettings
 
-    settings = ServerSettings(model_path=model, library=resolve_library_choice(mock, library), abi=abi,
-                              model_name=model_name, api_key=api_key, max_queue=max_queue, host=host, port=port,
+    chosen = {k: limits.pop(k) for k in ("max_loaded", "memory_budget_gb", "lora", "prompt_cache")}
+    settings = ServerSettings(model_path=models[0], model_paths=models, **model_settings(**chosen),
+                              library=resolve_library_choice(mock, library), abi=abi, model_name=model_name, api_key=api_key, max_queue=max_queue, host=host, port=port,
                               template=template, **limits,
                               llm_params=llm_kwargs(max_context, max_new_tokens, temperature, top_k, top_p,
                                                     base_domain_id))

@@ -119,7 +119,7 @@ def test_one_access_log_line_per_request(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="rkedge.serve.access"), TestClient(app, base_url=LOOPBACK) as client:
         client.post("/v1/chat/completions", json=chat_body())
         client.get("/no/such/page")
-        client.post("/api/chat", content=json.dumps({"messages": []}))
+        client.post("/api/chat", content=json.dumps({"messages": [{"role": "assistant", "content": "x"}]}))
     llm.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "rkedge.serve.access"]
     assert len(lines) == 3, lines

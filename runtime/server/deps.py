@@ -1,49 +1,36 @@
-"""FastAPI dependencies: the engine, the served model, the API key, and JSON bodies read after the key check."""
+"""FastAPI dependencies: the model pool, the API key, JSON bodies read after the key, and the lease that binds a
+request to the model it names."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
 
-from rkedge.runtime.server.engine import Engine
+from rkedge.runtime.server.engine import Engine, Job
 from rkedge.runtime.server.errors import ApiError, validation_error
+from rkedge.runtime.server.models import ModelEntry, ModelPool
+from rkedge.runtime.server.responses import Answer, GenerationResponse
 from rkedge.runtime.server.settings import ServerSettings
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-@dataclass
-class Served:
-    """The model this server serves, as clients name it."""
-
-    name: str
-    model_path: Path
-    metadata: dict[str, Any]
-    aliases: frozenset[str]
-    started: int = field(default_factory=lambda: int(time.time()))
-
-    def check_model(self, requested: str | None) -> None:
-        if requested and requested not in self.aliases:
-            raise ApiError(404, f"model {requested!r} is not served here; this server serves {self.name!r}.",
-                           code="model_not_found", param="model")
+def get_pool(request: Request) -> ModelPool:
+    pool: ModelPool = request.app.state.pool
+    return pool
 
 
 def get_engine(request: Request) -> Engine:
+    """The first model's engine (tests and single-model callers)."""
     engine: Engine = request.app.state.engine
     return engine
-
-
-def get_served(request: Request) -> Served:
-    served: Served = request.app.state.served
-    return served
 
 
 def get_settings(request: Request) -> ServerSettings:
@@ -83,3 +70,30 @@ def json_body(model: type[Body]) -> Callable[..., Awaitable[Body]]:
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` documenting a body read by :func:`json_body`."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+#: Builds a request's job on the engine of the model it named, with the LoRA adapter the name carried.
+JobBuilder = Callable[[Engine, "str | None"], Job]
+AnswerBuilder = Callable[[ModelEntry, str], Answer]  # the entry and the name answers carry
+
+
+async def generation(pool: ModelPool, requested: str | None, build: JobBuilder, answer: AnswerBuilder, *,
+                     stream: bool, keep_alive: float | None = None, set_keep_alive: bool = False) -> Response:
+    """Leases the named model (loading it if needed, behind the run in progress), shapes the job and returns
+    the response that runs it; the lease ends with the response (then ``keep_alive: 0`` unloads the model)."""
+    entry, adapter = pool.resolve(requested)
+    engine = await pool.lease(entry)
+
+    def release() -> None:
+        pool.release(entry, keep_alive, set_keep_alive=set_keep_alive)
+        if set_keep_alive and keep_alive == 0:
+            asyncio.ensure_future(pool.unload(entry))
+
+    try:
+        job = build(engine, adapter)
+        engine.admit()
+        label = entry.name + (f"+{adapter}" if adapter else "")
+        return GenerationResponse(engine, job, answer(entry, label), stream=stream, on_end=release)
+    except BaseException:
+        release()
+        raise

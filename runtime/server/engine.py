@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, RkedgeError
+from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, InputError, RkedgeError
 from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
+from rkedge.runtime.output_parsers import OutputDelta, ToolCall
 from rkedge.runtime.server.metrics import Metrics
 from rkedge.runtime.tokens import TokenCounter
 
@@ -56,17 +57,27 @@ class Params:
     top_k: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    repeat_penalty: float | None = None
     ignored: list[str] = field(default_factory=list)  # parameters this ABI cannot apply per request
+    # -- chat only -------------------------------------------------------------------------------------------
+    tools: list[dict[str, Any]] | None = None  # rendered by the model's template; replies parsed for calls
+    parallel_tool_calls: bool = True  # False: only the first call of a reply is kept
+    enable_thinking: bool | None = None  # None: the template's default
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora: str | None = None  # a LoRA adapter loaded at startup (``name+adapter``)
+    num_ctx: int | None = None  # Ollama's context size: checked against the model's
 
 
 @dataclass
 class Outcome:
-    text: str
+    text: str  # the reply's content (reasoning and tool calls taken out)
     result: GenerationResult | None
     error: RkedgeError | None
     finish_reason: str
     prompt_tokens: int | None
     completion_tokens: int
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -144,7 +155,7 @@ class Run:
         self._job = job
         self.waited_s = waited_s
         self._loop = asyncio.get_running_loop()
-        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self._chunks: asyncio.Queue[OutputDelta | None] = asyncio.Queue()
         self._abort = threading.Event()
         self._stream: GenerationStream | None = None
         self._started = time.monotonic()
@@ -160,9 +171,16 @@ class Run:
         if self._stream is not None:
             self._engine.llm.abort()
 
+    async def deltas(self) -> AsyncIterator[OutputDelta]:
+        """The reply parsed as it comes: content, reasoning and (each once complete) tool calls."""
+        while (delta := await self._chunks.get()) is not None:
+            yield delta
+
     async def chunks(self) -> AsyncIterator[str]:
-        while (chunk := await self._chunks.get()) is not None:
-            yield chunk
+        """The reply's content text only."""
+        async for delta in self.deltas():
+            if delta.kind == "content" and delta.text:
+                yield delta.text
 
     async def wait(self) -> Outcome:
         await self.ended.wait()
@@ -177,13 +195,18 @@ class Run:
                 return  # the client left between being granted the slot and the start
             stream = self._job.start()
             self._stream = stream
-            for chunk in stream:
+            calls = 0
+            for delta in stream.deltas():
                 if self._abort.is_set():
                     # The runtime resets its abort flag when a run begins, so an abort sent just before
                     # rkllm_run started is lost: send it again at each token until the run ends.
                     self._engine.llm.abort()
                     continue
-                self._deliver(self._chunks.put_nowait, chunk)
+                if delta.kind == "tool_call":
+                    calls += 1
+                    if calls > 1 and not self._job.params.parallel_tool_calls:
+                        continue
+                self._deliver(self._chunks.put_nowait, delta)
         except RkedgeError as exc:
             error = exc
         except Exception as exc:  # reported to the client as a server error
@@ -208,15 +231,17 @@ class Run:
 
 class Engine:
     def __init__(self, llm: LLM, *, max_queue: int, queue_timeout_s: float, counter: TokenCounter | None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, queue: NpuQueue | None = None) -> None:
         self.llm = llm
         self.session = ChatSession(llm)  # shares the KV cache across requests whose history matches
-        self.queue = NpuQueue(max_queue, queue_timeout_s)
+        # Several models share one NPU: their engines share one queue, so a request waits behind any run.
+        self.queue = queue or NpuQueue(max_queue, queue_timeout_s)
         self.counter = counter
         self.metrics = metrics or Metrics()
         self.metrics.watch_queue(lambda: self.queue.waiting, lambda: int(self.queue.busy))
         self._service_s: deque[float] = deque(maxlen=32)
         self._runs: set[Run] = set()
+        self.adapters: set[str] = set()  # LoRA adapters loaded into this model (--lora)
 
     @property
     def max_queue(self) -> int:
@@ -269,23 +294,54 @@ class Engine:
 
     # -- request shaping ----------------------------------------------------------------------------------
 
-    def prepare_chat(self, messages: list[dict[str, str]], params: Params) -> Job:
+    def prepare_chat(self, messages: list[dict[str, Any]], params: Params) -> Job:
         # Rendered once: counted here, and handed to the session, which would otherwise render it again.
-        template = self.llm.template
-        rendered = template.render(messages, True) if template is not None else None
-        prompt_tokens = self._check_context(rendered if rendered is not None else messages[-1]["content"], params)
+        rendered = self.render(messages, params)
+        last = messages[-1].get("content")
+        prompt_tokens = self._check_context(rendered if rendered is not None else last if isinstance(last, str)
+                                            else "", params)
         kwargs, hook = self._runtime_kwargs(params)
+        self._check_lora(params)
 
         def start() -> GenerationStream:
-            stream = self.session.respond(messages, stop=params.stop, on_token=hook, rendered=rendered, **kwargs)
+            stream = self.session.respond(messages, stop=params.stop, on_token=hook, rendered=rendered,
+                                          tools=params.tools, enable_thinking=params.enable_thinking,
+                                          template_kwargs=params.template_kwargs or None, lora=params.lora, **kwargs)
             assert isinstance(stream, GenerationStream)
             return stream
 
         return Job(params, prompt_tokens, start)
 
+    def render(self, messages: list[dict[str, Any]], params: Params) -> str | None:
+        """The conversation as the model's template renders it (None: the runtime renders)."""
+        from rkedge.runtime.chat_template import JinjaChatTemplate
+
+        template = self.llm.template
+        if template is None:
+            return None
+        if isinstance(template, JinjaChatTemplate):
+            keywords = dict(params.template_kwargs)
+            if params.enable_thinking is not None:
+                keywords["enable_thinking"] = params.enable_thinking
+            return template.render(messages, True, tools=params.tools, **keywords)
+        if params.tools:
+            raise InputError(f"this model's chat template is rkedge's hand-written {template.family} family, "
+                             "which has no tool calling; the tools would be lost.",
+                             fix="reconvert the model so its manifest carries its Hugging Face chat template, or "
+                                 "start rkedge serve with --template FILE.jinja")
+        return template.render(messages, True)
+
+    def _check_lora(self, params: Params) -> None:
+        if params.lora is not None and params.lora not in self.adapters:
+            raise InputError(f"no LoRA adapter {params.lora!r} is loaded for this model.",
+                             fix="start rkedge serve with --lora for it; /v1/models lists the name+adapter ids")
+
     def prepare_text(self, prompt: str, params: Params) -> Job:
         prompt_tokens = self._check_context(prompt, params)
         kwargs, hook = self._runtime_kwargs(params)
+        self._check_lora(params)
+        if params.lora is not None:
+            kwargs["lora"] = params.lora
 
         def start() -> GenerationStream:
             stream = self.llm.generate(prompt, stop=params.stop, on_token=hook, **kwargs)
@@ -298,7 +354,8 @@ class Engine:
         """What the ABI can take per run, and a token hook that enforces max_tokens where it cannot."""
         kwargs: dict[str, Any] = {}
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-                    "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty}
+                    "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty,
+                    "repeat_penalty": params.repeat_penalty}
         if self.llm.features.has_sampling_params:
             kwargs.update({k: v for k, v in sampling.items() if v is not None})
             if params.max_tokens:
@@ -318,10 +375,17 @@ class Engine:
 
     def _check_context(self, prompt_text: str, params: Params) -> int | None:
         """The prompt's token count when it can be known; 400 context_length_exceeded when it cannot fit."""
+        limit = self.llm.max_context_len
+        if params.num_ctx is not None and params.num_ctx > 0:
+            if params.num_ctx > limit:
+                raise InputError(f"num_ctx {params.num_ctx} is larger than the {limit}-token context this model "
+                                 "was loaded with.",
+                                 fix=f"send num_ctx <= {limit}, or restart rkedge serve with --max-context "
+                                     f"{params.num_ctx} (up to the model's max_context_limit)", code="num_ctx")
+            limit = params.num_ctx
         if self.counter is None:
             return None
         tokens = self.counter(prompt_text)
-        limit = self.llm.max_context_len
         if tokens + 1 > limit:
             raise ContextLengthExceeded(
                 f"this conversation is {tokens} tokens; the model's context is {limit} tokens "
@@ -351,4 +415,6 @@ class Engine:
                                 prompt, stats.completion_tokens)
         if error is None and reason == "error":
             error = GenerationError(f"generation failed: {result.error or 'the runtime reported an error'}.")
-        return Outcome(result.text, result, error, "error" if error else reason, prompt, stats.completion_tokens)
+        calls = result.tool_calls if params.parallel_tool_calls else result.tool_calls[:1]
+        return Outcome(result.content, result, error, "error" if error else reason, prompt, stats.completion_tokens,
+                       result.reasoning, list(calls))

@@ -46,6 +46,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ContextLengthExceeded):
         return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, InputError):
+        if exc.code == "model_not_found":
+            return ApiError(404, str(exc), code=exc.code, param="model")
         return ApiError(400, str(exc), code=exc.code)
     if isinstance(exc, GenerationError):
         return ApiError(500, str(exc), type_="server_error", code=exc.code)

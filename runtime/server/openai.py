@@ -1,4 +1,8 @@
-"""The OpenAI API (``/v1``): models, chat completions and completions, streamed as server-sent events."""
+"""The OpenAI API (``/v1``): models, chat completions and completions, streamed as server-sent events.
+
+Chat replies are parsed as they come: ``<think>`` text into ``reasoning_content``, tool calls (when the request
+offered tools) into ``tool_calls`` with ``finish_reason: tool_calls``, each streamed as one delta once complete.
+"""
 
 from __future__ import annotations
 
@@ -13,46 +17,58 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
-from rkedge.runtime.server.deps import Served, body_schema, get_engine, get_served, json_body, require_key
-from rkedge.runtime.server.engine import Engine, Outcome, Params, Run
+from rkedge.runtime.output_parsers import ToolCall
+from rkedge.runtime.server.deps import body_schema, generation, get_pool, json_body, require_key
+from rkedge.runtime.server.engine import Engine, Job, Outcome, Params, Run
 from rkedge.runtime.server.errors import error_response, openai_body, to_api_error
-from rkedge.runtime.server.responses import STATUS_KEY, GenerationResponse
+from rkedge.runtime.server.models import ModelEntry, ModelPool
+from rkedge.runtime.server.responses import STATUS_KEY
 from rkedge.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, conversation
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["OpenAI"])
 
 
 @router.get("/models")
-def list_models(served: Annotated[Served, Depends(get_served)]) -> dict[str, Any]:
-    return {"object": "list",
-            "data": [{"id": served.name, "object": "model", "created": served.started, "owned_by": "rkedge"}]}
+def list_models(pool: Annotated[ModelPool, Depends(get_pool)]) -> dict[str, Any]:
+    """Every served model, and each of its LoRA adapters as ``name+adapter``."""
+    data = []
+    for entry in pool.entries:
+        for model_id in [entry.name, *(f"{entry.name}+{a}" for a in entry.adapters)]:
+            data.append({"id": model_id, "object": "model", "created": entry.started, "owned_by": "rkedge"})
+    return {"object": "list", "data": data}
 
 
 @router.post("/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
-                           engine: Annotated[Engine, Depends(get_engine)],
-                           served: Annotated[Served, Depends(get_served)]) -> Response:
-    served.check_model(body.model)
+                           pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
     params = body.params()
-    job = engine.prepare_chat(conversation(body.messages), params)
-    engine.admit()
+    messages = conversation(body.messages)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return GenerationResponse(engine, job, OpenAIAnswer("chat", served.name, params, include_usage),
-                              stream=body.stream)
+
+    def build(engine: Engine, adapter: str | None) -> Job:
+        params.lora = adapter
+        return engine.prepare_chat(messages, params)
+
+    return await generation(pool, body.model, build,
+                            lambda _entry, label: OpenAIAnswer("chat", label, params, include_usage),
+                            stream=body.stream)
 
 
 @router.post("/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
-                      engine: Annotated[Engine, Depends(get_engine)],
-                      served: Annotated[Served, Depends(get_served)]) -> Response:
-    served.check_model(body.model)
+                      pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
     params = body.params()
-    job = engine.prepare_text(body.prompt_text(), params)
-    engine.admit()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     echo = body.prompt_text() if body.echo else ""
-    return GenerationResponse(engine, job, OpenAIAnswer("text", served.name, params, include_usage, echo),
-                              stream=body.stream)
+
+    def build(engine: Engine, adapter: str | None) -> Job:
+        params.lora = adapter
+        return engine.prepare_text(body.prompt_text(), params)
+
+    def answer(_entry: ModelEntry, label: str) -> OpenAIAnswer:
+        return OpenAIAnswer("text", label, params, include_usage, echo)
+
+    return await generation(pool, body.model, build, answer, stream=body.stream)
 
 
 class OpenAIAnswer:
@@ -74,9 +90,15 @@ class OpenAIAnswer:
     def whole(self, outcome: Outcome, run: Run) -> Response:
         if outcome.error is not None:  # even with some text: a truncated answer is not an answer
             return error_response("/v1", outcome.error)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(outcome.finish_reason)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(outcome)}
         if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": outcome.text}
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": outcome.text if outcome.text or not outcome.tool_calls else None}
+            if outcome.reasoning is not None:
+                message["reasoning_content"] = outcome.reasoning
+            if outcome.tool_calls:
+                message["tool_calls"] = [tool_call(call) for call in outcome.tool_calls]
+            choice["message"] = message
         else:
             choice["text"] = self.echo + outcome.text
         return JSONResponse({"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
@@ -100,24 +122,41 @@ class OpenAIAnswer:
             yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         elif self.echo:
             yield self._chunk([{"index": 0, "text": self.echo, "finish_reason": None}])
-        async for text in run.chunks():
-            piece = {"delta": {"content": text}} if chat else {"text": text}
-            yield self._chunk([{"index": 0, **piece, "finish_reason": None}])
+        calls = 0
+        async for delta in run.deltas():
+            if not chat:
+                if delta.text:
+                    yield self._chunk([{"index": 0, "text": delta.text, "finish_reason": None}])
+                continue
+            if delta.kind == "tool_call" and delta.tool_call is not None:
+                piece: dict[str, Any] = {"tool_calls": [{"index": calls, **tool_call(delta.tool_call)}]}
+                calls += 1
+            elif delta.kind == "reasoning":
+                piece = {"reasoning_content": delta.text}
+            else:
+                piece = {"content": delta.text}
+            yield self._chunk([{"index": 0, "delta": piece, "finish_reason": None}])
         outcome = await run.wait()
         if outcome.error is not None:
             api = to_api_error(outcome.error)
             scope.setdefault("state", {})[STATUS_KEY] = api.status
             yield json.dumps(openai_body(api), ensure_ascii=False)
         else:
-            delta: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-            yield self._chunk([{"index": 0, **delta, "finish_reason": finish_reason(outcome.finish_reason)}])
+            end: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+            yield self._chunk([{"index": 0, **end, "finish_reason": finish_reason(outcome)}])
             if self.include_usage:
                 yield self._chunk([], usage=usage(outcome))
         yield "[DONE]"
 
 
-def finish_reason(reason: str) -> str:
-    return {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}.get(reason, "stop")
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def finish_reason(outcome: Outcome) -> str:
+    if outcome.tool_calls:
+        return "tool_calls"
+    return {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}.get(outcome.finish_reason, "stop")
 
 
 def usage(outcome: Outcome) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""``rkedge serve`` options for limits and browser exposure (click only), named like ServerSettings fields."""
+"""``rkedge serve`` options for limits, browser exposure and several models (click only), named like
+ServerSettings fields."""
 
 from __future__ import annotations
 
@@ -38,3 +39,45 @@ def server_limit_options(func: F) -> F:
     for decls, kwargs in reversed(options):
         func = click.option(*decls, **kwargs)(func)
     return func
+
+
+def server_model_options(func: F) -> F:
+    """--max-loaded, --memory-budget, --lora and --prompt-cache; the command passes them to ServerSettings
+    through :func:`model_settings`."""
+    options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("--max-loaded", "max_loaded"), {
+            "type": click.IntRange(1), "default": None,
+            "help": "Models loaded at once (several MODELs); the least recently used is unloaded first. Default: "
+                    "as many as the memory budget holds."}),
+        (("--memory-budget", "memory_budget_gb"), {
+            "type": click.FloatRange(0.1), "default": None, "metavar": "GB",
+            "help": "RAM the loaded models may take, against each manifest's memory estimate. Default: the "
+                    "board's RAM (/proc/meminfo, with rkedge.fit's margin)."}),
+        (("--lora", "lora"), {
+            "multiple": True, "metavar": "[MODEL=]PATH[:NAME]",
+            "help": "Load a LoRA adapter (repeatable); requests select it with the model name MODEL+NAME (NAME: "
+                    "the file's stem without _lora). MODEL= is needed when serving several models."}),
+        (("--prompt-cache", "prompt_cache"), {
+            "type": click.Path(exists=True, dir_okay=False, path_type=Path), "default": None,
+            "help": "A prompt cache (saved with save_prompt_cache) loaded into the first model at each load."}),
+    ]
+    for decls, kwargs in reversed(options):
+        func = click.option(*decls, **kwargs)(func)
+    return func
+
+
+def model_settings(max_loaded: int | None, memory_budget_gb: float | None, lora: tuple[str, ...],
+                   prompt_cache: Path | None) -> dict[str, Any]:
+    """ServerSettings fields from :func:`server_model_options`."""
+    adapters: list[tuple[str | None, str | None, Path]] = []
+    for spec in lora:
+        target, _, rest = spec.rpartition("=")
+        path_text, name = rest, None
+        if ":" in rest and not Path(rest).exists():
+            path_text, _, name = rest.rpartition(":")
+        path = Path(path_text)
+        if not path.is_file():
+            raise click.BadParameter(f"{path} is not a file", param_hint="--lora")
+        adapters.append((target or None, name or None, path))
+    return {"max_loaded": max_loaded, "lora": tuple(adapters), "prompt_cache": prompt_cache,
+            "memory_budget_bytes": int(memory_budget_gb * 2**30) if memory_budget_gb else None}

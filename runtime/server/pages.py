@@ -17,9 +17,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from rkedge.runtime.server.deps import Served, get_engine, get_served, require_key
-from rkedge.runtime.server.engine import Engine
+from rkedge.runtime.server.deps import get_pool, require_key
 from rkedge.runtime.server.metrics import CONTENT_TYPE
+from rkedge.runtime.server.models import ModelPool
 
 public = APIRouter(tags=["operations"])
 router = APIRouter(dependencies=[Depends(require_key)], tags=["operations"])
@@ -48,25 +48,29 @@ def _html_escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-@public.get("/", response_class=HTMLResponse, include_in_schema=False)
+@public.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 def web_page(request: Request) -> HTMLResponse:
+    """The page; HEAD answers 200 too (Ollama clients probe ``HEAD /`` to see that the server is up)."""
     page, headers = request.app.state.page
     return HTMLResponse(page, headers=headers)
 
 
 @public.get("/health")
-def health(engine: Annotated[Engine, Depends(get_engine)], served: Annotated[Served, Depends(get_served)]
-           ) -> dict[str, Any]:
-    llm = engine.llm
-    info = llm.info()
-    return {"status": "ok" if not llm.closed else "closed", "model": served.name, "abi": info["abi"],
-            "runtime_version": info["runtime_version"], "simulated": info["simulated"],
-            "queue_depth": engine.waiting, "running": engine.running, "max_queue": engine.max_queue}
+def health(pool: Annotated[ModelPool, Depends(get_pool)]) -> dict[str, Any]:
+    first = pool.default
+    loaded = pool.loaded()
+    llm = (first.engine or (loaded[0].engine if loaded else None))
+    info = llm.llm.info() if llm is not None else {}
+    return {"status": "ok" if llm is not None and not llm.llm.closed else "idle", "model": first.name,
+            "models": [e.name for e in pool.entries], "loaded": [e.name for e in loaded],
+            "abi": info.get("abi"), "runtime_version": info.get("runtime_version"),
+            "simulated": info.get("simulated"), "queue_depth": pool.waiting, "running": pool.running,
+            "max_queue": pool.queue.max_queue}
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(engine: Annotated[Engine, Depends(get_engine)]) -> Response:
-    return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+def metrics(pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
+    return Response(pool.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/openapi.json", include_in_schema=False)

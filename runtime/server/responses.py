@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 from starlette.responses import JSONResponse, Response
@@ -37,9 +38,11 @@ class Answer(Protocol):
 
 
 class GenerationResponse(Response):
-    def __init__(self, engine: Engine, job: Job, answer: Answer, *, stream: bool) -> None:
+    def __init__(self, engine: Engine, job: Job, answer: Answer, *, stream: bool,
+                 on_end: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.engine, self.job, self.answer, self.streams = engine, job, answer, stream
+        self.on_end = on_end  # ends the request's lease on its model (once, whatever happened)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
@@ -92,6 +95,9 @@ class GenerationResponse(Response):
             watcher.cancel()
             if run is not None:
                 run.abort()  # a no-op when the run has ended
+            if self.on_end is not None:
+                on_end, self.on_end = self.on_end, None
+                on_end()
 
     @staticmethod
     async def _client_left(scope: Scope, receive: Receive, send: Send) -> None:

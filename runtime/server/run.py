@@ -30,7 +30,8 @@ def run_server(settings: ServerSettings, *, verbose: bool = False) -> None:
     listener = bind(settings.host, settings.port)  # before loading: a taken port fails fast, before any banner
     try:
         fit_connections_to_fd_limit(settings)
-        llm = LLM(settings.model_path, library=settings.library, abi=settings.abi, chat_template=settings.template,
+        first = settings.models()[0]
+        llm = LLM(first, library=settings.library, abi=settings.abi, chat_template=settings.template,
                   verbose=verbose, **settings.llm_params)
         app = create_app(settings, llm)
     except BaseException:
@@ -40,7 +41,8 @@ def run_server(settings: ServerSettings, *, verbose: bool = False) -> None:
         print(f"warning: listening on {settings.host} without --api-key: anyone on the network can use the NPU.",
               file=sys.stderr)
     enable_access_log()
-    print(f"rkedge serve: {app.state.model_name} on http://{settings.host}:{settings.port}/ "
+    names = ", ".join(entry.name for entry in app.state.pool.entries)
+    print(f"rkedge serve: {names} on http://{settings.host}:{settings.port}/ "
           f"(ABI {llm.abi}{', simulated NPU' if llm.runtime.simulated else ''})", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn_config(app, settings, log_level="info" if verbose else "warning"))
     server.run(sockets=[listener])

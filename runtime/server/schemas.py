@@ -44,17 +44,49 @@ def _plain_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-def _no_tools(value: list[Any] | None) -> list[Any] | None:
+def _no_functions(value: list[Any] | None) -> list[Any] | None:
     if value:
-        raise ValueError("tools and functions are not supported by this server")
+        raise ValueError("the legacy functions field is not supported: send tools")
     return value
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text, Ollama an object
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[dict[str, Any]] | None = ""
     images: list[Any] | None = None  # Ollama's
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers (OpenAI)
+    name: str | None = None
+    tool_name: str | None = None  # a tool result: the tool's name (Ollama)
+    reasoning_content: Text | None = None  # an earlier turn's reasoning (OpenAI-style servers)
+    thinking: Text | None = None  # the same, Ollama's name
 
     @field_validator("images")
     @classmethod
@@ -86,8 +118,12 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: Annotated[dict[str, Any] | None, AfterValidator(_plain_format)] = None
-    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
-    functions: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Annotated[list[Any] | None, AfterValidator(_no_functions)] = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's and llama.cpp's: keywords of the model's template
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -102,9 +138,16 @@ class ChatCompletionRequest(BaseModel):
         return _check_stops(value)
 
     def params(self) -> Params:
+        kwargs = dict(self.chat_template_kwargs or {})
+        thinking = kwargs.pop("enable_thinking", None)
+        if self.reasoning_effort is not None:
+            thinking = self.reasoning_effort != "none"
         return Params(max_tokens=self.max_completion_tokens or self.max_tokens, stop=stops(self.stop),
                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                      frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+                      frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                      tools=offered_tools(self.tools, self.tool_choice),
+                      parallel_tool_calls=self.parallel_tool_calls is not False,
+                      enable_thinking=bool(thinking) if thinking is not None else None, template_kwargs=kwargs)
 
 
 class CompletionRequest(BaseModel):
@@ -162,16 +205,25 @@ class CompletionRequest(BaseModel):
 
 
 class OllamaOptions(BaseModel):
+    """Ollama's ``options``: the sampling ones mapped, ``num_ctx`` checked against the model's context; the
+    load-time ones (``num_gpu``, ``num_thread``, ``seed``...) accepted and ignored (the NPU model is built)."""
+
     model_config = ConfigDict(extra="allow")
     num_predict: Annotated[int, Field(le=1_000_000)] | None = None  # <= 0: no limit (Ollama's -1, -2)
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    repeat_penalty: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    num_ctx: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
     stop: list[Text] | None = None
 
     def params(self) -> Params:
         return Params(max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else None,
-                      stop=tuple(self.stop or ()), temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+                      stop=tuple(self.stop or ()), temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                      repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
+                      presence_penalty=self.presence_penalty, num_ctx=self.num_ctx)
 
 
 def _no_format(value: Any) -> Any:
@@ -180,17 +232,26 @@ def _no_format(value: Any) -> Any:
     return value
 
 
+#: Ollama's keep_alive: a duration ("5m"), seconds, or negative for ever.
+KeepAlive = str | float | None
+
+
 class OllamaChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(default_factory=list)  # empty: load the model (or unload: keep_alive 0)
     stream: bool = True
     options: OllamaOptions | None = None
     format: Annotated[Any, AfterValidator(_no_format)] = None
-    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+    tools: list[Tool] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    keep_alive: KeepAlive = None
 
     def params(self) -> Params:
-        return self.options.params() if self.options else Params()
+        params = self.options.params() if self.options else Params()
+        params.tools = offered_tools(self.tools, None)
+        params.enable_thinking = None if self.think is None else bool(self.think)
+        return params
 
 
 class OllamaGenerateRequest(BaseModel):
@@ -203,6 +264,8 @@ class OllamaGenerateRequest(BaseModel):
     options: OllamaOptions | None = None
     format: Annotated[Any, AfterValidator(_no_format)] = None
     images: list[Any] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    keep_alive: KeepAlive = None
 
     @field_validator("images")
     @classmethod
@@ -212,7 +275,24 @@ class OllamaGenerateRequest(BaseModel):
         return value
 
     def params(self) -> Params:
-        return self.options.params() if self.options else Params()
+        params = self.options.params() if self.options else Params()
+        params.enable_thinking = None if self.think is None else bool(self.think)
+        return params
+
+
+def offered_tools(tools: list[Tool] | None, choice: str | dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The tools the template renders: none for ``tool_choice: none``, only the named one for a named choice."""
+    if not tools or choice == "none":
+        return None
+    listed = [t.model_dump(exclude_none=True) for t in tools]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in listed if t["function"]["name"] == name]
+        if not chosen:
+            raise ApiError(400, f"tool_choice names the function {name!r}, which is not among the tools.",
+                           code="invalid_request", param="tool_choice")
+        return chosen
+    return listed
 
 
 def text_of(content: str | list[dict[str, Any]] | None) -> str:
@@ -231,11 +311,42 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    out = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m.content)} for m in messages]
-    if out[-1]["role"] != "user":
-        raise ApiError(400, "the last message must come from the user.", param="messages")
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the model's template takes them (Hugging Face's shape: tool-call arguments as objects)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                                   "content": text_of(m.content)}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.function.name,
+                                                   "arguments": _arguments(c.function.arguments)}}
+                                     for c in m.tool_calls]
+        if m.role == "tool":
+            if m.tool_call_id:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name or m.tool_name:
+                message["name"] = m.name or m.tool_name
+        reasoning = m.reasoning_content or m.thinking
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        out.append(message)
+    if not out:
+        raise ApiError(400, "invalid request: messages is empty.", code="invalid_request", param="messages")
+    if out[-1]["role"] not in ("user", "tool"):
+        raise ApiError(400, "the last message must come from the user (or be a tool result).", param="messages")
     return out
+
+
+def _arguments(arguments: str | dict[str, Any]) -> Any:
+    if isinstance(arguments, dict):
+        return arguments
+    import json
+
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # a template that wants an object renders the text as it came
 
 
 def _check_stops(value: str | list[str] | None) -> str | list[str] | None:

@@ -14,7 +14,7 @@ WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 
 @dataclass
 class ServerSettings:
-    model_path: Path
+    model_path: Path  # the first (default) model
     library: str | None = None
     abi: str | None = None
     model_name: str | None = None  # the id clients use; default: the manifest's name or the file's stem
@@ -25,6 +25,12 @@ class ServerSettings:
     port: int = 8080
     template: str | None = None
     llm_params: dict[str, Any] = field(default_factory=dict)
+    # -- several models -------------------------------------------------------------------------------------
+    model_paths: tuple[Path, ...] = ()  # every model file or folder served; default: model_path alone
+    max_loaded: int | None = None  # models loaded at once; more unload the least recently used
+    memory_budget_bytes: int | None = None  # RAM the loaded models may take; default: the board's (meminfo)
+    lora: tuple[tuple[str | None, str | None, Path], ...] = ()  # (model or None, adapter name or None, file)
+    prompt_cache: Path | None = None  # loaded into the first model at each load
     # -- limits (enforced while reading; see README "Serving: limits and exposure") ------------------------
     max_body_bytes: int = 4 * 2**20  # a chat history of a 32k-token context is well under 1 MB
     max_connections: int = 64  # uvicorn's limit_concurrency: more get 503 at once
@@ -35,6 +41,12 @@ class ServerSettings:
     # -- browser exposure ------------------------------------------------------------------------------------
     allowed_hosts: tuple[str, ...] = ()  # Host header values; default: see hosts()
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (opt-in)
+
+    def models(self) -> list[Path]:
+        """The model files served, the first one the default (folders expanded)."""
+        from rkedge.runtime.server.models import model_files
+
+        return model_files(self.model_paths or (self.model_path,))
 
     def hosts(self) -> tuple[str, ...] | None:
         """The Host allow-list: as given; else loopback names, plus the address bound when it is a specific
