@@ -6,18 +6,25 @@ Nothing heavy is imported until an image is encoded.
 """
 
 from rkedge.runtime.vision.bundle import (
-                                          IMAGE_PLACEHOLDER,
-                                          VLM_FILE,
-                                          EncoderFile,
-                                          ImageTags,
-                                          Preprocessing,
-                                          VlmManifest,
-                                          is_vlm,
-                                          read_vlm,
+           IMAGE_PLACEHOLDER,
+           VLM_FILE,
+           EncoderFile,
+           ImageTags,
+           Preprocessing,
+           VlmManifest,
+           is_vlm,
+           read_vlm,
 )
+from rkedge.runtime.vision.checks import check_vlm, encoder_footprint, find_librknnrt
 from rkedge.runtime.vision.encoder import VisionEncoder, encode_images
-from rkedge.runtime.vision.multimodal import ImageEmbeddings, image_prompt, init_image_tags, tags_at_init
+from rkedge.runtime.vision.multimodal import (
+           ImageEmbeddings,
+           image_prompt,
+           init_image_tags,
+           multimodal_run,
+           tags_at_init,
+)
 
 __all__ = ["IMAGE_PLACEHOLDER", "VLM_FILE", "EncoderFile", "ImageEmbeddings", "ImageTags", "Preprocessing",
-           "VisionEncoder", "VlmManifest", "encode_images", "image_prompt", "init_image_tags", "is_vlm", "read_vlm",
-           "tags_at_init"]
+           "VisionEncoder", "VlmManifest", "check_vlm", "encode_images", "encoder_footprint", "find_librknnrt",
+           "image_prompt", "init_image_tags", "is_vlm", "multimodal_run", "read_vlm", "tags_at_init"]

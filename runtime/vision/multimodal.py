@@ -105,3 +105,12 @@ class ImageEmbeddings:
                                 content=self.tags.content if per_input else None,
                                 width=self.width, height=self.height)
         return MultimodalInput(image=block)
+
+
+def multimodal_run(images: ImageEmbeddings, text: str, abi: str) -> tuple[bytes, MultimodalInput]:
+    """The prompt bytes and media of one ``RKLLM_INPUT_MULTIMODAL`` run: what ``NativeModel.run(request=
+    RunRequest(prompt=...), media=...)`` takes. The prompt is the user's text with the placeholders; the chat
+    template is the runtime's (or the caller's) as for any prompt."""
+    from rkedge.runtime.types import c_text
+
+    return c_text(images.prompt(text), "the prompt"), images.media(abi)
