@@ -87,3 +87,16 @@ def test_multimodal_run_gives_the_prompt_and_media_for_the_abi(tmp_path_factory)
     assert len(media.image.embeddings) == 2 * 16 * 128
     _, old = multimodal_run(images.__class__(images.rows[:1], images.tags, 112, 112), "x", "1.2.0")
     assert old.image is not None and old.image.content is None  # tags at init up to 1.2.3
+
+
+def test_video_and_audio_are_refused_with_the_reason(tmp_path_factory):
+    pytest.importorskip("rknn.api")
+    from rkedge.runtime.vision.multimodal import refuse_media
+
+    _, result = converted(tmp_path_factory.getbasetemp(), "qwen2_vl")
+    manifest = result.manifest
+    assert "needs runtime ABI 1.3.0" in refuse_media("video", manifest, "1.2.3").message
+    assert "needs runtime ABI 1.3.1" in refuse_media("audio", manifest, "1.3.0").message
+    assert "image encoder only" in refuse_media("video", manifest, "1.3.1").message
+    assert refuse_media("video", manifest, "1.3.1").fix == "send the frames as images"
+    assert refuse_media("audio", manifest, "1.3.1").fix == "send a transcript as text"

@@ -228,6 +228,9 @@ def convert_vlm(request: VlmRequest, *, log: Log | None = None) -> VlmResult:
         versions=_versions(version), sources=family.sources, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime()))
     path = write_vlm(request.out, manifest)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # the language model's copy and the calibration inputs: as big as the model
     _log(log, f"done in {time.time() - started:.1f} s")
     return VlmResult(manifest, path, converted.model_file, {d: request.out / e.rknn for d, e in encoders.items()},
                      warnings)

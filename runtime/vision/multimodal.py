@@ -43,6 +43,20 @@ def init_image_tags(manifest: VlmManifest, abi: str) -> tuple[str, str, str] | N
     return manifest.tags.as_tuple() if tags_at_init(abi) else None
 
 
+def refuse_media(kind: str, manifest: VlmManifest, abi: str) -> InputError:
+    """The error for video or audio input to a converted VLM: rkedge converts image encoders only, and the ABI
+    must have the block (video from 1.3.0, audio from 1.3.1)."""
+    needs = {"video": (1, 3, 0), "audio": (1, 3, 1)}.get(kind)
+    if needs is None:
+        return InputError(f"unknown media kind {kind!r}.", fix="send images")
+    if _abi_key(abi) < needs:
+        return InputError(f"{kind} input needs runtime ABI {'.'.join(map(str, needs))} or newer (this is {abi}).",
+                          fix="send images, or update librkllmrt.so on the board")
+    return InputError(f"{manifest.name} ({manifest.family}) was converted with an image encoder only; rkedge does "
+                      f"not convert {kind} encoders yet.",
+                      fix="send the frames as images" if kind == "video" else "send a transcript as text")
+
+
 def image_prompt(text: str, images: int, placeholder: str = ImageTags("", "", "").placeholder) -> str:
     """``text`` with one placeholder per image: kept where the user put them, else all in front (as the demos do).
 
