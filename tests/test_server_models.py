@@ -250,3 +250,16 @@ def test_health_lists_models(pair):
     health = pair.get("/health").json()
     assert health["models"] == ["alpha", "beta"] and health["loaded"] == ["alpha"]
     assert json.dumps(health)
+
+
+def test_prompt_cache_is_loaded_at_each_load_of_the_first_model(call_log, two_models, tmp_path):
+    from rkedge.runtime.simmodel import CACHE_MAGIC, read_simulated_model
+
+    model_id = read_simulated_model(two_models[0])["model_id"]
+    cache = tmp_path / "system.cache"
+    cache.write_bytes(CACHE_MAGIC + json.dumps({"model_id": model_id, "tokens": 12}).encode() + b"\n")
+    with TestClient(serve(two_models, max_loaded=1, prompt_cache=cache), base_url=LOOPBACK) as client:
+        assert chat(client, "beta").status_code == 200
+        assert chat(client, "alpha").status_code == 200
+    loads = call_log.entries("rkllm_load_prompt_cache")
+    assert [row["path"] for row in loads] == [str(cache), str(cache)], "at startup and when alpha came back"
