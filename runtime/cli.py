@@ -91,7 +91,8 @@ def serve(models: tuple[Path, ...], mock: bool, library: str | None, abi: str | 
     from rkedge.runtime.server.run import run_server
     from rkedge.runtime.server.settings import ServerSettings
 
-    chosen = {k: limits.pop(k) for k in ("max_loaded", "memory_budget_gb", "lora", "prompt_cache")}
+    chosen = {k: limits.pop(k) for k in ("max_loaded", "memory_budget_gb", "lora", "prompt_cache",
+                                           "embeddings_any_model")}
     settings = ServerSettings(model_path=models[0], model_paths=models, **model_settings(**chosen),
                               library=resolve_library_choice(mock, library), abi=abi, model_name=model_name, api_key=api_key, max_queue=max_queue, host=host, port=port,
                               template=template, **limits,

@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from rkedge.runtime.server.engine import Engine, Job
+from rkedge.runtime.server.engine import Embedded, Engine, Job, embed, is_embedding_model, pooling_for
 from rkedge.runtime.server.errors import ApiError, validation_error
 from rkedge.runtime.server.models import ModelEntry, ModelPool
 from rkedge.runtime.server.responses import Answer, GenerationResponse
@@ -97,3 +97,20 @@ async def generation(pool: ModelPool, requested: str | None, build: JobBuilder, 
     except BaseException:
         release()
         raise
+
+
+async def embedding(pool: ModelPool, settings: ServerSettings, requested: str | None,
+                    inputs: list[str | list[int]], keep_alive: float | None = None, set_keep_alive: bool = False
+                    ) -> tuple[ModelEntry, Embedded]:
+    """Embeds ``inputs`` with the named model (leased for the call); refuses a model not meant for embeddings
+    unless the server was started with --allow-embeddings."""
+    entry, _adapter = pool.resolve(requested)
+    if not (is_embedding_model(entry.metadata) or settings.embeddings_any_model):
+        raise ApiError(400, f"{entry.name} is not an embedding model (its manifest does not say "
+                       "embedding_model); its hidden states would make poor embeddings.",
+                       code="not_an_embedding_model", param="model")
+    engine = await pool.lease(entry)
+    try:
+        return entry, await embed(engine, inputs, pooling_for(entry.metadata))
+    finally:
+        pool.release(entry, keep_alive, set_keep_alive=set_keep_alive)

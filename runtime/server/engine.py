@@ -418,3 +418,82 @@ class Engine:
         calls = result.tool_calls if params.parallel_tool_calls else result.tool_calls[:1]
         return Outcome(result.content, result, error, "error" if error else reason, prompt, stats.completion_tokens,
                        result.reasoning, list(calls))
+
+
+# -- embeddings ------------------------------------------------------------------------------------------------
+
+Pooling = str  # "last" (the final position: Qwen3-Embedding-style models) or "mean" (every position)
+
+
+def pooling_for(metadata: dict[str, Any]) -> Pooling:
+    """The model's pooling: its manifest's ``embedding_pooling`` when recorded; else last-token for models
+    trained that way (Qwen3-Embedding: its model card pools the last token), mean otherwise."""
+    recorded = metadata.get("embedding_pooling")
+    if recorded in ("last", "mean"):
+        return str(recorded)
+    name = f"{metadata.get('name') or ''} {metadata.get('architecture') or ''}".lower()
+    return "last" if "qwen3" in name and "embed" in name else "mean"
+
+
+def is_embedding_model(metadata: dict[str, Any]) -> bool:
+    """The manifest says it is meant for embeddings (``embedding_model``), or its name does (``...-Embedding``)."""
+    if isinstance(metadata.get("embedding_model"), bool):
+        return bool(metadata["embedding_model"])
+    return "embed" in str(metadata.get("name") or "").lower()
+
+
+def pool_rows(values: Any, rows: int, width: int, pooling: Pooling) -> list[float]:
+    """One normalised vector from ``rows x width`` hidden states."""
+    if rows <= 0 or width <= 0:
+        raise GenerationError("the runtime gave no hidden states for this input.")
+    if pooling == "last" or rows == 1:
+        vector = [float(v) for v in values[(rows - 1) * width:rows * width]]
+    else:
+        vector = [0.0] * width
+        for row in range(rows):
+            base = row * width
+            for i in range(width):
+                vector[i] += values[base + i]
+        vector = [v / rows for v in vector]
+    norm = math.sqrt(sum(v * v for v in vector))
+    return [v / norm for v in vector] if norm > 0 else vector
+
+
+@dataclass
+class Embedded:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+def _embed_all(engine: Engine, inputs: list[str | list[int]], pooling: Pooling) -> Embedded:
+    vectors: list[list[float]] = []
+    tokens = 0
+    for item in inputs:
+        if isinstance(item, str):
+            result = engine.llm.generate(item, mode="hidden", stream=False)
+        else:
+            result = engine.llm.generate(token_ids=item, mode="hidden", stream=False)
+        if result.finish_reason == "error":
+            raise GenerationError(f"embedding failed: {result.error or 'the runtime reported an error'}.")
+        # UNKNOWN for librkllmrt whether every position or only the last comes back (SEMANTICS.md gives
+        # num_tokens x embd_size): with one row, mean and last pooling are the same vector.
+        vectors.append(pool_rows(result.values, result.num_tokens, result.width, pooling))
+        tokens += result.stats.prompt_tokens or result.num_tokens
+    return Embedded(vectors, tokens)
+
+
+async def embed(engine: Engine, inputs: list[str | list[int]], pooling: Pooling) -> Embedded:
+    """Runs each input in the runtime's last-hidden-layer mode, behind the queue like a generation."""
+    for item in inputs:
+        if isinstance(item, str):
+            engine._check_context(item, Params())
+    engine.admit()
+    try:
+        waited = await engine.queue.acquire(asyncio.Event())
+    except asyncio.TimeoutError:
+        raise QueueTimeout(engine.queue.timeout_s, engine.retry_after()) from None
+    assert waited is not None
+    try:
+        return await asyncio.to_thread(_embed_all, engine, inputs, pooling)
+    finally:
+        engine.queue.release()

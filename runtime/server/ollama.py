@@ -18,12 +18,27 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Scope
 
 from rkedge import __version__
-from rkedge.runtime.server.deps import body_schema, generation, get_pool, json_body, require_key
-from rkedge.runtime.server.engine import Engine, Job, Outcome, Run
+from rkedge.runtime.server.deps import (
+    body_schema,
+    embedding,
+    generation,
+    get_pool,
+    get_settings,
+    json_body,
+    require_key,
+)
+from rkedge.runtime.server.engine import Engine, Job, Outcome, Run, is_embedding_model
 from rkedge.runtime.server.errors import error_response, ollama_body, to_api_error
 from rkedge.runtime.server.models import ModelEntry, ModelPool, parse_keep_alive
 from rkedge.runtime.server.responses import STATUS_KEY
-from rkedge.runtime.server.schemas import OllamaChatRequest, OllamaGenerateRequest, conversation
+from rkedge.runtime.server.schemas import (
+    OllamaChatRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    conversation,
+    embed_inputs,
+)
+from rkedge.runtime.server.settings import ServerSettings
 
 #: Open without the key: clients probe it to recognise an Ollama server.
 public = APIRouter(prefix="/api", tags=["Ollama"])
@@ -138,8 +153,8 @@ def ollama_show(body: Annotated[ShowRequest, Depends(json_body(ShowRequest))],
         capabilities.append("tools")
     if "enable_thinking" in template or "<think>" in template:
         capabilities.append("thinking")
-    if meta.get("embedding_model"):
-        capabilities.append("embedding")
+    if is_embedding_model(meta):
+        capabilities = ["embedding"]
     return {"modelfile": f"# served by rkedge\nFROM {entry.path}\n", "parameters": parameters, "template": template,
             "details": info, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _time(entry.path.stat().st_mtime), "license": str(meta.get("license") or "")}
@@ -180,6 +195,27 @@ async def ollama_generate(body: Annotated[OllamaGenerateRequest, Depends(json_bo
 
     return await generation(pool, body.model, build, lambda _e, label: OllamaAnswer("generate", label),
                             stream=body.stream, keep_alive=keep_alive, set_keep_alive=body.keep_alive is not None)
+
+
+@router.post("/embed", openapi_extra=body_schema(OllamaEmbedRequest))
+async def ollama_embed(body: Annotated[OllamaEmbedRequest, Depends(json_body(OllamaEmbedRequest))],
+                       pool: Annotated[ModelPool, Depends(get_pool)],
+                       settings: Annotated[ServerSettings, Depends(get_settings)]) -> dict[str, Any]:
+    started = time.monotonic()
+    entry, done = await embedding(pool, settings, body.model, embed_inputs(body.input or body.prompt or ""),
+                                  parse_keep_alive(body.keep_alive), body.keep_alive is not None)
+    return {"model": entry.name, "embeddings": done.vectors, "prompt_eval_count": done.prompt_tokens,
+            "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0}
+
+
+@router.post("/embeddings", openapi_extra=body_schema(OllamaEmbedRequest))
+async def ollama_embeddings_legacy(body: Annotated[OllamaEmbedRequest, Depends(json_body(OllamaEmbedRequest))],
+                                   pool: Annotated[ModelPool, Depends(get_pool)],
+                                   settings: Annotated[ServerSettings, Depends(get_settings)]) -> dict[str, Any]:
+    """The legacy endpoint: one ``prompt``, one ``embedding``."""
+    _entry, done = await embedding(pool, settings, body.model, embed_inputs(body.prompt or body.input or ""),
+                                   parse_keep_alive(body.keep_alive), body.keep_alive is not None)
+    return {"embedding": done.vectors[0]}
 
 
 async def load_call(pool: ModelPool, requested: str | None, keep_alive: Any, kind: Literal["chat", "generate"]

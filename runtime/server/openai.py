@@ -18,12 +18,27 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
 from rkedge.runtime.output_parsers import ToolCall
-from rkedge.runtime.server.deps import body_schema, generation, get_pool, json_body, require_key
+from rkedge.runtime.server.deps import (
+    body_schema,
+    embedding,
+    generation,
+    get_pool,
+    get_settings,
+    json_body,
+    require_key,
+)
 from rkedge.runtime.server.engine import Engine, Job, Outcome, Params, Run
 from rkedge.runtime.server.errors import error_response, openai_body, to_api_error
 from rkedge.runtime.server.models import ModelEntry, ModelPool
 from rkedge.runtime.server.responses import STATUS_KEY
-from rkedge.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, conversation
+from rkedge.runtime.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    conversation,
+    embed_inputs,
+)
+from rkedge.runtime.server.settings import ServerSettings
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["OpenAI"])
 
@@ -69,6 +84,27 @@ async def completions(body: Annotated[CompletionRequest, Depends(json_body(Compl
         return OpenAIAnswer("text", label, params, include_usage, echo)
 
     return await generation(pool, body.model, build, answer, stream=body.stream)
+
+
+@router.post("/embeddings", openapi_extra=body_schema(EmbeddingRequest))
+async def embeddings(body: Annotated[EmbeddingRequest, Depends(json_body(EmbeddingRequest))],
+                     pool: Annotated[ModelPool, Depends(get_pool)],
+                     settings: Annotated[ServerSettings, Depends(get_settings)]) -> dict[str, Any]:
+    """Normalised vectors of the hidden size, one per input (the runtime's last-hidden-layer mode)."""
+    entry, done = await embedding(pool, settings, body.model, embed_inputs(body.input))
+    data = [{"object": "embedding", "index": i,
+             "embedding": _base64(vector) if body.encoding_format == "base64" else vector}
+            for i, vector in enumerate(done.vectors)]
+    return {"object": "list", "data": data, "model": entry.name,
+            "usage": {"prompt_tokens": done.prompt_tokens, "total_tokens": done.prompt_tokens}}
+
+
+def _base64(vector: list[float]) -> str:
+    """float32 little-endian, base64 (what the openai client asks for by default and decodes)."""
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 class OpenAIAnswer:

@@ -42,7 +42,7 @@ def server_limit_options(func: F) -> F:
 
 
 def server_model_options(func: F) -> F:
-    """--max-loaded, --memory-budget, --lora and --prompt-cache; the command passes them to ServerSettings
+    """--max-loaded, --memory-budget, --lora, --prompt-cache and --allow-embeddings; the command passes them to ServerSettings
     through :func:`model_settings`."""
     options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--max-loaded", "max_loaded"), {
@@ -60,6 +60,10 @@ def server_model_options(func: F) -> F:
         (("--prompt-cache", "prompt_cache"), {
             "type": click.Path(exists=True, dir_okay=False, path_type=Path), "default": None,
             "help": "A prompt cache (saved with save_prompt_cache) loaded into the first model at each load."}),
+        (("--allow-embeddings", "embeddings_any_model"), {
+            "is_flag": True,
+            "help": "Serve embeddings from any model (default: only models whose manifest says embedding_model, "
+                    "or named *Embed*)."}),
     ]
     for decls, kwargs in reversed(options):
         func = click.option(*decls, **kwargs)(func)
@@ -67,7 +71,7 @@ def server_model_options(func: F) -> F:
 
 
 def model_settings(max_loaded: int | None, memory_budget_gb: float | None, lora: tuple[str, ...],
-                   prompt_cache: Path | None) -> dict[str, Any]:
+                   prompt_cache: Path | None, embeddings_any_model: bool = False) -> dict[str, Any]:
     """ServerSettings fields from :func:`server_model_options`."""
     adapters: list[tuple[str | None, str | None, Path]] = []
     for spec in lora:
@@ -80,4 +84,5 @@ def model_settings(max_loaded: int | None, memory_budget_gb: float | None, lora:
             raise click.BadParameter(f"{path} is not a file", param_hint="--lora")
         adapters.append((target or None, name or None, path))
     return {"max_loaded": max_loaded, "lora": tuple(adapters), "prompt_cache": prompt_cache,
+            "embeddings_any_model": embeddings_any_model,
             "memory_budget_bytes": int(memory_budget_gb * 2**30) if memory_budget_gb else None}

@@ -359,3 +359,47 @@ def stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
     return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+EmbedInput = Annotated[Text, Field(min_length=1)] | list[Annotated[Text, Field(min_length=1)]] | list[int] | \
+    list[list[int]]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: EmbedInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("dimensions (shortened embeddings) is not supported: vectors have the hidden size")
+        return value
+
+
+class OllamaEmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: Annotated[Text, Field(min_length=1)] | list[Annotated[Text, Field(min_length=1)]] = ""
+    prompt: Text | None = None  # the legacy /api/embeddings
+    keep_alive: KeepAlive = None
+    truncate: bool = True
+
+
+def embed_inputs(value: Any, limit: int = 256) -> list[str | list[int]]:
+    """The inputs of a batch: texts or token-id lists."""
+    if isinstance(value, str):
+        items: list[str | list[int]] = [value]
+    elif value and all(isinstance(v, int) for v in value):
+        items = [list(value)]
+    else:
+        items = list(value)
+    if not items:
+        raise ApiError(400, "invalid request: input is empty.", code="invalid_request", param="input")
+    if len(items) > limit:
+        raise ApiError(400, f"at most {limit} inputs per request, not {len(items)}.", code="invalid_request",
+                       param="input")
+    return items

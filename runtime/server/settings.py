@@ -31,6 +31,7 @@ class ServerSettings:
     memory_budget_bytes: int | None = None  # RAM the loaded models may take; default: the board's (meminfo)
     lora: tuple[tuple[str | None, str | None, Path], ...] = ()  # (model or None, adapter name or None, file)
     prompt_cache: Path | None = None  # loaded into the first model at each load
+    embeddings_any_model: bool = False  # embeddings from models whose manifest does not say they are for it
     # -- limits (enforced while reading; see README "Serving: limits and exposure") ------------------------
     max_body_bytes: int = 4 * 2**20  # a chat history of a 32k-token context is well under 1 MB
     max_connections: int = 64  # uvicorn's limit_concurrency: more get 503 at once
