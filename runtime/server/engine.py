@@ -25,6 +25,7 @@ from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, Inp
 from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
 from rkedge.runtime.output_parsers import OutputDelta, ToolCall
+from rkedge.runtime.server.constrained import ConstrainedStream
 from rkedge.runtime.server.metrics import Metrics
 from rkedge.runtime.tokens import TokenCounter
 
@@ -66,6 +67,8 @@ class Params:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     lora: str | None = None  # a LoRA adapter loaded at startup (``name+adapter``)
     num_ctx: int | None = None  # Ollama's context size: checked against the model's
+    grammar: str | None = None  # structured output: the llguidance grammar every token is constrained by
+    seed: int | None = None  # the host sampler's seed (constrained output only: the NPU samples otherwise)
 
 
 @dataclass
@@ -86,7 +89,7 @@ class Job:
 
     params: Params
     prompt_tokens: int | None
-    start: Callable[[], GenerationStream]  # starts the run (on the worker thread)
+    start: Callable[[], GenerationStream | ConstrainedStream]  # starts the run (on the worker thread)
 
 
 class NpuQueue:
@@ -157,7 +160,7 @@ class Run:
         self._loop = asyncio.get_running_loop()
         self._chunks: asyncio.Queue[OutputDelta | None] = asyncio.Queue()
         self._abort = threading.Event()
-        self._stream: GenerationStream | None = None
+        self._stream: GenerationStream | ConstrainedStream | None = None
         self._started = time.monotonic()
         self.ended = asyncio.Event()
         self.outcome: Outcome | None = None
@@ -170,6 +173,8 @@ class Run:
         self._abort.set()
         if self._stream is not None:
             self._engine.llm.abort()
+            if isinstance(self._stream, ConstrainedStream):
+                self._stream.abort()  # it stops between tokens
 
     async def deltas(self) -> AsyncIterator[OutputDelta]:
         """The reply parsed as it comes: content, reasoning and (each once complete) tool calls."""
@@ -188,7 +193,7 @@ class Run:
         return self.outcome
 
     def _work(self) -> None:
-        stream: GenerationStream | None = None
+        stream: GenerationStream | ConstrainedStream | None = None
         error: RkedgeError | None = None
         try:
             if self._abort.is_set():
@@ -242,6 +247,7 @@ class Engine:
         self._service_s: deque[float] = deque(maxlen=32)
         self._runs: set[Run] = set()
         self.adapters: set[str] = set()  # LoRA adapters loaded into this model (--lora)
+        self._tokenizer: Any = None  # llguidance's tokenizer, made at the first constrained request
 
     @property
     def max_queue(self) -> int:
@@ -300,6 +306,8 @@ class Engine:
         last = messages[-1].get("content")
         prompt_tokens = self._check_context(rendered if rendered is not None else last if isinstance(last, str)
                                             else "", params)
+        if params.grammar is not None:
+            return self._constrained(rendered, last, params, prompt_tokens)
         kwargs, hook = self._runtime_kwargs(params)
         self._check_lora(params)
 
@@ -331,6 +339,29 @@ class Engine:
                                  "start rkedge serve with --template FILE.jinja")
         return template.render(messages, True)
 
+    def _constrained(self, rendered: str | None, last: Any, params: Params, prompt_tokens: int | None) -> Job:
+        """A job whose every token is masked by ``params.grammar`` on the host (see constrained.py)."""
+        from rkedge.runtime.server.constrained import Sampler, check_abi, host_tokenizer
+
+        llm = self.llm
+        check_abi(llm)
+        if params.tools:
+            raise InputError("response_format and tools together are not supported: send one or the other.")
+        if params.lora is not None:
+            raise InputError("constrained output with a LoRA adapter is not supported (logits runs take none).")
+        if self._tokenizer is None:
+            self._tokenizer = host_tokenizer(llm)
+        tokenizer, grammar = self._tokenizer, params.grammar
+        assert grammar is not None
+        prompt = rendered if rendered is not None else str(last or "")
+        budget = params.max_tokens or llm.max_new_tokens
+        sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed)
+
+        def start() -> ConstrainedStream:
+            return ConstrainedStream(llm, prompt, grammar, tokenizer, max_tokens=budget, sampler=sampler)
+
+        return Job(params, prompt_tokens, start)
+
     def _check_lora(self, params: Params) -> None:
         if params.lora is not None and params.lora not in self.adapters:
             raise InputError(f"no LoRA adapter {params.lora!r} is loaded for this model.",
@@ -338,6 +369,8 @@ class Engine:
 
     def prepare_text(self, prompt: str, params: Params) -> Job:
         prompt_tokens = self._check_context(prompt, params)
+        if params.grammar is not None:
+            return self._constrained(prompt, prompt, params, prompt_tokens)
         kwargs, hook = self._runtime_kwargs(params)
         self._check_lora(params)
         if params.lora is not None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from rkedge.runtime.server.constrained import grammar_for_format
 from rkedge.runtime.server.engine import Params
 from rkedge.runtime.server.errors import ApiError
 
@@ -38,9 +39,9 @@ def _only_one(value: int | None) -> int | None:
     return value
 
 
-def _plain_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is not None and value.get("type", "text") != "text":
-        raise ValueError(f"response_format {value.get('type')!r} is not supported (plain text only)")
+def _known_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and value.get("type", "text") not in ("text", "json_object", "json_schema"):
+        raise ValueError(f"response_format {value.get('type')!r} is not supported (text, json_object, json_schema)")
     return value
 
 
@@ -117,7 +118,8 @@ class ChatCompletionRequest(BaseModel):
     n: Annotated[int | None, AfterValidator(_only_one)] = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: Annotated[dict[str, Any] | None, AfterValidator(_plain_format)] = None
+    response_format: Annotated[dict[str, Any] | None, AfterValidator(_known_format)] = None
+    seed: int | None = None  # the host sampler's, for constrained output
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -147,7 +149,8 @@ class ChatCompletionRequest(BaseModel):
                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                       tools=offered_tools(self.tools, self.tool_choice),
                       parallel_tool_calls=self.parallel_tool_calls is not False,
-                      enable_thinking=bool(thinking) if thinking is not None else None, template_kwargs=kwargs)
+                      enable_thinking=bool(thinking) if thinking is not None else None, template_kwargs=kwargs,
+                      grammar=grammar_for_format(self.response_format), seed=self.seed)
 
 
 class CompletionRequest(BaseModel):
@@ -217,18 +220,19 @@ class OllamaOptions(BaseModel):
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     num_ctx: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    seed: int | None = None
     stop: list[Text] | None = None
 
     def params(self) -> Params:
         return Params(max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else None,
                       stop=tuple(self.stop or ()), temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                       repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, num_ctx=self.num_ctx)
+                      presence_penalty=self.presence_penalty, num_ctx=self.num_ctx, seed=self.seed)
 
 
-def _no_format(value: Any) -> Any:
-    if value:
-        raise ValueError("structured output (format) is not supported (plain text only)")
+def _known_ollama_format(value: Any) -> Any:
+    if value not in (None, "", "json") and not isinstance(value, dict):
+        raise ValueError("format is \"json\" or a JSON Schema object")
     return value
 
 
@@ -242,13 +246,14 @@ class OllamaChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(default_factory=list)  # empty: load the model (or unload: keep_alive 0)
     stream: bool = True
     options: OllamaOptions | None = None
-    format: Annotated[Any, AfterValidator(_no_format)] = None
+    format: Annotated[Any, AfterValidator(_known_ollama_format)] = None
     tools: list[Tool] | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
     keep_alive: KeepAlive = None
 
     def params(self) -> Params:
         params = self.options.params() if self.options else Params()
+        params.grammar = grammar_for_format(ollama_format=self.format)
         params.tools = offered_tools(self.tools, None)
         params.enable_thinking = None if self.think is None else bool(self.think)
         return params
@@ -262,7 +267,7 @@ class OllamaGenerateRequest(BaseModel):
     raw: bool = False
     stream: bool = True
     options: OllamaOptions | None = None
-    format: Annotated[Any, AfterValidator(_no_format)] = None
+    format: Annotated[Any, AfterValidator(_known_ollama_format)] = None
     images: list[Any] | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
     keep_alive: KeepAlive = None
@@ -277,6 +282,7 @@ class OllamaGenerateRequest(BaseModel):
     def params(self) -> Params:
         params = self.options.params() if self.options else Params()
         params.enable_thinking = None if self.think is None else bool(self.think)
+        params.grammar = grammar_for_format(ollama_format=self.format)
         return params
 
 
