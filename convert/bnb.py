@@ -67,7 +67,8 @@ class SourceQuantization:
         return f"bitsandbytes 4-bit {self.quant_type}{' with double quantization' if self.double_quant else ''}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "description": self.describe()}
+        return {**asdict(self), "description": self.describe(),
+                "warning": quality_warning(self) if self.dequantizable else None}
 
 
 @dataclass

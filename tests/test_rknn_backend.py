@@ -285,6 +285,49 @@ def test_check_refuses_what_the_backend_cannot_build(tmp_path):
     assert "rknn.dtype" in {f.id for f in findings}
 
 
+def _quantized_tiny(folder: Path, **bnb_options) -> Path:
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        TINY, quantization_config=BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **bnb_options),
+        device_map="cpu")
+    model.save_pretrained(folder)
+    for name in ("rkedge_tokenizer.json", "generation_config.json"):
+        (folder / name).write_bytes((TINY / name).read_bytes())
+    return folder
+
+
+def test_check_takes_bitsandbytes_checkpoints_with_a_warning_and_refuses_other_quantization(tmp_path):
+    quantized = _quantized_tiny(tmp_path / "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True)
+    _, findings = pipeline.check(RknnRequest(model=quantized, out=tmp_path / "out"))
+    f9 = [f for f in findings if f.id == "F-9"]
+    assert [f.severity for f in f9] == ["warning"] and "bounded by" in f9[0].message
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    config = json.loads((TINY / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    (gptq / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
+    _, findings = pipeline.check(RknnRequest(model=gptq, out=tmp_path / "out"))
+    assert [f.severity for f in findings if f.id == "F-9"] == ["error"]
+
+
+@needs_simulator
+def test_a_bitsandbytes_checkpoint_converts_after_dequantization(tmp_path):
+    quantized = _quantized_tiny(tmp_path / "int8", load_in_8bit=True)
+    result = convert_rknn(RknnRequest(model=quantized, out=tmp_path / "out", dtype="fp16", eval_text=HELD_OUT,
+                                      eval_steps=24))
+    manifest = result.manifest
+    assert manifest is not None and result.bundle is not None
+    assert manifest["inputs"]["source_quantization"]["quant_type"] == "int8"
+    assert "bounded by" in (result.bundle / "README.md").read_text()
+    assert [s["name"] for s in result.steps][:2] == ["dequantize", "verify"]
+    assert manifest["verification"]["max_abs_diff"] < 1e-3, "the graphs follow the dequantized weights"
+    assert manifest["quality"]["top1_agreement"] >= 0.95, "fp16 graphs of the dequantized model"
+    assert not list((tmp_path / "out").glob(".dequantized-*")), "the dequantized copy is removed"
+
+
 def test_cli_rejects_bad_requests_with_exit_2(tmp_path):
     out = tmp_path / "out"
     bad_dtype = run_cli("convert", str(TINY), "--backend", "rknn", "--dtype", "w4a16", "--out", str(out))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rkedge import __version__
 from rkedge._fs import atomic_dir
+from rkedge.convert.bnb import dequantize_checkpoint, quality_warning, quantization_of
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
 from rkedge.convert.rknn.rules import RKNN_RULES
@@ -150,9 +151,15 @@ def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
                                 f"rknn-toolkit2 builds for rk3588 in {', '.join(rules.toolkit_dtypes)} (no w4a16); "
                                 f"rkedge's RKNN backend offers {', '.join(rules.dtypes)}, not {request.dtype}.",
                                 "use --dtype w8a8 (hybrid) or --dtype fp16", SOURCE))
-    if info.quantization_config:
-        findings.append(Finding("F-9", "error", "a quantized checkpoint (e.g. bitsandbytes 4-bit) cannot be exported.",
+    source = quantization_of(request.model)
+    if info.quantization_config and not (source and source.dequantizable):
+        findings.append(Finding("F-9", "error", f"a checkpoint with {source.describe() if source else 'quantization'} "
+                                "cannot be exported (rkedge dequantizes bitsandbytes 4-bit and 8-bit only).",
                                 "use the original fp32/bf16 checkpoint (google/recurrentgemma-2b-it)", "F-9"))
+    elif source is not None:
+        findings.append(Finding("F-9", "warning", f"{quality_warning(source)}; rkedge dequantizes it first.",
+                                "convert the original checkpoint (google/recurrentgemma-2b-it) when you have it",
+                                "F-9"))
     try:
         import rknn.api  # noqa: F401
     except Exception as exc:  # any import failure means no usable toolkit
@@ -174,18 +181,29 @@ def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
     steps: list[dict[str, Any]] = []
     request.out.mkdir(parents=True, exist_ok=True)
     merged_dir = request.out / f".merged-{os.getpid()}"
+    dequantized_dir = request.out / f".dequantized-{os.getpid()}"
+    model_dir = request.model
     try:
+        source = quantization_of(request.model)
+        if source is not None and source.dequantizable:  # check() refused every other quantization
+            report("dequantize", f"{source.describe()}, shard by shard")
+            shutil.rmtree(dequantized_dir, ignore_errors=True)
+            dequantized = dequantize_checkpoint(request.model, dequantized_dir,
+                                                progress=lambda line: report("dequantize", line))
+            steps.append({"name": "dequantize", **dequantized.to_dict()})
+            model_dir = dequantized_dir
         if request.lora is not None:
             from rkedge.lora.merge import merge_lora
 
-            report("merge", f"LoRA {request.lora} into {request.model}")
+            report("merge", f"LoRA {request.lora} into {model_dir}")
             shutil.rmtree(merged_dir, ignore_errors=True)
-            merge_lora(request.model, request.lora, merged_dir, dtype="float32")
+            merge_lora(model_dir, request.lora, merged_dir, dtype="float32")
             steps.append({"name": "merge", "adapter": str(request.lora.resolve())})
-        return _convert(request, info, merged_dir if request.lora is not None else request.model, findings, steps,
-                        started, report, _build_events(log))
+            model_dir = merged_dir
+        return _convert(request, info, model_dir, findings, steps, started, report, _build_events(log))
     finally:
         shutil.rmtree(merged_dir, ignore_errors=True)
+        shutil.rmtree(dequantized_dir, ignore_errors=True)
 
 
 def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Finding], steps: list[dict[str, Any]],
@@ -472,6 +490,7 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
                        "fp16_tensors": result.get("fp16_tensors", []), "build_seconds": result["seconds"]})
     from importlib.metadata import version
 
+    source = quantization_of(request.model)
     return {
         "schema": BUNDLE_SCHEMA, "schema_version": BUNDLE_SCHEMA_VERSION, "backend": "rknn", "name": name,
         "architecture": info.architecture, "platform": request.platform, "dtype": request.dtype,
@@ -495,7 +514,8 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
         "versions": {"rkedge": __version__, "rknn_toolkit2": version("rknn-toolkit2"),
                      "torch": version("torch"), "transformers": version("transformers")},
         "inputs": {"model": str(request.model.resolve()), "source": info.source_name,
-                   "lora": str(request.lora.resolve()) if request.lora else None},
+                   "lora": str(request.lora.resolve()) if request.lora else None,
+                   "source_quantization": source.to_dict() if source else None},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -516,6 +536,9 @@ def _card(manifest: Manifest, name: str) -> str:
         lines += [f"| quality ({quality['steps']} teacher-forced steps, simulator) | NLL delta "
                   f"{quality['nll_delta_pct']:+.2f}%, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
                   f"logits cosine {quality['logits_cosine']:.4f} |"]
+    source = (manifest.get("inputs") or {}).get("source_quantization")
+    if source:
+        lines += ["", f"> **Warning**: {source['warning']}."]
     lines += ["", "## Run it", "", "```sh", f"rkedge chat {name}            # on the board (RKNNLite)",
               f"rkedge chat {name} --mock     # on an x86_64 host (rknn-toolkit2 simulator)", "```", ""]
     return with_front_matter(lines, tags=["rknn", "rockchip", "rk3588", manifest["dtype"], "recurrentgemma"])
