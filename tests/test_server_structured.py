@@ -121,3 +121,21 @@ def test_mask_decoding():
     mask = (0b1010).to_bytes(4, "little") + (1 << 31).to_bytes(4, "little")
     assert allowed_tokens(mask, 64) == [1, 3, 63]
     assert allowed_tokens(mask, 10) == [1, 3]
+
+
+@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "plain"])
+def test_the_sampler_only_picks_allowed_tokens(numpy):
+    from array import array
+
+    from rkedge.runtime.server.constrained import Sampler
+
+    logits = array("f", [float(i % 7) for i in range(64)])
+    mask = ((1 << 5) | (1 << 9) | (1 << 30)).to_bytes(4, "little") + (1 << 1).to_bytes(4, "little")
+    for temperature, top_k, top_p in ((0.0, None, None), (1.0, None, None), (1.5, 2, 0.9)):
+        sampler = Sampler(temperature, top_k, top_p, seed=1)
+        if not numpy:
+            sampler._np = None
+        picks = {sampler.pick(memoryview(logits), mask, 64) for _ in range(50)}
+        assert picks <= {5, 9, 30, 33}
+        if temperature == 0:
+            assert picks == {5}, "greedy: the highest logit among the allowed (5 % 7 = 5)"

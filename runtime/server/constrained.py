@@ -143,7 +143,8 @@ def check_abi(llm: LLM) -> None:
 
 
 class Sampler:
-    """Picks a token among the allowed ones: greedy at temperature 0, else temperature, top-k and top-p."""
+    """Picks a token among the allowed ones: greedy at temperature 0, else temperature, top-k and top-p.
+    Uses numpy where it is installed (a 152k-token vocabulary costs ~1 ms instead of ~9), else plain Python."""
 
     def __init__(self, temperature: float | None, top_k: int | None, top_p: float | None,
                  seed: int | None = None) -> None:
@@ -151,8 +152,18 @@ class Sampler:
         self.top_k = top_k or 0
         self.top_p = 1.0 if top_p is None else top_p
         self.random = random.Random(seed)
+        try:
+            import numpy
+        except ImportError:  # the board's serve extra may not have it: the plain path below is exact too
+            numpy = None  # type: ignore[assignment]  # the optional fast path
+        self._np: Any = numpy
 
-    def pick(self, logits: Any, allowed: list[int]) -> int:
+    def pick(self, logits: Any, bitmask: bytes, vocab: int) -> int:
+        if self._np is not None:
+            return self._pick_numpy(logits, bitmask, vocab)
+        allowed = allowed_tokens(bitmask, vocab)
+        if not allowed:
+            raise GenerationError("the grammar allows no token.")
         if len(allowed) == 1 or self.temperature <= 0:
             return int(max(allowed, key=logits.__getitem__))
         scored = sorted(allowed, key=logits.__getitem__, reverse=True)
@@ -167,7 +178,30 @@ class Sampler:
                 if running >= self.top_p * total:
                     break
             scored, weights = scored[:kept], weights[:kept]
-        return self.random.choices(scored, weights)[0]
+        return int(self.random.choices(scored, weights)[0])
+
+    def _pick_numpy(self, logits: Any, bitmask: bytes, vocab: int) -> int:
+        np = self._np
+        bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")[:vocab].astype(bool)
+        values = np.frombuffer(logits, dtype=np.float32, count=vocab)
+        ids = np.flatnonzero(bits)
+        if ids.size == 0:
+            raise GenerationError("the grammar allows no token.")
+        scores = values[ids].astype(np.float64)
+        if ids.size == 1 or self.temperature <= 0:
+            return int(ids[int(scores.argmax())])
+        if self.top_k and ids.size > self.top_k:
+            keep = np.argpartition(-scores, self.top_k - 1)[:self.top_k]
+            ids, scores = ids[keep], scores[keep]
+        weights = np.exp((scores - scores.max()) / self.temperature)
+        if self.top_p < 1.0:
+            order = np.argsort(-weights)
+            cumulative = np.cumsum(weights[order])
+            cut = int(np.searchsorted(cumulative, self.top_p * cumulative[-1])) + 1
+            ids, weights = ids[order[:cut]], weights[order[:cut]]
+        cumulative = np.cumsum(weights)
+        index = int(np.searchsorted(cumulative, self.random.random() * cumulative[-1], side="right"))
+        return int(ids[min(index, ids.size - 1)])
 
 
 def allowed_tokens(bitmask: bytes, vocab_size: int) -> list[int]:
@@ -186,6 +220,11 @@ def allowed_tokens(bitmask: bytes, vocab_size: int) -> list[int]:
                 out.append(token)
             word ^= low
     return out
+
+
+def mask_allows(bitmask: bytes, token: int) -> bool:
+    word = int.from_bytes(bitmask[(token >> 5) * 4:(token >> 5) * 4 + 4], "little")
+    return bool(word >> (token & 31) & 1)
 
 
 class ConstrainedStream:
@@ -243,11 +282,11 @@ class ConstrainedStream:
                     reason = "abort"
                     break
                 tick = time.perf_counter()
-                allowed = allowed_tokens(self.matcher.compute_bitmask(), min(vocab, len(logits)))
-                if not allowed:
-                    raise GenerationError(f"the grammar allows no token: {self.matcher.get_error()}")
+                bitmask = self.matcher.compute_bitmask()
+                width = min(vocab, len(logits))
                 closing = self.max_tokens - len(chosen) <= CLOSING_RESERVE
-                token = self._close(allowed, logits) if closing else self.sampler.pick(logits, allowed)
+                token = self._close(bitmask, width, logits) if closing else \
+                    self.sampler.pick(logits, bitmask, width)
                 if not self.matcher.consume_token(token):
                     raise GenerationError(f"the grammar refused its own token: {self.matcher.get_error()}")
                 chosen.append(token)
@@ -272,16 +311,18 @@ class ConstrainedStream:
                                 elapsed, generated / (elapsed / 1000) if elapsed > 0 else None, None, "measured")
         self.result = GenerationResult(content, reason, stats, content=content)
 
-    def _close(self, allowed: list[int], logits: Any) -> int:
+    def _close(self, bitmask: bytes, width: int, logits: Any) -> int:
         """The token that ends the structure soonest: a closer (quote, bracket, shortest literal) when the
         grammar allows one, the EOS once it is complete, else the likeliest allowed token."""
-        allowed_set = set(allowed)
-        eos = self.tokenizer.eos_token
-        if self.matcher.is_accepting() and eos in allowed_set:
-            return int(eos)
+        eos = int(self.tokenizer.eos_token)
+        if self.matcher.is_accepting() and mask_allows(bitmask, eos):
+            return eos
         for token in self._closers:
-            if token in allowed_set:
+            if mask_allows(bitmask, token):
                 return int(token)
+        allowed = allowed_tokens(bitmask, width)
+        if not allowed:
+            raise GenerationError(f"the grammar allows no token: {self.matcher.get_error()}")
         return int(max(allowed, key=logits.__getitem__))
 
 
