@@ -123,7 +123,7 @@ def test_tool_choice_none_named_and_no_parallel_calls(client, call_log):
         "messages": ask("weather?"), "tools": [WEATHER, TIME],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     assert named.status_code == 200
-    prompt = prompt_of(call_log.runs()[-1])
+    prompt = prompt_of([run for run in call_log.runs() if not run.get("token_ids")][-1])  # not a decode step
     assert '"get_weather"' in prompt and '"get_time"' not in prompt
     unknown = client.post("/v1/chat/completions", json={
         "messages": ask("weather?"), "tools": [WEATHER],
@@ -178,3 +178,21 @@ def test_tools_on_a_hand_written_template_are_refused_not_lost(tmp_path):
     with TestClient(app_for(write_model(tmp_path / "served.rkllm")), base_url=LOOPBACK) as client:
         refused = client.post("/v1/chat/completions", json={"messages": ask("hi"), "tools": [WEATHER]})
     assert refused.status_code == 400 and "tools would be lost" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_a_forced_tool_call_is_constrained_to_the_tools_schema(client, call_log, choice):
+    pytest.importorskip("llguidance")
+    for seed in range(10):
+        reply = client.post("/v1/chat/completions", json={"messages": ask("broken"), "tools": [WEATHER],
+                                                          "tool_choice": choice, "seed": seed, "temperature": 1.0})
+        choice_out = reply.json()["choices"][0]
+        assert choice_out["finish_reason"] == "tool_calls", choice_out
+        [call] = choice_out["message"]["tool_calls"]
+        arguments = json.loads(call["function"]["arguments"])
+        assert call["function"]["name"] == "get_weather" and set(arguments) == {"city"}
+        assert isinstance(arguments["city"], str)
+    assert all(run["mode"] == 2 for run in call_log.runs()[-5:]), "decoded in logits mode, masked on the host"
+    free = client.post("/v1/chat/completions", json={"messages": ask("broken"), "tools": [WEATHER]}).json()
+    assert "tool_calls" not in free["choices"][0]["message"], "tool_choice auto: the model's own (broken) output"

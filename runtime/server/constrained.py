@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from rkedge.errors import GenerationError, InputError
 from rkedge.runtime._stream import GenerationResult, GenerationStats
-from rkedge.runtime.output_parsers import OutputDelta
+from rkedge.runtime.output_parsers import OutputDelta, OutputFormat, OutputParser, parse_output
 
 if TYPE_CHECKING:
     from rkedge.runtime.llm import LLM
@@ -86,6 +86,30 @@ def grammar_for_format(response_format: dict[str, Any] | None = None, ollama_for
     message = LLMatcher.validate_grammar(compiled, None)
     if message:
         raise InputError(f"the JSON schema cannot be used for constrained output: {message}")
+    return str(compiled)
+
+
+def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """A grammar for one Hermes/Qwen tool call (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``) to
+    one of ``tools``, its arguments held to that tool's parameter schema: what ``tool_choice`` "required" or
+    a named function asks for, so a small model cannot get the call's syntax or arguments wrong."""
+    import json
+
+    from llguidance import LLMatcher
+
+    options = []
+    for tool in tools:
+        function = tool.get("function") or {}
+        parameters = function.get("parameters") or {"type": "object"}
+        options.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                        "properties": {"name": {"const": function.get("name")}, "arguments": parameters}})
+    schema = {**(options[0] if len(options) == 1 else {"anyOf": options}),
+              "x-guidance": {"whitespace_flexible": False}}
+    lark = f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}\n'
+    compiled = LLMatcher.grammar_from_lark(lark)
+    message = LLMatcher.validate_grammar(compiled, None)
+    if message:
+        raise InputError(f"the tools' parameter schemas cannot be used for a constrained call: {message}")
     return str(compiled)
 
 
@@ -232,9 +256,10 @@ class ConstrainedStream:
     yields content as tokens are chosen, :attr:`result` holds the outcome."""
 
     def __init__(self, llm: LLM, prompt: str, grammar: str, tokenizer: Any, *, max_tokens: int,
-                 sampler: Sampler) -> None:
+                 sampler: Sampler, output: OutputFormat | None = None) -> None:
         from llguidance import LLMatcher
 
+        self.output = output  # how to read the answer (a constrained tool call: the template's tool syntax)
         self.llm = llm
         self.prompt = prompt
         self.tokenizer = tokenizer
@@ -273,6 +298,7 @@ class ConstrainedStream:
         first: float | None = None
         prompt_tokens: int | None = None
         emitted = b""
+        parser = OutputParser(self.output) if self.output is not None else None
         try:
             logits, prefill = self._logits(prompt=self.prompt)
             prompt_tokens = prefill.stats.prompt_tokens
@@ -296,11 +322,17 @@ class ConstrainedStream:
                 text = self.tokenizer.decode_bytes([t for t in chosen if not self.tokenizer.is_special_token(t)])
                 piece, emitted = _utf8_prefix(text)[len(emitted):], _utf8_prefix(text)
                 if piece:
-                    yield OutputDelta("content", piece.decode("utf-8"))
+                    text_piece = piece.decode("utf-8")
+                    if parser is None:
+                        yield OutputDelta("content", text_piece)
+                    else:
+                        yield from parser.feed(text_piece)
                 if self.matcher.is_stopped():
                     reason = "stop"
                     break
                 logits, _ = self._logits(token_ids=[token])
+            if parser is not None:
+                yield from parser.finish()
         finally:
             # The cache holds this answer, which no chat session owns: empty it for whoever comes next.
             self.llm.clear_kv_cache()
@@ -310,6 +342,11 @@ class ConstrainedStream:
         stats = GenerationStats(prompt_tokens, generated, (first - started) * 1000 if first else None, None,
                                 elapsed, generated / (elapsed / 1000) if elapsed > 0 else None, None, "measured")
         self.result = GenerationResult(content, reason, stats, content=content)
+        if self.output is not None:
+            parsed = parse_output(content, self.output)
+            self.result.content, self.result.tool_calls = parsed.content, parsed.tool_calls
+            if parsed.tool_calls and reason == "stop":
+                self.result.finish_reason = "tool_calls"
 
     def _close(self, bitmask: bytes, width: int, logits: Any) -> int:
         """The token that ends the structure soonest: a closer (quote, bracket, shortest literal) when the
@@ -346,4 +383,4 @@ def schema_of(response_format: dict[str, Any] | None, ollama_format: Any = None)
     return {"type": "object"}
 
 
-__all__ = ["ConstrainedStream", "Sampler", "grammar_for_format", "host_tokenizer", "schema_of"]
+__all__ = ["ConstrainedStream", "Sampler", "grammar_for_format", "host_tokenizer", "schema_of", "tool_call_grammar"]

@@ -24,7 +24,7 @@ from typing import Any
 from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, InputError, RkedgeError
 from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.llm import LLM, GenerationResult, GenerationStream
-from rkedge.runtime.output_parsers import OutputDelta, ToolCall
+from rkedge.runtime.output_parsers import OutputDelta, OutputFormat, ToolCall
 from rkedge.runtime.server.constrained import ConstrainedStream
 from rkedge.runtime.server.metrics import Metrics
 from rkedge.runtime.tokens import TokenCounter
@@ -63,6 +63,7 @@ class Params:
     # -- chat only -------------------------------------------------------------------------------------------
     tools: list[dict[str, Any]] | None = None  # rendered by the model's template; replies parsed for calls
     parallel_tool_calls: bool = True  # False: only the first call of a reply is kept
+    require_tool_call: bool = False  # tool_choice "required" or a named function: constrained where possible
     enable_thinking: bool | None = None  # None: the template's default
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     lora: str | None = None  # a LoRA adapter loaded at startup (``name+adapter``)
@@ -308,6 +309,10 @@ class Engine:
                                             else "", params)
         if params.grammar is not None:
             return self._constrained(rendered, last, params, prompt_tokens)
+        if params.require_tool_call and params.tools and params.lora is None:
+            constrained = self._constrained_tool_call(rendered, params, prompt_tokens)
+            if constrained is not None:
+                return constrained
         kwargs, hook = self._runtime_kwargs(params)
         self._check_lora(params)
 
@@ -339,26 +344,47 @@ class Engine:
                                  "start rkedge serve with --template FILE.jinja")
         return template.render(messages, True)
 
-    def _constrained(self, rendered: str | None, last: Any, params: Params, prompt_tokens: int | None) -> Job:
-        """A job whose every token is masked by ``params.grammar`` on the host (see constrained.py)."""
+    def _constrained_tool_call(self, rendered: str | None, params: Params, prompt_tokens: int | None) -> Job | None:
+        """The forced tool call constrained to the tools' schemas (Hermes/Qwen syntax, a template rkedge renders,
+        an ABI with logits mode and a host tokenizer); None where one of those is missing: the call is then
+        asked for (only the named tool offered) but not enforced."""
+        from rkedge.runtime.server.constrained import check_abi, host_tokenizer, tool_call_grammar
+
+        output = self.llm.output_format(tools=True, prompt=rendered or "")
+        if rendered is None or output.tool_family != "hermes" or output.starts_in_reasoning:
+            return None
+        try:
+            check_abi(self.llm)
+            if self._tokenizer is None:
+                self._tokenizer = host_tokenizer(self.llm)
+            grammar = tool_call_grammar(params.tools or [])
+        except InputError:
+            return None
+        return self._constrained(rendered, rendered, params, prompt_tokens, grammar=grammar, output=output)
+
+    def _constrained(self, rendered: str | None, last: Any, params: Params, prompt_tokens: int | None, *,
+                     grammar: str | None = None, output: OutputFormat | None = None) -> Job:
+        """A job whose every token is masked by a grammar on the host (``params.grammar`` unless given; see
+        constrained.py)."""
         from rkedge.runtime.server.constrained import Sampler, check_abi, host_tokenizer
 
         llm = self.llm
         check_abi(llm)
-        if params.tools:
+        if params.tools and grammar is None:
             raise InputError("response_format and tools together are not supported: send one or the other.")
         if params.lora is not None:
             raise InputError("constrained output with a LoRA adapter is not supported (logits runs take none).")
         if self._tokenizer is None:
             self._tokenizer = host_tokenizer(llm)
-        tokenizer, grammar = self._tokenizer, params.grammar
+        tokenizer, grammar = self._tokenizer, grammar or params.grammar
         assert grammar is not None
         prompt = rendered if rendered is not None else str(last or "")
         budget = params.max_tokens or llm.max_new_tokens
         sampler = Sampler(params.temperature, params.top_k, params.top_p, params.seed)
 
         def start() -> ConstrainedStream:
-            return ConstrainedStream(llm, prompt, grammar, tokenizer, max_tokens=budget, sampler=sampler)
+            return ConstrainedStream(llm, prompt, grammar, tokenizer, max_tokens=budget, sampler=sampler,
+                                     output=output)
 
         return Job(params, prompt_tokens, start)
 

@@ -149,6 +149,8 @@ class ChatCompletionRequest(BaseModel):
                       frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                       tools=offered_tools(self.tools, self.tool_choice),
                       parallel_tool_calls=self.parallel_tool_calls is not False,
+                      require_tool_call=bool(self.tools) and (self.tool_choice == "required" or
+                                                              isinstance(self.tool_choice, dict)),
                       enable_thinking=bool(thinking) if thinking is not None else None, template_kwargs=kwargs,
                       grammar=grammar_for_format(self.response_format), seed=self.seed)
 
