@@ -58,27 +58,36 @@ def load_prompts(source: str | Path | None) -> list[dict[str, Any]]:
     path = Path(source)
     if not path.is_file():
         raise InputError(f"calibration file not found: {path}", fix="pass a JSON file, or --calibration auto")
-    text = path.read_text(encoding="utf-8")
+    shape = 'use [{"input": "...", "target": "..."}], [{"prompt": "..."}] or a list of prompt strings'
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path} as UTF-8 text ({exc}).", fix="save the calibration file as UTF-8") \
+            from exc
     try:
         items = json.loads(text)
     except ValueError:
         try:
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
         except ValueError as exc:
-            raise InputError(f"{path} is neither JSON nor JSON lines ({exc}).",
-                             fix='use [{"input": "...", "target": "..."}] or a list of prompt strings') from exc
+            raise InputError(f"{path} is neither JSON nor JSON lines ({exc}).", fix=shape) from exc
     if not isinstance(items, list) or not items:
-        raise InputError(f"{path} must hold a non-empty JSON list.")
+        raise InputError(f"{path} must hold a non-empty JSON list.", fix=shape)
     out: list[dict[str, Any]] = []
     for index, item in enumerate(items):
+        text_fields = {k: v for k, v in item.items() if k in ("input", "prompt", "target")} \
+            if isinstance(item, dict) else {}
+        if any(v is not None and not isinstance(v, str) for v in text_fields.values()):
+            raise InputError(f"{path}: item {index} has a non-text input, prompt or target.", fix=shape)
         if isinstance(item, str):
             out.append({"prompt": item})
-        elif isinstance(item, dict) and "input" in item:
-            out.append({"input": str(item["input"]), "target": item.get("target")})
-        elif isinstance(item, dict) and "prompt" in item:
-            out.append({"prompt": str(item["prompt"]), **({"target": str(item["target"])} if item.get("target") else {})})
+        elif isinstance(item, dict) and isinstance(item.get("input"), str):
+            out.append({"input": item["input"], "target": item.get("target")})
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            out.append({"prompt": item["prompt"], **({"target": item["target"]} if item.get("target") else {})})
         else:
-            raise InputError(f"{path}: item {index} is not a prompt string or an {{input, target}} object.")
+            raise InputError(f"{path}: item {index} is not a prompt string or an {{input, target}} object.",
+                             fix=shape)
     return out
 
 

@@ -92,6 +92,7 @@ def chat_setup(info: CheckpointInfo) -> ChatSetup:
     tokens = info.tokenizer_config
     family = None
     if info.chat_template:
+        check_template_syntax(info.chat_template, info.path)
         try:
             family = detect_family(info.chat_template, bos_token=token_text(tokens.get("bos_token")),
                                    eos_token=token_text(tokens.get("eos_token")))
@@ -107,6 +108,25 @@ def chat_setup(info: CheckpointInfo) -> ChatSetup:
     template = get_template(family)
     return ChatSetup(family, template.runtime_parts(), lambda prompt: template.render(
         [{"role": "user", "content": prompt}], True, include_bos=False))
+
+
+def check_template_syntax(template: str, where: object) -> None:
+    """Refuses a chat template Jinja cannot parse: neither rkedge's renderer, the toolkit nor the runtime could
+    use it, and every prompt would fail at serve time instead of here. No jinja2 on this host: not checked."""
+    try:
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    try:
+        env.parse(template)
+    except TemplateSyntaxError as exc:
+        from rkedge.errors import InputError
+
+        raise InputError(f"the chat template of {where} is not valid Jinja (line {exc.lineno}: {exc.message}).",
+                         fix="restore chat_template.jinja / tokenizer_config.json's chat_template from the base "
+                             "model's repository") from None
 
 
 def token_text(token: object) -> str:

@@ -96,6 +96,9 @@ def inspect_command(path: Path, as_json: bool) -> None:
 @click.option("--name", default=None, help="Base name of the output (default: the model's name).")
 @click.option("--allow-known-failure", is_flag=True,
               help="Convert even when the combination is known to fail on the board (e.g. to reproduce it).")
+@click.option("--allow-base-mismatch", is_flag=True,
+              help="With --lora: accept an adapter trained on another base name whose shapes fit this model (a "
+                   "renamed copy of the same model); without it such an adapter is refused.")
 @click.option("--backend", type=click.Choice(["rkllm", "rknn"]), default="rkllm", show_default=True,
               help="rkllm: rkllm-toolkit -> .rkllm; rknn: RecurrentGemma as rknn-toolkit2 decode-step graphs.")
 @click.option("--no-hybrid", is_flag=True, help="rknn w8a8: quantize the RG-LRU path and states too (plain w8a8).")
@@ -113,7 +116,7 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                     max_context: int | None, npu_cores: int | None, algorithm: str, hybrid_rate: float,
                     optimization_level: int, calibration: str, lora: Path | None, lora_mode: str, board: str | None,
                     toolkit: str | None, load_dtype: str | None, name: str | None, allow_known_failure: bool,
-                    backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None,
+                    allow_base_mismatch: bool, backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None,
                     eval_steps: int | None,
                     dry_run: bool, as_json: bool, verbose: bool) -> None:
     """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first.
@@ -133,7 +136,8 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
         max_context=max_context, npu_cores=npu_cores, algorithm=algorithm, hybrid_rate=hybrid_rate,
         optimization_level=optimization_level, calibration=calibration, lora=lora,
         lora_mode="runtime" if lora_mode == "runtime" else "merge", board=board, toolkit=toolkit,
-        load_dtype=load_dtype, name=name, allow_known_failure=allow_known_failure)
+        load_dtype=load_dtype, name=name, allow_known_failure=allow_known_failure,
+        allow_base_mismatch=allow_base_mismatch)
     reporter = StderrReporter(verbose)
     try:
         result = convert(request, dry_run=dry_run, reporter=reporter)
@@ -149,7 +153,7 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
 RKLLM_ONLY = {"toolkit_version": "--toolkit-version", "max_context": "--max-context", "npu_cores": "--npu-cores",
               "algorithm": "--algorithm", "hybrid_rate": "--hybrid-rate", "optimization_level": "--optimization-level",
               "lora_mode": "--lora-mode", "board": "--board", "toolkit": "--toolkit", "load_dtype": "--load-dtype",
-              "allow_known_failure": "--allow-known-failure"}
+              "allow_known_failure": "--allow-known-failure", "allow_base_mismatch": "--allow-base-mismatch"}
 
 
 def _explicit(ctx: click.Context, options: dict[str, str]) -> list[str]:

@@ -129,7 +129,10 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
                          fix="pass the folder that holds config.json and the *.safetensors files")
     config = read_json(config_path)
     nested = config.get("text_config")
+    if nested is not None and not isinstance(nested, dict):
+        raise InputError(f"{config_path}: text_config is a {type(nested).__name__}, not an object.", fix=CONFIG_FIX)
     text_config: dict[str, Any] = nested if isinstance(nested, dict) else config
+    check_config(config_path, config, text_config)
     architectures = config.get("architectures") or text_config.get("architectures") or []
     architecture = architectures[0] if architectures else None
     model_type = config.get("model_type") or text_config.get("model_type")
@@ -143,6 +146,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
                                  "safe_serialization=True)); pickles are not read by rkedge")
         tensors = read_checkpoint(folder)
     tokenizer_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if folder.is_dir():
+        check_tokenizer_files(folder, tokenizer_config)
     return CheckpointInfo(
         path=folder,
         config=config,
@@ -161,18 +166,108 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def read_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | None:
-    """``chat_template.jinja`` / ``chat_template.json`` / ``tokenizer_config.json`` (newest layout first)."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    """``chat_template.jinja`` / ``chat_template.json`` / ``tokenizer_config.json`` (newest layout first).
+
+    Raises:
+        InputError: a template file that is not UTF-8 text, or a template entry that is not text.
+    """
+    fix = "restore the chat template from the base model's repository"
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{jinja} is not readable UTF-8 text ({exc}).", fix=fix) from exc
     if (folder / "chat_template.json").is_file():
-        template = read_json(folder / "chat_template.json").get("chat_template")
+        template = read_json(folder / "chat_template.json", fix=fix).get("chat_template")
         if isinstance(template, str):
             return template
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+    if template is not None and not isinstance(template, str):
+        raise InputError(f"{folder / 'tokenizer_config.json'}: chat_template is a {type(template).__name__}, not "
+                         "template text.", fix=fix)
+    return template
+
+
+#: config.json keys that, when present, must be positive integers (None is allowed: "not set").
+_POSITIVE_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim", "sliding_window",
+                      "attention_window_size")
+#: Of those, the ones a language model's config cannot leave unset once it names them.
+_REQUIRED_WHEN_PRESENT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+CONFIG_FIX = "re-download config.json from the model's repository (it is damaged or hand-edited)"
+
+
+def check_config(path: Path, config: dict[str, Any], text_config: dict[str, Any]) -> None:
+    """Refuses a config.json whose fields the planner, the toolkit or transformers would trip over (a string
+    where a size belongs, a zero head count, ``architectures`` that is not a list of names...)."""
+    problems: list[str] = []
+    for where, section in (("", config), ("text_config.", text_config)) if text_config is not config else (("", config),):
+        for key in _POSITIVE_INT_KEYS:
+            if key not in section:
+                continue
+            value = section[key]
+            if value is None and key not in _REQUIRED_WHEN_PRESENT:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{where}{key} is {value!r}, not a positive integer")
+        architectures = section.get("architectures")
+        if architectures is not None and (not isinstance(architectures, list)
+                                          or not all(isinstance(a, str) for a in architectures)):
+            problems.append(f"{where}architectures is {architectures!r}, not a list of class names")
+        model_type = section.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            problems.append(f"{where}model_type is {model_type!r}, not a name")
+        if "tie_word_embeddings" in section and not isinstance(section["tie_word_embeddings"], bool):
+            problems.append(f"{where}tie_word_embeddings is {section['tie_word_embeddings']!r}, not true/false")
+        quantization = section.get("quantization_config")
+        if quantization is not None and not isinstance(quantization, dict):
+            problems.append(f"{where}quantization_config is {quantization!r}, not an object")
+        for token in ("bos_token_id", "eos_token_id"):  # pad_token_id is left out: old configs say -1
+            value = section.get(token)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                problems.append(f"{where}{token} is {value!r}, not a token id (or a list of them)")
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems) + ".", fix=CONFIG_FIX)
+
+
+#: Tokenizer-side JSON files: each, when present, must be a JSON object (vocab.json: a map of tokens to ids).
+_TOKENIZER_JSON = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "chat_template.json", "generation_config.json")
+
+
+def check_tokenizer_files(folder: Path, tokenizer_config: dict[str, Any]) -> None:
+    """Refuses tokenizer files the toolkit (through transformers) could not load: each JSON file readable, the
+    special tokens text, ``tokenizer.json`` a tokenizer the ``tokenizers`` library reads (when installed)."""
+    fix = "copy the tokenizer files again from the base model's repository"
+    for name in _TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, fix=fix)
+    template = tokenizer_config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str)
+                                               for t in template)):
+        raise InputError(f"{folder / 'tokenizer_config.json'}: chat_template is {str(template)[:60]!r}, not template "
+                         "text (nor a list of named templates).", fix=fix)
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = tokenizer_config.get(key)
+        if token is not None and not isinstance(token, str) and \
+                not (isinstance(token, dict) and isinstance(token.get("content"), str)):
+            raise InputError(f"{folder / 'tokenizer_config.json'}: {key} is {token!r}, not a token text.", fix=fix)
+    if (folder / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # rkedge inspect without the convert extra: the JSON check above is what it gets
+            return
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the Rust library raises plain Exceptions for every malformed file
+            raise InputError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers library can read "
+                             f"({str(exc)[:200]}).", fix=fix) from exc
 
 
 def _snapshot_revision(folder: Path) -> str | None:

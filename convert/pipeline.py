@@ -13,6 +13,7 @@ what an interrupted one left, job files included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rkedge import __version__, fit
-from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, folder_lock, sha256_file
+from rkedge._fs import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    check_free_space,
+    folder_lock,
+    format_size,
+    free_space,
+    sha256_file,
+)
 from rkedge.convert import calibration as calib
 from rkedge.convert.chat_family import ChatSetup
 from rkedge.convert.export import export_checkpoint
@@ -36,6 +46,7 @@ from rkedge.convert.inspect import CheckpointInfo, inspect_checkpoint, inspect_g
 from rkedge.convert.modelcard import render_card, source_card_license
 from rkedge.convert.planner import ConversionRequest, Input, Plan, ToolkitJob, plan, plan_gguf, refusal
 from rkedge.convert.rules import DEFAULT_MAX_CONTEXT, LARGE_WEIGHTS_BASE_DOMAIN_ID
+from rkedge.convert.safetensors_index import DTYPE_BYTES, DTYPE_CODES
 from rkedge.errors import CheckFailed, InputError, RkedgeError, ToolkitError
 from rkedge.manifest import ChatTemplateParts, LoraFile, Manifest, manifest_path
 
@@ -144,12 +155,41 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     (out / WORK).mkdir(parents=True, exist_ok=True)
     with folder_lock(out / WORK / LOCK_FILE, what=f"the output folder {out}"):
         _clean_leftovers(out, out / WORK)
-        for step in steps:
-            result.steps.append(step.execute())
-        known = {f.id for f in the_plan.findings}
-        result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
-        _quantize_and_publish(result, env, info, export, calibration, reporter, started)
+        need = _disk_needed(the_plan, info, merge, export)
+        check_free_space(out, need, what="this conversion")
+        try:
+            for step in steps:
+                result.steps.append(step.execute())
+            known = {f.id for f in the_plan.findings}
+            result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
+            _quantize_and_publish(result, env, info, export, calibration, reporter, started)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            folder, free = free_space(out)
+            raise InputError(f"the disk filled up writing {exc.filename or out}: this conversion needs about "
+                             f"{format_size(need)} in {folder}, which now has {format_size(free)} free.",
+                             fix=f"free at least {format_size(need)} there (the finished steps are kept and "
+                                 "reused), or choose --out on another disk", code="disk_full") from exc
     return result
+
+
+def _disk_needed(the_plan: Plan, info: CheckpointInfo, merge: MergeStep | None, export: ExportStep) -> int:
+    """Bytes the steps still to run write into ``OUT``: the merged checkpoint, the export (hard links when the
+    dtype stays and the source is on the same disk, else a copy or a conversion), the toolkit's model."""
+    out = the_plan.request.out
+    load_bytes = DTYPE_BYTES.get(DTYPE_CODES.get(the_plan.request.load_dtype or "", ""), 0)
+    converted = int(info.param_count * load_bytes) if load_bytes else info.weight_bytes
+    need = 64 << 20  # config, tokenizer, manifest, card, calibration: small next to any of the rest
+    merge_pending = merge is not None and not merge.is_current()
+    if merge_pending:
+        need += converted
+    if merge_pending or not export.is_current():  # (the export's key reads the merged checkpoint: ask only then)
+        same_disk = (out.stat().st_dev == (merge.output.parent if merge else info.path).stat().st_dev)
+        if load_bytes or not same_disk:
+            need += converted
+    need += the_plan.size.weight_bytes if the_plan.size is not None else info.param_count
+    return need
 
 
 def _quantize_and_publish(result: ConversionResult, env: ToolkitEnv, info: CheckpointInfo, export: ExportStep,
@@ -274,10 +314,18 @@ class Step(ABC):
     def run(self, target: Path) -> None:
         """Writes the output at ``target`` (a new empty folder, or a file path): renamed onto ``output`` after."""
 
+    def is_current(self) -> bool:
+        """The output exists and was made from the same inputs (the step will be skipped)."""
+        stamp = self.output.with_name(self.output.name + ".done.json")
+        try:
+            return self.output.exists() and json.loads(stamp.read_text()).get("key") == self.key()
+        except (OSError, ValueError):
+            return False
+
     def execute(self) -> StepRecord:
         key = self.key()
         stamp = self.output.with_name(self.output.name + ".done.json")
-        if self.output.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        if self.is_current():
             return StepRecord(self.name, "cached", 0.0, "same inputs as a finished earlier run")
         started = time.monotonic()
         stamp.unlink(missing_ok=True)
@@ -303,6 +351,7 @@ class MergeStep(Step):
     dtype: str | None
     output: Path
     reporter: Reporter
+    allow_base_mismatch: bool = False
     name: str = "merge"
 
     def inputs(self) -> tuple[object, ...]:
@@ -315,7 +364,8 @@ class MergeStep(Step):
         from rkedge.lora.merge import merge_lora, smoke_forward
 
         self.reporter.step("merge", self.describe())
-        merge_lora(self.base.path, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress)
+        merge_lora(self.base.path, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress,
+                   allow_base_mismatch=self.allow_base_mismatch)
         self.reporter.step("smoke", "forward pass of the merged model on the host")
         smoke_forward(target)
 
@@ -404,7 +454,8 @@ def _steps(the_plan: Plan, info: CheckpointInfo, work: Path,
     merge = None
     if the_plan.merges_adapter:
         assert the_plan.adapter is not None and request.lora is not None
-        merge = MergeStep(info, request.lora, the_plan.adapter, request.load_dtype, work / "merged", reporter)
+        merge = MergeStep(info, request.lora, the_plan.adapter, request.load_dtype, work / "merged", reporter,
+                          request.allow_base_mismatch)
     export = ExportStep(merge or info, request.load_dtype, chat, Path(the_plan.output_name).stem, work / "export",
                         reporter)
     calibration = CalibrationStep(export, the_plan.calibration, chat, work / "calibration.json", reporter)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class ConversionRequest:
     load_dtype: str | None = None
     device: str = "cpu"
     allow_known_failure: bool = False
+    allow_base_mismatch: bool = False  # an adapter naming another base whose shapes fit: a warning, not an error
     name: str | None = None
     cuda_available: bool | None = None
 
@@ -238,6 +240,8 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
     findings += _check_algorithm(request, rules, toolkit_version)
     findings += _check_cores_context_hybrid(request, rules, toolkit_version)
     findings += _check_quantization_config(info, request, toolkit_version)
+    findings += _check_weights(info)
+    findings += _check_name(request)
     findings += _check_group_sizes(info, request)
     findings += _check_known_failures(info, request, toolkit_version)
     findings += _check_python(rules, spec, toolkit_python, toolkit_version)
@@ -304,7 +308,7 @@ def _check_adapter(request: ConversionRequest) -> tuple[AdapterInfo | None, list
     from rkedge.lora.adapter import inspect_adapter, validate_adapter
 
     adapter = inspect_adapter(request.lora)
-    return adapter, validate_adapter(adapter, request.model)
+    return adapter, validate_adapter(adapter, request.model, allow_base_mismatch=request.allow_base_mismatch)
 
 
 # --- individual checks --------------------------------------------------------------------------------------
@@ -448,6 +452,73 @@ def _check_quantization_config(info: CheckpointInfo, request: ConversionRequest,
         findings.append(Finding("F-2", "error", "GPTQ-Int4 means w4a16, which RK3588 does not run.",
                                 "use GPTQ-Int8 or the fp16 checkpoint on RK3588", "F-2"))
     return findings
+
+
+#: safetensors codes of floating weights (the only ones an unquantized checkpoint may hold in its matrices).
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+_DAMAGED = "re-download the checkpoint (or save it again from the original with save_pretrained)"
+
+
+def _check_weights(info: CheckpointInfo) -> list[Finding]:
+    """What the toolkit would turn into a garbage model without a word: integer weight matrices in a checkpoint
+    that declares no quantization, layers missing (the toolkit would leave them at their random initialisation),
+    an embedding whose shape is not [vocab_size, hidden_size]."""
+    if not info.tensors:
+        return []
+    findings: list[Finding] = []
+    if not info.quantization_config:
+        ints = sorted(t.name for t in info.tensors.values()
+                      if t.dtype not in _FLOAT_DTYPES and len(t.shape) >= 2 and t.name.endswith(".weight"))
+        if ints:
+            dtypes = sorted({info.tensors[n].dtype for n in ints})
+            findings.append(Finding("weights.dtype", "error",
+                                    f"{len(ints)} weight matri(ces) are stored as {'/'.join(dtypes)} (e.g. {ints[0]}), "
+                                    "but config.json declares no quantization: the values would be read as "
+                                    "garbage numbers.", _DAMAGED + " in float16/bfloat16/float32", "safetensors"))
+    config = info.text_config
+    layers = config.get("num_hidden_layers")
+    found: dict[int, set[str]] = {}
+    for name in info.tensors:
+        match = _LAYER.search(name)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(name[match.end():])
+    if isinstance(layers, int) and found:
+        missing = [i for i in range(layers) if i not in found]
+        every = set().union(*found.values())
+        partial = sorted(i for i, names in found.items() if i < layers and names != every)
+        if missing or partial:
+            detail = (f"layers {_ranges(missing)} have no tensors" if missing else
+                      f"layer {partial[0]} lacks {sorted(every - found[partial[0]])[0]}")
+            findings.append(Finding("weights.incomplete", "error",
+                                    f"the checkpoint is incomplete: config.json says {layers} layers, but {detail} "
+                                    "(a shard missing from the index or the folder?).", _DAMAGED, "safetensors"))
+    if not any("embed" in name or "wte" in name for name in info.tensors):
+        findings.append(Finding("weights.incomplete", "error", "the checkpoint has no token embedding tensor (a "
+                                "shard missing from the index or the folder?).", _DAMAGED, "safetensors"))
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    embed = next((t for t in info.tensors.values() if t.name.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if embed is not None and isinstance(vocab, int) and isinstance(hidden, int) and len(embed.shape) == 2 \
+            and (embed.shape[1] != hidden or embed.shape[0] < vocab):
+        findings.append(Finding("weights.shape", "error",
+                                f"{embed.name} has shape {list(embed.shape)}, but config.json says vocab_size {vocab} "
+                                f"and hidden_size {hidden}.", _DAMAGED, "safetensors"))
+    return findings
+
+
+def _ranges(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:8])) + (" ..." if len(numbers) > 8 else "")
+
+
+def _check_name(request: ConversionRequest) -> list[Finding]:
+    """``--name`` becomes a file name in --out: no folder parts, nothing hidden."""
+    name = request.name
+    if name is None:
+        return []
+    if not name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        return [Finding("name.invalid", "error", f"--name {name!r} is not a plain file name.",
+                        "pass a name without '/' and not starting with '.', e.g. --name my-model", "rkedge")]
+    return []
 
 
 def _check_group_sizes(info: CheckpointInfo, request: ConversionRequest) -> list[Finding]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rkedge._fs import sha256_file
-from rkedge.convert.findings import Finding
+from rkedge.convert.findings import Finding, Severity
 from rkedge.convert.inspect import read_json
 from rkedge.convert.safetensors_index import TensorInfo, checkpoint_files, read_header
 from rkedge.errors import InputError
@@ -237,6 +237,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         raise InputError(f"{folder} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}.",
                          fix="pass the folder written by peft's save_pretrained (adapter_config.json + weights)")
     config = read_json(config_path, fix="re-save the adapter with peft")
+    _check_config_types(config_path, config)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -372,16 +373,55 @@ def read_base_checkpoint(path: str | Path) -> BaseCheckpoint:
 # -- validation ------------------------------------------------------------------------------------------
 
 
-def validate_adapter(adapter: AdapterInfo, base_dir: str | Path) -> list[Finding]:
+def _check_config_types(path: Path, config: dict[str, Any]) -> None:
+    """Refuses an adapter_config.json whose values peft could not have written ("r": "abc", a number of
+    target modules...): the merge would otherwise compute with them or crash halfway."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def rank(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def names(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    checks: list[tuple[str, Any, str]] = [
+        ("r", rank, "a positive integer"),
+        ("lora_alpha", number, "a number"),
+        ("rank_pattern", lambda v: isinstance(v, dict) and all(rank(x) for x in v.values()),
+         "an object of module patterns to positive integers"),
+        ("alpha_pattern", lambda v: isinstance(v, dict) and all(number(x) for x in v.values()),
+         "an object of module patterns to numbers"),
+        ("target_modules", lambda v: isinstance(v, str) or names(v), "a list of module names or a regex"),
+        ("modules_to_save", names, "a list of module names"),
+        ("peft_type", lambda v: isinstance(v, str), "a name"),
+        ("base_model_name_or_path", lambda v: isinstance(v, str), "a model name or path"),
+        ("revision", lambda v: isinstance(v, str), "a revision"),
+        ("bias", lambda v: isinstance(v, str), "none, all or lora_only"),
+        *((flag, lambda v: isinstance(v, bool), "true or false")
+          for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")),
+    ]
+    problems = [f"{key} is {config[key]!r}, not {expected}" for key, valid, expected in checks
+                if config.get(key) is not None and not valid(config[key])]
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems) + ".",
+                         fix="restore adapter_config.json as peft saved it (save_pretrained writes it with the weights)")
+
+
+def validate_adapter(adapter: AdapterInfo, base_dir: str | Path, *,
+                     allow_base_mismatch: bool = False) -> list[Finding]:
     """Checks an adapter against a base checkpoint (config.json + safetensors headers only).
+
+    ``allow_base_mismatch``: an adapter that names another base but fits this one's shapes is a warning, not an
+    error (the user says the base is the right one, e.g. a renamed copy).
 
     Raises:
         InputError: when the base folder itself is unreadable (no config.json, no safetensors weights).
     """
-    return check_adapter(adapter, read_base_checkpoint(base_dir))
+    return check_adapter(adapter, read_base_checkpoint(base_dir), allow_base_mismatch=allow_base_mismatch)
 
 
-def check_adapter(adapter: AdapterInfo, base: BaseCheckpoint) -> list[Finding]:
+def check_adapter(adapter: AdapterInfo, base: BaseCheckpoint, *, allow_base_mismatch: bool = False) -> list[Finding]:
     """``validate_adapter`` for an already read base checkpoint."""
     findings: list[Finding] = []
     add = findings.append
@@ -436,7 +476,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseCheckpoint) -> list[Finding]:
     _check_targets(adapter, base, add)
     _check_tied(adapter, base, add)
     _check_dtypes(adapter, base, add)
-    _check_base_name(adapter, base, shape_errors, add)
+    _check_base_name(adapter, base, shape_errors, add, allow_mismatch=allow_base_mismatch)
     if not adapter.modules and not adapter.saved:
         add(Finding("lora.empty", "warning", "the adapter holds no LoRA weights and no saved modules; merging "
                     "changes nothing.", "check that you passed the right adapter folder", SOURCE_PEFT))
@@ -542,7 +582,9 @@ def _check_targets(adapter: AdapterInfo, base: BaseCheckpoint, add: Any) -> None
     else:
         unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in modules)]
     if unmatched:
-        add(Finding("lora.target-modules", "warning",
+        # none matching is what peft itself refuses to load ("Target modules ... not found in the base model")
+        severity: Severity = "error" if isinstance(targets, str) or len(unmatched) == len(targets) else "warning"
+        add(Finding("lora.target-modules", severity,
                     f"target_modules entries match no module of the base: {short_list(unmatched)}.",
                     "check that the base is the model the adapter was trained on", SOURCE_F10))
 
@@ -602,7 +644,8 @@ def _hub_repo_id(folder: Path) -> str | None:
     return None
 
 
-def _check_base_name(adapter: AdapterInfo, base: BaseCheckpoint, shape_errors: int, add: Any) -> None:
+def _check_base_name(adapter: AdapterInfo, base: BaseCheckpoint, shape_errors: int, add: Any, *,
+                     allow_mismatch: bool) -> None:
     wanted = adapter.base_model_name_or_path
     if not wanted:
         add(Finding("lora.base-mismatch", "info", "the adapter does not record its base model "
@@ -639,10 +682,11 @@ def _check_base_name(adapter: AdapterInfo, base: BaseCheckpoint, shape_errors: i
         add(Finding("lora.base-mismatch", "error",
                     f"the adapter was trained on {wanted!r}, not on {described}, and its shapes do not fit.",
                     f"pass --base a local copy of {wanted}", SOURCE_F10))
-    else:
-        add(Finding("lora.base-mismatch", "warning",
+    else:  # same shapes, another name: a wrong model that runs, so refused unless the user vouches for the base
+        add(Finding("lora.base-mismatch", "warning" if allow_mismatch else "error",
                     f"the adapter was trained on {wanted!r}; the base is {described}. The shapes fit, but a LoRA "
                     "applied to a different base of the same shape gives wrong outputs.",
-                    f"make sure the base is {wanted}"
-                    + (f" at revision {adapter.revision}" if adapter.revision else ""),
+                    f"use {wanted}" + (f" at revision {adapter.revision}" if adapter.revision else "")
+                    + " as the base" + ("" if allow_mismatch else
+                                        ", or pass --allow-base-mismatch if this base is that model (a renamed copy)"),
                     SOURCE_F10))

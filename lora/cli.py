@@ -19,17 +19,24 @@ def lora() -> None:
     """LoRA adapters: inspect one, check it against a base, merge it (streaming) into a new checkpoint."""
 
 
+#: Shared by `lora inspect`, `lora merge` and `convert --lora`.
+ALLOW_BASE_MISMATCH_HELP = ("Accept an adapter trained on another base name whose shapes fit this base (a renamed "
+                            "copy of the same model); without it such an adapter is refused.")
+
+
 @lora.command("inspect")
 @click.argument("adapter", type=_DIR)
 @click.option("--base", "base", type=_DIR, default=None, help="Check the adapter against this base checkpoint.")
+@click.option("--allow-base-mismatch", is_flag=True, help=ALLOW_BASE_MISMATCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.pass_context
-def inspect_command(ctx: click.Context, adapter: Path, base: Path | None, as_json: bool) -> None:
+def inspect_command(ctx: click.Context, adapter: Path, base: Path | None, allow_base_mismatch: bool,
+                    as_json: bool) -> None:
     """Show what ADAPTER holds (from headers; no weights are loaded). Exit code 2 if --base finds an error."""
     from rkedge.lora.adapter import inspect_adapter, validate_adapter
 
     info = inspect_adapter(adapter)
-    findings = validate_adapter(info, base) if base is not None else []
+    findings = validate_adapter(info, base, allow_base_mismatch=allow_base_mismatch) if base is not None else []
     if as_json:
         payload: dict[str, Any] = {"adapter": info.to_dict()}
         if base is not None:
@@ -52,14 +59,16 @@ def inspect_command(ctx: click.Context, adapter: Path, base: Path | None, as_jso
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Convert every floating tensor (default: keep the base's dtypes).")
 @click.option("--no-smoke", is_flag=True, help="Skip the forward pass of the merged model with transformers.")
+@click.option("--allow-base-mismatch", is_flag=True, help=ALLOW_BASE_MISMATCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report (and smoke result) as JSON on stdout.")
-def merge_command(base: Path, adapter: Path, out: Path, dtype: str | None, no_smoke: bool, as_json: bool) -> None:
+def merge_command(base: Path, adapter: Path, out: Path, dtype: str | None, no_smoke: bool, allow_base_mismatch: bool,
+                  as_json: bool) -> None:
     """Merge ADAPTER into BASE, streaming shard by shard, and write a new checkpoint to OUT."""
     from rkedge.convert.findings import raise_on_errors
     from rkedge.lora.adapter import MERGE_FIX, inspect_adapter, validate_adapter
     from rkedge.lora.merge import merge_lora, smoke_forward
 
-    findings = validate_adapter(inspect_adapter(adapter), base)
+    findings = validate_adapter(inspect_adapter(adapter), base, allow_base_mismatch=allow_base_mismatch)
     _echo_findings(findings)  # warnings now; errors come once, in the CheckFailed message
     raise_on_errors(findings, "the LoRA merge", fix=MERGE_FIX)
 
@@ -75,7 +84,8 @@ def merge_command(base: Path, adapter: Path, out: Path, dtype: str | None, no_sm
         shown = done
 
     try:
-        report = merge_lora(base, adapter, out, dtype=dtype, progress=progress)
+        report = merge_lora(base, adapter, out, dtype=dtype, progress=progress,
+                            allow_base_mismatch=allow_base_mismatch)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

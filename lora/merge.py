@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rkedge import __version__
-from rkedge._fs import atomic_dir, atomic_path, atomic_write_text
+from rkedge._fs import atomic_dir, atomic_path, atomic_write_text, check_free_space
 from rkedge.convert.findings import raise_on_errors
 from rkedge.convert.inspect import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from rkedge.convert.safetensors_index import DTYPE_CODES, TensorInfo, read_header
@@ -160,7 +160,7 @@ def peak_rss_bytes() -> int:
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-               progress: Progress | None = None) -> MergeReport:
+               progress: Progress | None = None, allow_base_mismatch: bool = False) -> MergeReport:
     """Merges a PEFT LoRA adapter into a base checkpoint, streaming, and writes a new checkpoint folder.
 
     The output has the base's shard layout (plus ``model.safetensors.index.json`` when the base has one),
@@ -192,7 +192,7 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     out_code = DTYPE_CODES[dtype] if dtype else None
     adapter = inspect_adapter(adapter_dir)
     base = read_base_checkpoint(base_dir)
-    findings = check_adapter(adapter, base)
+    findings = check_adapter(adapter, base, allow_base_mismatch=allow_base_mismatch)
     raise_on_errors(findings, "the LoRA merge", fix=MERGE_FIX)
     _check_out_dir(out_dir, base_dir, adapter_dir)
     try:
@@ -203,10 +203,8 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     plan = _plan(adapter, base, out_code)
     total = sum(item.nbytes for _, items in plan.shards for item in items)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out_dir.parent).free
-    if free < total + (64 << 20):
-        raise RkedgeError(f"the merged checkpoint needs {total / 1e9:.2f} GB, {out_dir.parent} has "
-                          f"{free / 1e9:.2f} GB free.", fix="free some space or choose --out on another disk")
+    # the tensors plus the headers, index and config (64 MB covers them for any real checkpoint)
+    check_free_space(out_dir.parent, total + (64 << 20), what="the merged checkpoint")
 
     done = 0
     written_files: list[str] = []

@@ -7,6 +7,7 @@ that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -137,3 +138,68 @@ def folder_lock(lock_file: str | os.PathLike[str], *, what: str) -> Iterator[Non
         yield
     finally:
         handle.close()  # releases the lock
+
+
+def format_size(size: float) -> str:
+    """Bytes as a person reads them: ``512 B``, ``14.2 MB``, ``3.07 GB`` (decimal units, as ``df -H``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(size) >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
+
+
+def free_space(path: str | os.PathLike[str]) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``path`` and the bytes free on its filesystem."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_free_space(path: str | os.PathLike[str], need: int, *, what: str) -> None:
+    """Refuses, before any byte is written, a job whose ``need`` bytes do not fit where ``path`` lives."""
+    from rkedge.errors import InputError
+
+    folder, free = free_space(path)
+    if free < need:
+        raise InputError(f"{what} needs about {format_size(need)} in {folder}, which has {format_size(free)} free.",
+                         fix=f"free at least {format_size(need - free)} there, or choose a folder on another disk",
+                         code="disk_full")
+
+
+#: errno -> (what happened, what to do, error code).
+_OS_ERRORS: dict[int, tuple[str, str, str]] = {
+    errno.ENOSPC: ("the disk is full", "free space there (or choose a folder on another disk) and run again",
+                   "disk_full"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota, or choose another folder",
+                   "disk_full"),
+    errno.EROFS: ("the filesystem is read-only", "choose a writable folder (e.g. under your home folder)",
+                  "read_only"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to, or fix its permissions", "permission_denied"),
+    errno.EPERM: ("the operation is not permitted", "choose a folder you own, or fix its permissions",
+                  "permission_denied"),
+    errno.ENOENT: ("no such file or folder", "check the path", "not_found"),
+    errno.EISDIR: ("it is a folder, a file was expected", "pass a file path", "invalid_path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path", "invalid_path"),
+    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n) and run again", "os_error"),
+    errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path", "invalid_path"),
+}
+
+
+def os_error_message(exc: OSError) -> tuple[str, str, str]:
+    """(message, fix, code) for an OS error that reached an edge: the path, what happened, the space free when
+    a disk filled up."""
+    reason, fix, code = _OS_ERRORS.get(exc.errno or -1, (exc.strerror or str(exc), "check the path and run again",
+                                                         "os_error"))
+    if exc.filename is None:
+        message = reason[:1].upper() + reason[1:]
+    elif code in ("disk_full", "read_only", "permission_denied"):
+        message = f"cannot write {exc.filename}: {reason}"
+    else:
+        message = f"{exc.filename}: {reason}"
+    if code == "disk_full" and exc.filename:
+        folder, free = free_space(exc.filename)
+        message += f" ({folder} has {format_size(free)} free)"
+    return message + ".", fix, code

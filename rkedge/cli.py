@@ -1,7 +1,9 @@
 """The ``rkedge`` command: one group that mounts the commands of each subpackage.
 
 Commands are thin: they parse options, call a typed function, and print. Domain errors are translated
-here, once: the message (with its fix) goes to stderr and the exit code is the error's (2 for bad input).
+here, once: the message (with its fix) goes to stderr and the exit code is the error's (2 for bad input). OS
+errors that reach this edge (a full disk, a read-only or forbidden folder) become one such error too, with the
+path and what is free.
 Nothing heavy is imported until a command runs, so ``rkedge --help`` works without torch.
 """
 
@@ -12,7 +14,7 @@ import sys
 import click
 
 from rkedge import __version__
-from rkedge.errors import RkedgeError
+from rkedge.errors import InputError, RkedgeError
 
 
 class RkedgeGroup(click.Group):
@@ -22,6 +24,13 @@ class RkedgeGroup(click.Group):
         except RkedgeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # disk full, read-only or forbidden output: the user's to fix, so exit 2 too
+            from rkedge._fs import os_error_message
+
+            message, fix, code = os_error_message(exc)
+            translated = InputError(message, fix=fix, code=code)
+            click.echo(f"error: {translated}", err=True)
+            sys.exit(translated.exit_code)
 
 
 @click.group(cls=RkedgeGroup, context_settings={"help_option_names": ["-h", "--help"]})

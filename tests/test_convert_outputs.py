@@ -149,8 +149,9 @@ def test_a_full_disk_while_publishing_leaves_the_earlier_conversion_whole(
         return written(target, text)
 
     monkeypatch.setattr(pipeline, "atomic_write_text", disk_full_on_the_manifest)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="the disk filled up") as full:
         convert(_request(model, out, prompts, max_context=4096))
+    assert full.value.code == "disk_full" and full.value.fix and "free at least" in full.value.fix
     manifest = read_manifest(first.model_file)
     assert manifest is not None and manifest.max_context_limit == 2048
     check_model_file(manifest, first.model_file, verify_sha256=True)  # the old pair, untouched

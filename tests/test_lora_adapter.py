@@ -138,9 +138,11 @@ def test_rank_mismatch_between_config_and_weights(llama: Path, tmp_path: Path) -
     assert ids(validate_adapter(inspect_adapter(folder), llama))["lora.shape"] == "error"
 
 
-def test_base_name_mismatch_with_fitting_shapes_is_a_warning(llama: Path, tmp_path: Path) -> None:
+def test_base_name_mismatch_with_fitting_shapes_is_refused_unless_allowed(llama: Path, tmp_path: Path) -> None:
     folder = write_adapter(tmp_path / "ad", q_proj_pair(0), base_model_name_or_path="org/other-model")
-    found = ids(validate_adapter(inspect_adapter(folder), llama))
+    refused = {f.id: f for f in validate_adapter(inspect_adapter(folder), llama)}["lora.base-mismatch"]
+    assert refused.severity == "error" and refused.fix and "--allow-base-mismatch" in refused.fix
+    found = ids(validate_adapter(inspect_adapter(folder), llama, allow_base_mismatch=True))
     assert found["lora.base-mismatch"] == "warning"
     for same in (str(llama), llama.name, f"someone/{llama.name}"):
         folder = write_adapter(tmp_path / "ad2", q_proj_pair(0), base_model_name_or_path=same)
