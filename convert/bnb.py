@@ -314,3 +314,25 @@ def _other_files(src: Path) -> Iterator[Path]:
         if path.is_file() and path.suffix != ".safetensors" and path.name not in (
                 "config.json", "model.safetensors.index.json"):
             yield path
+
+
+def base_model_name(checkpoint_dir: str | Path) -> str | None:
+    """The model a quantized upload was made from: its card's ``base_model`` (Hugging Face front matter), else the
+    config's ``_name_or_path`` when that names a repository rather than a local folder."""
+    card = Path(checkpoint_dir) / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            front = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+            lines = front.splitlines()
+            for number, line in enumerate(lines):
+                if line.startswith("base_model:"):
+                    value = line.split(":", 1)[1].strip().strip("'\"")
+                    if not value and number + 1 < len(lines):  # a YAML list: "base_model:\n- org/name"
+                        value = lines[number + 1].strip().lstrip("-").strip().strip("'\"")
+                    if value:
+                        return value
+    name = _config(checkpoint_dir).get("_name_or_path")
+    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
+        return name
+    return None

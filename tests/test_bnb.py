@@ -19,6 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from rkedge.convert.bnb import (  # noqa: E402
     SourceQuantization,
+    base_model_name,
     dequantize_checkpoint,
     quality_warning,
     quantization_of,
@@ -150,3 +151,13 @@ def test_the_warning_names_the_source():
     source = SourceQuantization("bitsandbytes", 4, "nf4", True, "bfloat16")
     assert source.describe() == "bitsandbytes 4-bit nf4 with double quantization"
     assert "bounded by" in quality_warning(source) and source.describe() in quality_warning(source)
+
+
+def test_the_base_model_comes_from_the_card_or_the_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "google/gemma-2b-it"}))
+    assert base_model_name(tmp_path) == "google/gemma-2b-it"
+    (tmp_path / "README.md").write_text("---\nlicense: gemma\nbase_model:\n- google/recurrentgemma-2b-it\n---\n# x\n")
+    assert base_model_name(tmp_path) == "google/recurrentgemma-2b-it"
+    (tmp_path / "README.md").write_text("no front matter")
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/tmp/some/folder"}))
+    assert base_model_name(tmp_path) is None

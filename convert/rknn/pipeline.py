@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rkedge import __version__
 from rkedge._fs import atomic_dir
-from rkedge.convert.bnb import dequantize_checkpoint, quality_warning, quantization_of
+from rkedge.convert.bnb import base_model_name, dequantize_checkpoint, quality_warning, quantization_of
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
 from rkedge.convert.rknn.rules import RKNN_RULES
@@ -515,7 +515,8 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
                      "torch": version("torch"), "transformers": version("transformers")},
         "inputs": {"model": str(request.model.resolve()), "source": info.source_name,
                    "lora": str(request.lora.resolve()) if request.lora else None,
-                   "source_quantization": source.to_dict() if source else None},
+                   "source_quantization": source.to_dict() if source else None,
+                   "base_model": base_model_name(request.model) if source else None},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
