@@ -11,11 +11,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rkedge import failures
 from rkedge.errors import GenerationError, InputError, ModelFileError, RkedgeError, RuntimeInitError
-from rkedge.manifest import read_manifest
+from rkedge.manifest import Manifest, read_manifest
+from rkedge.modelfile import check_model_file
 from rkedge.runtime._stderr import capture_native_stderr, echo_to_stderr
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.abi._native import NativeLibrary, NativeModel
@@ -27,8 +28,19 @@ from rkedge.runtime.types import InitParams, RunRequest
 log = logging.getLogger("rkedge.runtime")
 
 
-def load_model_metadata(model_path: Path) -> dict[str, Any]:
-    """What the model's files say: a simulated model's own header, else its manifest (``<file>.json``).
+def _readable_manifest(model_path: Path) -> Manifest | None:
+    """The model's manifest, or None when it has none or it cannot be read (then with a warning: the model still
+    runs, without its template family)."""
+    try:
+        return read_manifest(model_path)
+    except RkedgeError as exc:
+        log.warning("ignoring the manifest of %s: %s", model_path, exc.message)
+        return None
+
+
+def load_model_metadata(model_path: Path, manifest: Manifest | None | Literal["read"] = "read") -> dict[str, Any]:
+    """What the model's files say: a simulated model's own header, else its manifest (``<file>.json``; pass it
+    when already read).
 
     The manifest's recommended runtime settings are merged in under their own names (``recommended``) where
     the manifest has no key of that name. An unreadable or incompatible manifest is ignored with a warning: the
@@ -36,11 +48,8 @@ def load_model_metadata(model_path: Path) -> dict[str, Any]:
     """
     if is_simulated_model(model_path):
         return read_simulated_model(model_path)
-    try:
-        manifest = read_manifest(model_path)
-    except RkedgeError as exc:
-        log.warning("ignoring the manifest of %s: %s", model_path, exc.message)
-        return {}
+    if manifest == "read":
+        manifest = _readable_manifest(model_path)
     if manifest is None:
         return {}
     data = manifest.to_dict()
@@ -53,11 +62,17 @@ class RkllmBackend:
 
     def __init__(self, model_path: Path, library: str | os.PathLike[str] | None, abi: str | None, params: InitParams,
                  on_event: EventHandler, *, verbose: bool = False, tokenizer: TextTokenizer | None = None,
-                 embedder: TokenEmbedder | None = None) -> None:
+                 embedder: TokenEmbedder | None = None, image_tags: tuple[str, str, str] | None = None) -> None:
         chosen = resolve_library(library, abi)
         self.runtime = RuntimeInfo(chosen.path, chosen.abi, chosen.runtime_version, chosen.selected_by,
                                    chosen.simulated)
-        self.metadata: Mapping[str, Any] = load_model_metadata(model_path)
+        manifest = _readable_manifest(model_path)
+        if manifest is not None:
+            # Refused, not warned: a manifest of another conversion would feed this model the wrong chat template,
+            # special tokens and context limit without a word (issue 11 item 8). A model with no manifest (a
+            # vendor .rkllm) still runs; size and name only here, hashing gigabytes is doctor's job.
+            check_model_file(manifest, model_path)
+        self.metadata: Mapping[str, Any] = load_model_metadata(model_path, manifest)
         if is_simulated_model(model_path) and not chosen.simulated:
             raise ModelFileError(
                 f"{model_path} is an rkedge simulated model (written without rkllm-toolkit, no weights); "
@@ -67,10 +82,16 @@ class RkllmBackend:
             )
         native_library = NativeLibrary.load(chosen.path, chosen.abi)
         self.features: AbiFeatures = native_library.features
+        abi_module = native_library.abi
+        present = {name for struct in (abi_module.RKLLMParam, abi_module.RKLLMExtendParam)
+                   for name, *_ in struct._fields_}
+        params = params.with_defaults_for(present)
+        # Up to 1.2.3 the image tags are RKLLMParam fields; from 1.3.0 they travel with each multimodal input.
+        init_tags = image_tags if "img_content" in present else None
         with capture_native_stderr() as captured:
             self._native = NativeModel(native_library, str(model_path), params, on_event,
                                        tokenizer=_bytes_tokenizer(tokenizer) if tokenizer is not None else None,
-                                       embedder=embedder)
+                                       embedder=embedder, image_tags=init_tags)
         self.init_log: str = captured.text
         error = failures.first_error(self.init_log, "runtime")
         if verbose or error or self._native.init_rc != 0:
@@ -104,7 +125,7 @@ class RkllmBackend:
     # -- runs -------------------------------------------------------------------------------------------------
 
     def run(self, run_id: int, request: RunRequest) -> int:
-        return self._native.run(run_id, request)
+        return self._native.run(run_id, request, media=request.media)
 
     def forget_run(self, run_id: int) -> None:
         self._native.forget_run(run_id)

@@ -7,11 +7,15 @@ the callback returns: ``result`` and ``result->text`` are only valid during the 
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field, fields
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from rkedge.errors import InputError
+
+if TYPE_CHECKING:
+    from rkedge.runtime.abi._native import MultimodalInput
 
 
 class CallState(IntEnum):
@@ -93,6 +97,19 @@ class InitParams(Sampling):
 
     EXTEND_FIELDS: ClassVar[tuple[str, ...]] = ("base_domain_id", "embed_flash", "enabled_cpus_num",
                                                 "enabled_cpus_mask", "n_batch")
+    #: Set explicitly on ABIs whose struct has the field, when the caller leaves it unset. ``embed_flash = 1``
+    #: (the runtime reads the embedding table from storage instead of holding it in RAM): Rockchip's 1.3.0
+    #: server sets it (/work/shared/rkllm-abi/SEMANTICS.md, "Call flow"; its llm_demo.cpp does too), the
+    #: runtime's own default is not public (SEMANTICS.md: defaults unknown), and ``rkedge plan`` counts no
+    #: resident embedding from 1.2.0 on (convert/perf_model.py). Explicit, so the board does what the plan says.
+    DEFAULTS_WHERE_PRESENT: ClassVar[dict[str, int]] = {"embed_flash": 1}
+
+    def with_defaults_for(self, present: Collection[str]) -> InitParams:
+        """These params with :attr:`DEFAULTS_WHERE_PRESENT` filled in for the unset fields in ``present`` (the
+        fields the ABI's ``RKLLMParam``/``RKLLMExtendParam`` have); ABIs without them are left as they are."""
+        missing: dict[str, Any] = {name: value for name, value in self.DEFAULTS_WHERE_PRESENT.items()
+                                   if name in present and getattr(self, name) is None}
+        return replace(self, **missing) if missing else self
 
     def items(self) -> list[tuple[str, Any]]:
         return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
@@ -115,6 +132,9 @@ class RunRequest:
     keep_history: bool = False
     sampling: Sampling | None = None
     max_new_tokens: int | None = None
+    #: Image (video, audio) embeddings: the run is ``RKLLM_INPUT_MULTIMODAL``, its text the prompt, which holds
+    #: one placeholder per item (:mod:`rkedge.runtime.vision.multimodal`).
+    media: MultimodalInput | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

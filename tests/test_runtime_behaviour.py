@@ -534,3 +534,20 @@ def test_a_callback_that_raises_returns_an_explicit_int_to_c(abi, make_model, ca
     assert end["paused"] is False and end["generated_tokens"] == 50, "the run went on: every return was 0"
     assert not call_log.entries("callback_return")
     assert calls.count(2) == 1 and len(calls) == 51
+
+
+def test_embed_flash_is_set_explicitly_where_the_abi_has_it(abi, make_model, call_log):
+    """embed_flash = 1 (the embedding read from storage, as Rockchip's demo and server set it and rkedge plan
+    assumes) is passed explicitly, not left to the runtime's unpublished default; the caller's value wins."""
+    with LLM(make_model(abi), library="mock", abi=abi) as llm:
+        values = dict(llm.backend.init_values)
+    init = call_log.last("rkllm_init")
+    if "embed_flash" not in {name for name, *_ in for_version(abi).RKLLMExtendParam._fields_}:
+        assert "embed_flash" not in values and "embed_flash" not in init, "ABI 1.1 has no such field"
+        with pytest.raises(InputError, match="embed_flash does not exist"):
+            LLM(make_model(abi), library="mock", abi=abi, embed_flash=1)
+        return
+    assert values["embed_flash"] == 1 and init["embed_flash"] == 1
+    with LLM(make_model(abi), library="mock", abi=abi, embed_flash=0) as llm:
+        assert llm.backend.init_values["embed_flash"] == 0
+    assert call_log.last("rkllm_init")["embed_flash"] == 0
