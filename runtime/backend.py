@@ -112,11 +112,12 @@ TokenEmbedder = Callable[[Sequence[int]], Sequence[float]]
 
 def open_backend(model_path: Path, library: str | os.PathLike[str] | None, abi: str | None, params: InitParams,
                  on_event: EventHandler, *, verbose: bool = False, tokenizer: TextTokenizer | None = None,
-                 embedder: TokenEmbedder | None = None) -> Backend:
+                 embedder: TokenEmbedder | None = None, image_tags: tuple[str, str, str] | None = None) -> Backend:
     """The backend for ``model_path``: an RKNN bundle folder, else a ``.rkllm`` (or simulated model) file.
 
     ``tokenizer``/``embedder``: Python callbacks the runtime calls for a model exported without its tokenizer or
-    embedding (librkllmrt ABI >= 1.3.0)."""
+    embedding (librkllmrt ABI >= 1.3.0). ``image_tags`` (start, end, content): a vision-language model's tags,
+    set at init on the ABIs that take them there (up to 1.2.3)."""
     from rkedge.runtime.rknn.bundle import is_rknn_bundle
 
     if is_rknn_bundle(model_path):
@@ -129,6 +130,9 @@ def open_backend(model_path: Path, library: str | os.PathLike[str] | None, abi: 
             raise LibraryNotFoundError(f"the RKNN backend needs numpy ({exc}).",
                                        fix="pip install 'rkedge[rknn-board]' (numpy, tokenizers, and on aarch64 "
                                            "rknn-toolkit-lite2)") from None
+        if image_tags is not None:
+            raise InputError("an RKNN bundle takes no images (only librkllmrt runs a VLM's language model).",
+                             fix="load the VLM folder's .rkllm")
         return RknnModel(model_path, str(library) if library is not None else None, params, on_event, verbose=verbose)
     if model_path.is_dir():
         raise ModelFileError(f"{model_path} is a folder without bundle.json, so not an RKNN bundle.",
@@ -139,7 +143,7 @@ def open_backend(model_path: Path, library: str | os.PathLike[str] | None, abi: 
     from rkedge.runtime.rkllm_backend import RkllmBackend
 
     return RkllmBackend(model_path, library, abi, params, on_event, verbose=verbose, tokenizer=tokenizer,
-                        embedder=embedder)
+                        embedder=embedder, image_tags=image_tags)
 
 
 __all__ = ["Backend", "EventHandler", "RuntimeInfo", "TextTokenizer", "TokenEmbedder", "open_backend"]

@@ -12,6 +12,12 @@ either (a vendor ``.rkllm`` with no rkedge manifest), the runtime's embedded tem
 (ABI >= 1.2.0) and only the new text is sent: tools then go through ``rkllm_set_function_tools``, tool results
 with the ``tool`` role, thinking through ``enable_thinking``.
 
+Images (a vision-language model): a user message carries them in ``images`` (a list of image bytes, paths, PIL
+images or arrays) or as image content parts; each becomes one ``<image>`` placeholder in the message's text
+(:func:`rkedge.runtime.images.flatten_images`), the template renders it as text, and the images of the text sent
+go with it as one multimodal input. They stay in the KV cache like the text: a text-only follow-up sends only its
+suffix, and a conversation resent with another image at the same place starts over.
+
 A conversation longer than the context either fails with :class:`~rkedge.errors.ContextLengthExceeded` or,
 by the session's ``context_policy``, loses its oldest turns (the system prompt stays) or starts over from the
 last turn.
@@ -30,6 +36,7 @@ from typing import Any, Literal, overload
 from rkedge.errors import ContextLengthExceeded, InputError
 from rkedge.runtime._stream import GenerationResult, GenerationStream, TokenHook
 from rkedge.runtime.chat_template import JinjaChatTemplate
+from rkedge.runtime.images import IMAGE_PARTS, OTHER_MEDIA_PARTS, flatten_images, image_key
 from rkedge.runtime.llm import LLM
 from rkedge.runtime.output_parsers import OutputFormat
 from rkedge.runtime.types import RunRequest, Sampling, c_text
@@ -62,6 +69,7 @@ class ChatSession:
         self.context_policy: ContextPolicy = context_policy
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
         self._cached_text: str | None = None  # what the runtime's KV cache holds for this session
+        self._cached_images: list[str] = []  # image_key of each image the cache holds, in order
         #: Messages the context policy dropped for the last reply (0: none).
         self.dropped_messages = 0
         #: Turns whose rendering did not extend what the KV cache held, so the whole conversation was prefilled.
@@ -70,6 +78,11 @@ class ChatSession:
             from rkedge.runtime.tokens import counter_for
 
             count_tokens = counter_for(llm.model_path, llm.metadata, llm.encode)
+        vision = llm.vision
+        if count_tokens is not None and vision is not None:
+            # Each placeholder becomes the image's rows in the context (its tags are about the placeholder's size).
+            count_text, per_image, placeholder = count_tokens, vision.image_tokens, llm.image_placeholder
+            count_tokens = lambda text: count_text(text) + text.count(placeholder) * per_image  # noqa: E731
         self._count = count_tokens
         if system and llm.template is None:
             raise InputError(
@@ -83,25 +96,33 @@ class ChatSession:
     @overload
     def send(self, content: str, *, stream: Literal[True] = ..., lora: str | None = None, stop: Sequence[str] = (),
              enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream: ...
+             on_token: TokenHook | None = None, images: Sequence[Any] | None = None,
+             **sampling: Any) -> GenerationStream: ...
 
     @overload
     def send(self, content: str, *, stream: Literal[False], lora: str | None = None, stop: Sequence[str] = (),
              enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-             on_token: TokenHook | None = None, **sampling: Any) -> GenerationResult: ...
+             on_token: TokenHook | None = None, images: Sequence[Any] | None = None,
+             **sampling: Any) -> GenerationResult: ...
 
     @overload
     def send(self, content: str, *, stream: bool, lora: str | None = None, stop: Sequence[str] = (),
              enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream | GenerationResult: ...
+             on_token: TokenHook | None = None, images: Sequence[Any] | None = None,
+             **sampling: Any) -> GenerationStream | GenerationResult: ...
 
     def send(self, content: str, *, stream: bool = True, lora: str | None = None, stop: Sequence[str] = (),
              enable_thinking: bool | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-             on_token: TokenHook | None = None, **sampling: Any) -> GenerationStream | GenerationResult:
-        """Adds a user turn and generates the reply (appended to :attr:`messages` when it ends)."""
-        if not content:
+             on_token: TokenHook | None = None, images: Sequence[Any] | None = None,
+             **sampling: Any) -> GenerationStream | GenerationResult:
+        """Adds a user turn (with ``images``, for a vision-language model) and generates the reply (appended to
+        :attr:`messages` when it ends)."""
+        if not content and not images:
             raise InputError("empty message")
-        return self.respond([*self.messages, {"role": "user", "content": content}], stream=stream, lora=lora,
+        message: Message = {"role": "user", "content": content}
+        if images:
+            message["images"] = list(images)
+        return self.respond([*self.messages, message], stream=stream, lora=lora,
                             stop=stop, enable_thinking=enable_thinking, tools=tools, on_token=on_token, **sampling)
 
     def send_tool_result(self, content: str, *, tool_call_id: str | None = None, name: str | None = None,
@@ -150,11 +171,15 @@ class ChatSession:
                 runtime's function calling when the runtime renders. Tool calls in the reply are parsed into
                 ``result.tool_calls``.
             template_kwargs: other keywords of the model's template (``documents``, ``date_string``...).
-            rendered: the conversation's rendering when the caller has made it (the server, to count it).
+            rendered: the conversation's rendering when the caller has made it (the server, to count it); with
+                images, of the messages as :func:`~rkedge.runtime.images.flatten_images` gives them.
+
+        A user message's images (``images`` list or image content parts) go to the model's vision encoder; see
+        the module's text.
         """
         if not messages or messages[-1].get("role") not in ("user", "tool"):
             raise InputError("the conversation must end with a user message or a tool result")
-        conversation: list[Message] = [dict(m) for m in messages]
+        conversation = self._with_placeholders(messages)
         for message in conversation:  # refused before anything is rendered or counted
             if isinstance(message.get("content"), str):
                 c_text(message["content"], f"a {message.get('role')} message")
@@ -162,16 +187,24 @@ class ChatSession:
         tool_list = [dict(t) for t in tools] if tools else None
         if self.llm.template is None:
             request, output = self._runtime_renders(conversation, tool_list, enable_thinking)
+            images = list(conversation[-1].get("images") or ())
             full: str | None = None
         else:
-            prompt, full = self._prompt_for(conversation, tool_list, enable_thinking, template_kwargs, rendered)
+            prompt, full, images = self._prompt_for(conversation, tool_list, enable_thinking, template_kwargs,
+                                                    rendered)
             # The model's own template carries the thinking switch; the runtime's flag acts through the runtime's
             # template, which is off. Hand-written families have no switch: their runs keep passing the flag.
             runtime_flag = bool(enable_thinking) and not isinstance(self.llm.template, JinjaChatTemplate)
             request = RunRequest(prompt=c_text(prompt, "the prompt"), keep_history=self.uses_kv_cache,
                                  enable_thinking=runtime_flag)
             output = self.llm.output_format(tools=bool(tool_list), prompt=full)
+        if images:
+            if request.prompt is not None and request.prompt.count(self.llm.image_placeholder.encode()) != len(images):
+                raise InputError("the chat template did not keep one image placeholder per image.",
+                                 fix="use a chat template that renders a message's text as it is")
+            request.media = self.llm.encode_images(images).media(self.llm.abi)
         keep = self.uses_kv_cache
+        held_images = [image_key(i) for m in conversation for i in m.get("images") or ()] if keep else []
         request.lora_name = lora
         request.max_new_tokens = sampling.pop("max_new_tokens", None)
 
@@ -179,6 +212,7 @@ class ChatSession:
             if result.finish_reason == "error":
                 self.messages = conversation[:-1]
                 self._cached_text = None
+                self._cached_images = []
                 return
             reply: Message = {"role": "assistant", "content": result.content}
             if result.reasoning is not None:
@@ -187,12 +221,33 @@ class ChatSession:
                 reply["tool_calls"] = [call.as_message_field() for call in result.tool_calls]
             self.messages = [*conversation, reply]
             self._cached_text = (full + result.text) if (keep and full is not None) else None
+            self._cached_images = held_images
 
         values = {k: v for k, v in sampling.items() if v is not None}
         if values:
             request.sampling = Sampling(**values)
         generation = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record, output=output)
         return generation if stream else generation.collect()
+
+    def _with_placeholders(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+        """The conversation with each image as a placeholder in its message's text (the images kept in the
+        message's ``images``); video and audio, and images for a model without eyes, refused with the reason."""
+        llm = self.llm
+        conversation: list[Message] = []
+        for message in messages:
+            kind = _carries_media(message)
+            if kind in ("video", "audio"):
+                raise llm.media_refusal(kind)
+            if llm.vision is None:
+                if kind is not None:
+                    llm.encode_images([])  # raises: this model has no vision encoder
+                conversation.append(dict(message))
+                continue
+            flat, images = flatten_images(message, llm.image_placeholder)
+            if images:
+                flat["images"] = images
+            conversation.append(flat)
+        return conversation
 
     # -- rkedge renders ----------------------------------------------------------------------------------------
 
@@ -217,16 +272,23 @@ class ChatSession:
         return template.render(conversation, add_generation_prompt=True, tools=tools)
 
     def _prompt_for(self, conversation: list[Message], tools: list[Message] | None, enable_thinking: bool | None,
-                    template_kwargs: Mapping[str, Any] | None, rendered: str | None) -> tuple[str, str]:
+                    template_kwargs: Mapping[str, Any] | None, rendered: str | None) -> tuple[str, str, list[Any]]:
+        """The text to send, the whole rendering, and the images of the text to send."""
         full = rendered if rendered is not None else self._render(conversation, tools, enable_thinking,
                                                                   template_kwargs)
         if rendered is None:
             full = self._fit(conversation, full, lambda: self._render(conversation, tools, enable_thinking,
                                                                       template_kwargs))
+        images = [image for message in conversation for image in message.get("images") or ()]
+        if images and full.count(self.llm.image_placeholder) != len(images):
+            raise InputError(f"the rendering holds {full.count(self.llm.image_placeholder)} image placeholders for "
+                             f"{len(images)} images.",
+                             fix="render the messages as rkedge.runtime.images.flatten_images gives them")
         cached = self._cached_text
         if self.uses_kv_cache and cached is not None and self.llm.kv_cache_owner is self:
-            if full.startswith(cached):
-                return full[len(cached):], full
+            held = self._cached_images
+            if full.startswith(cached) and [image_key(i) for i in images[:len(held)]] == held:
+                return full[len(cached):], full, images[len(held):]
             # The template rewrote history (Qwen3 drops earlier reasoning, a date changed...): say so, start over.
             self.full_prefills += 1
             log.warning("the chat template's rendering of this conversation does not extend what the KV cache "
@@ -234,7 +296,7 @@ class ChatSession:
                         len(cached))
         if self.llm.kv_cache_owner is self:
             self.llm.clear_kv_cache()
-        return full, full
+        return full, full, images
 
     def _fit(self, conversation: list[Message], full: str, render: Callable[[], str]) -> str:
         """Applies the context policy until the rendering fits (a counter is needed to know)."""
@@ -278,7 +340,7 @@ class ChatSession:
                 # UNKNOWN whether librkllmrt keeps the cache across a new tool list: start this conversation over.
                 if llm.kv_cache_owner is self:
                     llm.clear_kv_cache()
-        fresh = llm.kv_cache_owner is not self or conversation[:-1] != self.messages
+        fresh = llm.kv_cache_owner is not self or _comparable(conversation[:-1]) != _comparable(self.messages)
         if fresh:
             if llm.kv_cache_owner is self:
                 llm.clear_kv_cache()
@@ -308,12 +370,33 @@ class ChatSession:
         if self.llm.kv_cache_owner is self:
             self.llm.clear_kv_cache()
         self._cached_text = None
+        self._cached_images = []
 
     def set_system(self, system: str | None) -> None:
         if system and self.llm.template is None:
             raise InputError("a system prompt needs the model's chat template.", fix="pass --template FAMILY")
         self.system = system or None
         self.reset()
+
+
+def _carries_media(message: Mapping[str, Any]) -> str | None:
+    """The kind of media a message carries ("image", "video", "audio"), or None."""
+    if message.get("images"):
+        return "image"
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind in IMAGE_PARTS:
+                return "image"
+            if kind in OTHER_MEDIA_PARTS:
+                return OTHER_MEDIA_PARTS[str(kind)]
+    return None
+
+
+def _comparable(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with their images as fingerprints (arrays do not compare with ``==``)."""
+    return [{**m, "images": [image_key(i) for i in m["images"]]} if m.get("images") else dict(m) for m in messages]
 
 
 def _drop_oldest_turn(conversation: list[Message], *, keep_only_last: bool) -> bool:

@@ -21,6 +21,7 @@ HELP = """commands:
   /system [TEXT]    set (or clear) the system prompt; resets the conversation
   /stats            TTFT, tokens/s, tokens and memory of the last reply; KV cache size
   /lora [NAME|PATH|off]  use a loaded adapter, load one from a file, or turn it off
+  /image [PATH|clear]    attach an image to your next message (a vision-language model), list or drop them
   /help             this text
   /exit             leave (also Ctrl-D)"""
 
@@ -42,6 +43,7 @@ class ChatRepl:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.last: GenerationResult | None = None
+        self.pending_images: list[tuple[str, bytes]] = []  # (path, bytes) attached to the next message
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -52,11 +54,13 @@ class ChatRepl:
         self.err.flush()
 
     def turn(self, text: str) -> GenerationResult | None:
+        images = [data for _, data in self.pending_images] or None
         try:
-            stream = self.session.send(text, lora=self.lora)
+            stream = self.session.send(text, lora=self.lora, images=images)
         except RkedgeError as exc:
             self.error(exc)
             return None
+        self.pending_images = []  # sent: they are in the conversation now
         failure: RkedgeError | None = None
         try:
             for chunk in stream:
@@ -98,6 +102,8 @@ class ChatRepl:
             self.write(self.stats_text() + "\n")
         elif name == "lora":
             self.lora_command(arg)
+        elif name == "image":
+            self.image_command(arg)
         elif name == "help":
             self.write(HELP + "\n")
         else:
@@ -122,6 +128,31 @@ class ChatRepl:
             self.loras[name] = arg
             self.lora = name
             self.write(f"(adapter {name} loaded and in use)\n")
+
+    def image_command(self, arg: str) -> None:
+        from rkedge.runtime.vision.sources import from_path
+
+        if not arg:
+            names = ", ".join(path for path, _ in self.pending_images)
+            self.write(f"images for the next message: {names or 'none'}\n")
+            return
+        if arg == "clear":
+            self.pending_images = []
+            self.write("(images dropped)\n")
+            return
+        if self.llm.vision is None:
+            self.err.write(f"error: {self.llm.model_path.name} has no vision encoder, so it cannot take images "
+                           "(fix: chat with the VLM folder rkedge convert wrote)\n")
+            self.err.flush()
+            return
+        try:
+            data = from_path(arg)
+        except RkedgeError as exc:
+            self.error(exc)
+            return
+        self.pending_images.append((arg, data))
+        count = len(self.pending_images)
+        self.write(f"(image {arg} attached; {count} image{'s' if count > 1 else ''} go with your next message)\n")
 
     def stats_text(self) -> str:
         parts = []

@@ -24,6 +24,7 @@ from rkedge.runtime._stream import GenerationResult, GenerationStats, Generation
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.backend import Backend, RuntimeInfo, TextTokenizer, TokenEmbedder, open_backend
 from rkedge.runtime.chat_template import SPECIAL_TOKEN_NAMES, JinjaChatTemplate
+from rkedge.runtime.images import Images, VisionChoice, locate_vision, media_refusal
 from rkedge.runtime.output_parsers import OutputFormat, ToolFamily, tool_family_for
 from rkedge.runtime.rkllm_backend import load_model_metadata
 from rkedge.runtime.templates import TEMPLATES, ChatTemplate, get_template
@@ -34,6 +35,8 @@ PromptTemplate = ChatTemplate | JinjaChatTemplate
 
 if TYPE_CHECKING:
     from rkedge.runtime.chat import ChatSession, ContextPolicy
+    from rkedge.runtime.vision.bundle import VlmManifest
+    from rkedge.runtime.vision.multimodal import ImageEmbeddings
 
 log = logging.getLogger("rkedge.runtime")
 
@@ -56,6 +59,10 @@ class LLM:
         tokenizer: a Python tokenizer (text -> ids) the runtime calls back (ABI >= 1.3.0), for a model exported
             without its tokenizer; ``embedder`` (ids -> embedding rows, row-major floats) likewise for a model
             exported without its embedding.
+        vision: the vision encoder of a vision-language model: an open
+            :class:`~rkedge.runtime.vision.VisionEncoder` (still the caller's to close) or its VLM folder. Not
+            needed when ``model_path`` is the VLM folder or the ``.rkllm`` its ``vlm.json`` names; then the encoder
+            (``vision_dtype``: which of its builds, default the manifest's) opens at the first image.
         **params: ``RKLLMParam`` fields (``max_context_len``, ``max_new_tokens``, ``top_k``, ``temperature``,
             ``base_domain_id``...).
     """
@@ -63,13 +70,14 @@ class LLM:
     def __init__(self, model_path: str | os.PathLike[str], library: str | os.PathLike[str] | None = None,
                  abi: str | None = None, *, chat_template: str | None = None, verbose: bool = False,
                  tokenizer: TextTokenizer | None = None, embedder: TokenEmbedder | None = None,
-                 **params: Any) -> None:
+                 vision: VisionChoice | None = None, vision_dtype: str | None = None, **params: Any) -> None:
         self._closed = True
         self._closing = False
         self._close_pending = False  # close() was called on the runtime's thread: the run's thread finishes it
         self._state_lock = threading.RLock()  # orders run starts against close()
         self._runtime_tools: str | None = None  # the tools rkllm_set_function_tools last received
-        self.model_path = Path(model_path)
+        # A VLM folder (or a .rkllm its vlm.json names, or vision= given): the language model plus its encoder.
+        self.model_path, self._vision = locate_vision(Path(model_path), vision, vision_dtype)
         try:
             init = InitParams(**params)
         except TypeError as exc:
@@ -81,8 +89,9 @@ class LLM:
         self._active: tuple[RunState, threading.Thread] | None = None
         self._kv_owner: object | None = None
         # The callbacks are passed only when given, so a backend opener that predates them keeps working.
-        callbacks: dict[str, Any] = {k: v for k, v in (("tokenizer", tokenizer), ("embedder", embedder))
-                                     if v is not None}
+        image_tags = self._vision.manifest.tags.as_tuple() if self._vision is not None else None
+        callbacks: dict[str, Any] = {k: v for k, v in (("tokenizer", tokenizer), ("embedder", embedder),
+                                                       ("image_tags", image_tags)) if v is not None}
         self._backend: Backend = open_backend(self.model_path, library, abi, init, self._on_event, verbose=verbose,
                                               **callbacks)
         backend = self._backend
@@ -197,6 +206,37 @@ class LLM:
         return self.features.callback_returns_int
 
     @property
+    def vision(self) -> VlmManifest | None:
+        """The VLM manifest of this model's vision encoder (image size, image tokens, tags), or None: no eyes."""
+        return self._vision.manifest if self._vision is not None else None
+
+    @property
+    def image_placeholder(self) -> str:
+        """What marks an image's place in a prompt (``<image>``)."""
+        from rkedge.runtime.vision.bundle import IMAGE_PLACEHOLDER
+
+        return self._vision.manifest.tags.placeholder if self._vision is not None else IMAGE_PLACEHOLDER
+
+    def encode_images(self, images: Images) -> ImageEmbeddings:
+        """One input's images through this model's vision encoder (preprocessed as the HF image processor).
+
+        Raises:
+            InputError: the model has no vision encoder, or the images cannot be read.
+        """
+        if self._vision is None:
+            raise InputError(f"{self.metadata.get('name') or self.model_path.name} has no vision encoder, so it "
+                             "cannot take images.",
+                             fix="load the VLM folder rkedge convert wrote (vlm.json), or pass vision=FOLDER")
+        if self.runtime.abi == "rknn":
+            raise InputError("an RKNN bundle takes no images.", fix="use a VLM converted for librkllmrt")
+        return self._vision.encode(images)
+
+    def media_refusal(self, kind: str) -> InputError:
+        """The error for ``kind`` ("video", "audio") input this model cannot take, with the reason."""
+        manifest = self._vision.manifest if self._vision is not None else None
+        return media_refusal(kind, manifest, self.abi, str(self.metadata.get("name") or self.model_path.name))
+
+    @property
     def kv_cache_owner(self) -> object | None:
         """Whose conversation the KV cache holds after the last ``keep_history`` run (the ``owner`` passed to
         :meth:`run`), or None when it holds nothing anyone can continue."""
@@ -226,6 +266,7 @@ class LLM:
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 images: Images | None = None, videos: Sequence[Any] | None = None, audio: Any = None,
                  ) -> GenerationStream: ...
 
     @overload
@@ -236,6 +277,7 @@ class LLM:
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 images: Images | None = None, videos: Sequence[Any] | None = None, audio: Any = None,
                  ) -> GenerationResult: ...
 
     @overload
@@ -246,6 +288,7 @@ class LLM:
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 images: Images | None = None, videos: Sequence[Any] | None = None, audio: Any = None,
                  ) -> GenerationStream | GenerationResult: ...
 
     def generate(self, prompt: str | None = None, *, stream: bool = True, max_new_tokens: int | None = None,
@@ -255,6 +298,7 @@ class LLM:
                  keep_history: bool = False, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, repeat_penalty: float | None = None,
                  frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                 images: Images | None = None, videos: Sequence[Any] | None = None, audio: Any = None,
                  ) -> GenerationStream | GenerationResult:
         """Runs the model on ``prompt`` (sent as is: no chat template; use :meth:`chat_session` for chat), on
         ``token_ids``, or on ``embeds`` (input embeddings: rows of floats, or a 2-D array, one row per position).
@@ -262,9 +306,25 @@ class LLM:
         Per-run sampling and ``max_new_tokens`` are applied on ABI 1.3.0; older ABIs fix them at init and
         refuse per-run values that differ (they would be silently ignored otherwise). ``mode="hidden"`` or
         ``"logits"`` returns every position the runtime gives in ``result.values`` (``num_tokens x width``).
+
+        ``images`` (a vision-language model): image files' bytes, paths, PIL images or HxWx3 uint8 arrays (or
+        :class:`~rkedge.runtime.vision.ImageEmbeddings` already encoded), run through the model's vision encoder
+        and sent with ``prompt`` as one multimodal input; ``prompt`` holds one ``<image>`` per image where it
+        should be, or none (they go in front). ``videos`` and ``audio`` are refused with the reason (no converted
+        encoder takes them).
         """
+        media = None
+        if videos is not None or audio is not None:
+            raise self.media_refusal("video" if videos is not None else "audio")
+        if images is not None:
+            if token_ids is not None or embeds is not None:
+                raise InputError("images go with a text prompt, not with token_ids or embeds.",
+                                 fix="pass the prompt as text")
+            encoded = self.encode_images(images)
+            prompt, media = encoded.prompt(prompt or ""), encoded.media(self.abi)
         embeddings, embed_tokens = _embedding_rows(embeds) if embeds is not None else (None, 0)
         request = RunRequest(
+            media=media,
             prompt=c_text(prompt, "the prompt") if prompt is not None else None,
             token_ids=list(token_ids) if token_ids is not None else None,
             embeddings=embeddings, embed_tokens=embed_tokens,
@@ -333,6 +393,8 @@ class LLM:
 
     def _check_request(self, request: RunRequest) -> None:
         features = self.features
+        if request.media is not None:
+            self._check_media(request)
         if request.keep_history and not features.has_keep_history:
             raise InputError(f"keep_history needs ABI 1.2.0 or newer (this library is {self.abi}).")
         if request.mode == InferMode.GET_LOGITS and not features.has_logits_mode:
@@ -351,6 +413,22 @@ class LLM:
                     f"ABI {self.abi} sets sampling and max_new_tokens once at init; per-run values "
                     f"{differing} would be ignored.",
                     fix="pass them when creating the LLM (e.g. --temperature), or use runtime 1.3.0 for per-run values")
+
+    def _check_media(self, request: RunRequest) -> None:
+        from rkedge.runtime.vision.multimodal import tags_at_init
+
+        if self.runtime.abi == "rknn":
+            raise InputError("an RKNN bundle takes no images.", fix="use a VLM converted for librkllmrt")
+        if request.prompt is None:
+            raise InputError("a multimodal input needs its text prompt (one <image> per image).",
+                             fix="pass a prompt with the images")
+        media = request.media
+        assert media is not None
+        if media.image is not None and tags_at_init(self.abi) and self._vision is None:
+            # Up to 1.2.3 the runtime learns the image tags at init only: a model loaded without them cannot
+            # place the rows in the prompt.
+            raise InputError(f"ABI {self.abi} takes the image tags at init, and this model was loaded without a "
+                             "vision encoder.", fix="load the VLM folder (or pass vision=) when creating the LLM")
 
     def _run_backend(self, run: RunState, request: RunRequest) -> None:
         try:
@@ -509,6 +587,8 @@ class LLM:
             self._closed = True
             self._close_pending = False
             self._backend.close()
+            if self._vision is not None:
+                self._vision.close()
 
     def __enter__(self) -> LLM:
         return self
