@@ -263,3 +263,44 @@ def test_prompt_cache_is_loaded_at_each_load_of_the_first_model(call_log, two_mo
         assert chat(client, "alpha").status_code == 200
     loads = call_log.entries("rkllm_load_prompt_cache")
     assert [row["path"] for row in loads] == [str(cache), str(cache)], "at startup and when alpha came back"
+
+
+def test_a_request_for_another_model_waits_behind_the_current_run(tmp_path, call_log):
+    import threading
+
+    import httpx
+
+    long_reply = " ".join(f"w{i}" for i in range(60))
+    alpha = sim_model(tmp_path / "alpha.rkllm", "alpha", long_reply, pace="2000,60")  # ~1 s
+    beta = sim_model(tmp_path / "beta.rkllm", "beta", "I am beta.")
+    app = serve((alpha, beta), max_loaded=1)
+    server = LiveServer(app)
+    results: dict[str, Any] = {}
+
+    def ask(name: str) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            results[name] = http.post("/v1/chat/completions", json={
+                "model": name, "messages": [{"role": "user", "content": "hi"}]}).json()
+            results[name + "_at"] = __import__("time").monotonic()
+
+    try:
+        first = threading.Thread(target=ask, args=("alpha",))
+        first.start()
+        from server_helpers import wait_for
+
+        wait_for(lambda: app.state.pool.running)
+        second = threading.Thread(target=ask, args=("beta",))
+        second.start()
+        first.join()
+        second.join()
+    finally:
+        server.stop()
+        app.state.pool.close_all()
+    assert results["alpha"]["choices"][0]["message"]["content"] == long_reply, "the run was not cut for the load"
+    assert results["beta"]["choices"][0]["message"]["content"] == "I am beta."
+    assert results["alpha_at"] <= results["beta_at"]
+    kinds = ("rkllm_run", "run_end", "rkllm_destroy", "rkllm_init")
+    calls = [row["fn"] for row in call_log.entries() if row["fn"] in kinds]
+    assert calls[-7:] == ["rkllm_run", "run_end", "rkllm_destroy", "rkllm_init", "rkllm_run", "run_end",
+                          "rkllm_destroy"], \
+        "alpha's run ended before it was destroyed and beta loaded (then shutdown freed beta)"

@@ -16,11 +16,9 @@ No FastAPI import here (plain asyncio).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +36,8 @@ log = logging.getLogger("rkedge.serve")
 
 #: Ollama's default tag: clients send ``name:latest`` for ``name``.
 LATEST = ":latest"
+#: How long a load waits before trying again when every other loaded model is in use.
+RETRY_S = 0.05
 #: Separates a model from one of its LoRA adapters in a request's model name (``name+adapter``).
 ADAPTER_SEPARATOR = "+"
 
@@ -183,10 +183,9 @@ class ModelPool:
         self.queue = NpuQueue(max_queue, queue_timeout_s)
         self.metrics = metrics or Metrics()
         self.metrics.watch_queue(lambda: self.queue.waiting, lambda: int(self.queue.busy))
-        self._released = asyncio.Event() if _has_loop() else None
+        self._detached: dict[int, ModelEntry] = {}  # engines taken off their entries, not yet freed
         self.loads = 0
         self.unloads = 0
-        self._close_lock = threading.Lock()
 
     @property
     def default(self) -> ModelEntry:
@@ -237,46 +236,38 @@ class ModelPool:
         entry.last_used = time.monotonic()
         if set_keep_alive:
             entry.expires_at = None if keep_alive is None else time.monotonic() + keep_alive
-        if self._released is not None:
-            self._released.set()
 
     # -- loading and unloading (under the NPU slot) -------------------------------------------------------------
 
     async def _load(self, entry: ModelEntry) -> None:
-        never = asyncio.Event()
-        await self._acquire(never)
+        await self._acquire()
         try:
             if entry.engine is not None:
                 return
-            if not self._make_room(entry):
-                wait = True
-            else:
-                wait = False
-                await asyncio.to_thread(self._open, entry)
+            # Chosen and detached on the event loop, so no request can lease a model being freed; the slow
+            # native calls (rkllm_destroy, rkllm_init) run on a worker thread.
+            victims = self._make_room(entry)
+            if victims is not None:
+                await asyncio.to_thread(self._replace, victims, entry)
+                return
         finally:
             self.queue.release()
-        if wait:  # every other loaded model is in use: wait for one to be released, then try again
-            released = self._event()
-            released.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(released.wait(), timeout=1.0)
+        # Every other loaded model is in use: try again once one of them may have been released.
+        await asyncio.sleep(RETRY_S)
 
-    async def _acquire(self, never: asyncio.Event) -> None:
+    async def _acquire(self) -> None:
         from rkedge.runtime.server.engine import QueueTimeout
 
         try:
-            waited = await self.queue.acquire(never)
+            waited = await self.queue.acquire(asyncio.Event())  # never set: a load has no client to lose
         except asyncio.TimeoutError:
             raise QueueTimeout(self.queue.timeout_s, 1) from None
         assert waited is not None
 
-    def _event(self) -> asyncio.Event:
-        if self._released is None:
-            self._released = asyncio.Event()
-        return self._released
-
-    def _open(self, entry: ModelEntry) -> Engine:
-        return self.adopt(entry, self.opener(entry))
+    def _replace(self, victims: list[Engine], entry: ModelEntry) -> None:
+        for engine in victims:
+            self._free(engine)
+        self.adopt(entry, self.opener(entry))
 
     def adopt(self, entry: ModelEntry, llm: LLM) -> Engine:
         """Serves ``entry`` with an already open ``llm`` (its adapters and prompt cache loaded into it)."""
@@ -305,42 +296,53 @@ class ModelPool:
             return sum(e.memory_bytes for e in loaded) + entry.memory_bytes <= self.memory_budget
         return True
 
-    def _make_room(self, entry: ModelEntry) -> bool:
-        """Unloads idle models, least recently used first, until ``entry`` fits (called holding the NPU slot).
-        False when it cannot fit because the others are in use. A model larger than the whole budget still
-        loads once nothing else is loaded (it is the one asked for)."""
+    def _make_room(self, entry: ModelEntry) -> list[Engine] | None:
+        """Detaches idle models, least recently used first, until ``entry`` fits (called holding the NPU slot);
+        returns their engines to free. None when it cannot fit because the others are in use. A model larger
+        than the whole budget still loads once nothing else is loaded (it is the one asked for)."""
+        victims: list[Engine] = []
         while True:
             loaded = self.loaded()
             if not loaded or self._fits(entry, loaded):
-                if loaded == [] and not self._fits(entry, []):
+                if not loaded and not self._fits(entry, []):
                     log.warning("%s needs more than the memory budget; loading it alone", entry.name)
-                return True
+                return victims
             idle = sorted((e for e in loaded if e.leases == 0), key=lambda e: e.last_used)
             if not idle:
-                return False
-            self._close(idle[0])
+                for engine in victims:  # nothing freed yet: put them back
+                    self._reattach(engine)
+                return None
+            victims.append(self._detach(idle[0]))
 
-    def _close(self, entry: ModelEntry) -> None:
-        """Frees a model (called holding the NPU slot, or at shutdown)."""
-        with self._close_lock:
-            engine, entry.engine = entry.engine, None
-        if engine is None:
-            return
+    def _detach(self, entry: ModelEntry) -> Engine:
+        engine, entry.engine = entry.engine, None
+        assert engine is not None
         entry.loaded_at = None
         entry.expires_at = None
+        self._detached[id(engine)] = entry
+        return engine
+
+    def _reattach(self, engine: Engine) -> None:
+        entry = self._detached.pop(id(engine))
+        entry.engine = engine
+        entry.loaded_at = time.time()
+
+    def _free(self, engine: Engine) -> None:
+        """rkllm_destroy for a detached model (no run can be on it: the caller holds the NPU slot, or shuts down)."""
+        entry = self._detached.pop(id(engine), None)
         engine.abort_all()
         engine.llm.close()
         self.unloads += 1
-        log.info("unloaded %s", entry.name)
+        log.info("unloaded %s", entry.name if entry else engine.llm.model_path)
 
     async def unload(self, entry: ModelEntry) -> None:
         """Unloads ``entry`` once the NPU is free (Ollama's ``keep_alive: 0``); kept when leased again."""
         if entry.engine is None:
             return
-        await self._acquire(asyncio.Event())
+        await self._acquire()
         try:
-            if entry.leases == 0:
-                await asyncio.to_thread(self._close, entry)
+            if entry.engine is not None and entry.leases == 0:
+                await asyncio.to_thread(self._free, self._detach(entry))
         finally:
             self.queue.release()
 
@@ -365,7 +367,8 @@ class ModelPool:
             if entry.engine is not None:
                 entry.engine.abort_all()
         for entry in self.entries:
-            self._close(entry)
+            if entry.engine is not None:
+                self._free(self._detach(entry))
 
     # -- totals ---------------------------------------------------------------------------------------------
 
@@ -399,14 +402,6 @@ def _counter(entry: ModelEntry, llm: LLM) -> Any:
     from rkedge.runtime.tokens import counter_for
 
     return counter_for(entry.path, dict(llm.metadata), llm.encode)
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def entry_names(paths: list[Path], metadata: list[dict[str, Any]], given: str | None) -> list[str]:
