@@ -46,7 +46,8 @@ def main() -> None:
     step("convert with the LoRA merged in, on the simulated toolkit 1.2.3",
          "convert", str(base), "--out", str(OUT / "rkllm"), "--toolkit", "mock", "--toolkit-version", "1.2.3",
          "--lora", str(adapter), "--board", "orangepi-5")
-    model = OUT / "rkllm" / "tiny-gemma2_w8a8_rk3588.rkllm"
+    # The name comes from the arguments passed to build() and the merged adapter; take what the convert wrote.
+    (model,) = sorted((OUT / "rkllm").glob("*.rkllm"))
     step("chat one turn on the simulated NPU (runtime ABI 1.2.3, KV cache reused across turns; the simulated NPU "
          "answers with deterministic placeholder text)", "chat", str(model), "--mock", "--abi", "1.2.3",
          "--prompt", "What is the RK3588?")
