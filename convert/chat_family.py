@@ -2,8 +2,9 @@
 
 The board has no Jinja, so the runtime renders with a family (``rkedge.runtime.templates``). On the host the
 checkpoint's real template is rendered with Jinja (as transformers does) for probe conversations, and the
-family whose rendering is identical is recorded in the manifest. No match means the runtime relies on the
-template the toolkit embeds in the model.
+family whose rendering is identical is recorded in the manifest. No match means the runtime renders the
+checkpoint's own template with Jinja (``rkedge.runtime.chat_template``; the manifest carries the template and
+its special tokens), and a warning says so. A checkpoint without any template relies on the toolkit's.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ class ChatSetup:
     family: str | None
     parts: tuple[str, str, str] | None
     render: Callable[[str], str]
+    own_template: bool = False  # no family matches: the runtime must render the checkpoint's own template
+
+    @property
+    def prompt_renderer(self) -> str:
+        """Who renders chat prompts on the board: ``family`` (rkedge's hand-written one), ``model`` (the
+        checkpoint's Jinja template, from the manifest) or ``toolkit`` (the template embedded in the .rkllm)."""
+        return "family" if self.family else "model" if self.own_template else "toolkit"
 
     @property
     def turn_marker(self) -> str | None:
@@ -103,6 +111,11 @@ def chat_setup(info: CheckpointInfo) -> ChatSetup:
 
         spec = find_spec(info.architecture, info.model_type)
         family = spec.chat_family if spec else None
+    if family is None and info.chat_template:
+        # No family renders it: the board renders this very template with Jinja (the manifest carries it and
+        # its special tokens), and calibration prompts are rendered the same way, never left bare.
+        source, tokens = info.chat_template, special_tokens(info.tokenizer_config)
+        return ChatSetup(None, None, lambda prompt: _render_own(source, prompt, tokens), own_template=True)
     if family is None:
         return ChatSetup(None, None, lambda prompt: prompt)
     template = get_template(family)
@@ -127,6 +140,21 @@ def check_template_syntax(template: str, where: object) -> None:
         raise InputError(f"the chat template of {where} is not valid Jinja (line {exc.lineno}: {exc.message}).",
                          fix="restore chat_template.jinja / tokenizer_config.json's chat_template from the base "
                              "model's repository") from None
+
+
+def _render_own(source: str, prompt: str, tokens: dict[str, str]) -> str:
+    from rkedge.runtime.chat_template import render_template
+
+    return render_template(source, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                           special_tokens=tokens)
+
+
+def special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """The special-token texts a chat template reads (bos_token, eos_token...), from tokenizer_config.json."""
+    from rkedge.runtime.chat_template import SPECIAL_TOKEN_NAMES
+
+    found = {name: token_text(tokenizer_config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+    return {name: text for name, text in found.items() if text}
 
 
 def token_text(token: object) -> str:

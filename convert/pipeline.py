@@ -38,7 +38,7 @@ from rkedge._fs import (
     sha256_file,
 )
 from rkedge.convert import calibration as calib
-from rkedge.convert.chat_family import ChatSetup
+from rkedge.convert.chat_family import ChatSetup, special_tokens
 from rkedge.convert.export import export_checkpoint
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.host import host_description
@@ -395,6 +395,7 @@ class ExportStep(Step):
     def meta(self) -> dict[str, Any]:
         info = self.checkpoint
         return {"name": self.model_name, "chat_family": self.chat.family, "chat_template": self.chat.parts_dict(),
+                "jinja_chat_template": info.chat_template, "special_tokens": special_tokens(info.tokenizer_config),
                 "bos_token_id": info.token_id("bos"), "eos_token_id": info.token_id("eos"),
                 "source": info.source_name, "source_sha256": _digest("source", _files_signature(info)),
                 "rkedge_version": __version__}
@@ -596,6 +597,7 @@ def _manifest(the_plan: Plan, env: ToolkitEnv, run: ToolkitResult, *, source: Ch
         chat_family=chat.family if chat else None,
         chat_template=exported.chat_template,
         chat_template_parts=_template_parts(chat),
+        special_tokens=special_tokens(exported.tokenizer_config) or None,
         bos_token_id=exported.token_id("bos"),
         eos_token_id=exported.token_id("eos"),
         toolkit={"kind": env.kind, "version": env.version, "label": env.label,
@@ -621,7 +623,8 @@ def _manifest(the_plan: Plan, env: ToolkitEnv, run: ToolkitResult, *, source: Ch
                  "allow_known_failure": request.allow_known_failure},
         findings=[f.to_dict() for f in findings],
         estimate=the_plan.size.to_dict() if the_plan.size is not None else None,
-        runtime={"recommended": _recommended(the_plan, max_context, env.version)},
+        runtime={"recommended": _recommended(the_plan, max_context, env.version),
+                 "prompt_renderer": chat.prompt_renderer if chat else "toolkit"},
         host=host_description(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         wall_time_s=round(time.monotonic() - started, 3),

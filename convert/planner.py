@@ -257,6 +257,16 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
     adapter, adapter_findings = _check_adapter(request)
     findings += adapter_findings
     chat = chat_setup(info)
+    if chat.own_template:
+        from rkedge.runtime.templates import TEMPLATES
+
+        findings.append(Finding("chat.unknown-template", "warning",
+                                f"the chat template matches none of rkedge's families ({', '.join(TEMPLATES)}); the "
+                                "manifest records it and the runtime renders it with Jinja, as transformers does "
+                                "(system prompt and history included). A runtime older than rkedge's Jinja renderer "
+                                "would fall back on the template embedded in the .rkllm.",
+                                "nothing to do with this rkedge; check a reply with `rkedge chat` after converting",
+                                "issue 11 item 12"))
     items = calib.load_prompts(request.calibration)
     findings += calib.lint(calib.preview(items, chat.render), chat.turn_marker)
 

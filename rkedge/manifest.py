@@ -88,6 +88,7 @@ class ChatTemplateParts(TypedDict):
 
 class RuntimeSection(TypedDict, total=False):
     recommended: dict[str, Any]  # RKLLMParam values the converter recommends (max_context_len, base_domain_id...)
+    prompt_renderer: str  # family (hand-written) | model (chat_template, with Jinja: no family matches) | toolkit
 
 
 class RknnGraph(TypedDict, total=False):

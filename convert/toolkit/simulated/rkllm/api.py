@@ -386,6 +386,11 @@ class RKLLM:
         fields = self._manifest_fields(stem)
         extra: dict[str, Any] = {
             "simulated_toolkit": {"version": self.version, "note": "written by rkedge's simulated rkllm-toolkit"},
+            # The checkpoint's own Jinja template and special-token texts, so LLM renders a family-less template
+            # as on hardware, where the manifest carries them. UNKNOWN: whether the vendor file embeds the raw
+            # Jinja; rkedge's runtime does not rely on it (it reads the manifest).
+            "jinja_chat_template": meta.get("jinja_chat_template"),
+            "special_tokens": meta.get("special_tokens") or None,
             "source_name": meta.get("name") or model["path"],
             "source_sha256": meta.get("source_sha256"),
             "load_method": model["method"], "load_kwargs": model["kwargs"],
