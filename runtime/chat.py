@@ -179,7 +179,7 @@ class ChatSession:
         """
         if not messages or messages[-1].get("role") not in ("user", "tool"):
             raise InputError("the conversation must end with a user message or a tool result")
-        conversation = self._with_placeholders(messages)
+        conversation = self.with_placeholders(messages)
         for message in conversation:  # refused before anything is rendered or counted
             if isinstance(message.get("content"), str):
                 c_text(message["content"], f"a {message.get('role')} message")
@@ -229,9 +229,13 @@ class ChatSession:
         generation = self.llm.run(request, owner=self, stop=stop, on_token=on_token, on_done=record, output=output)
         return generation if stream else generation.collect()
 
-    def _with_placeholders(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+    def with_placeholders(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         """The conversation with each image as a placeholder in its message's text (the images kept in the
-        message's ``images``); video and audio, and images for a model without eyes, refused with the reason."""
+        message's ``images``); video and audio, and images for a model without eyes, refused with the reason.
+
+        What :meth:`respond` renders: a caller that renders the conversation itself (to count it, then passes
+        ``rendered=``) renders these messages; each placeholder then stands for ``llm.vision.image_tokens``
+        positions."""
         llm = self.llm
         conversation: list[Message] = []
         for message in messages:

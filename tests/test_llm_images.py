@@ -21,6 +21,7 @@ from vlm_helpers import converted
 
 from rkedge.errors import InputError
 from rkedge.runtime import LLM
+from rkedge.runtime.chat import ChatSession
 from rkedge.runtime.chat_cli import ChatRepl
 from rkedge.runtime.images import flatten_images
 from rkedge.runtime.vision import VisionEncoder
@@ -232,3 +233,51 @@ def test_a_copied_vlm_folder_with_a_stale_language_model_is_refused(vlm_folder, 
         handle.write(b"\0")
     with pytest.raises(ModelFileError, match="different conversions"):
         LLM(copy, library="mock")
+
+
+def test_each_image_counts_its_rows_against_the_context(make_model, encoder):
+    from rkedge.errors import ContextLengthExceeded
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    picture = png_bytes(varied_images(1, seed=9)[0])
+    with LLM(vlm_model(make_model, "1.3.0"), library="mock", abi="1.3.0", vision=encoder, max_context_len=400) as llm:
+        session = ChatSession(llm, count_tokens=words)
+        text = " ".join(["a"] * 390)
+        assert session.send(text, stream=False).finish_reason == "stop", "the text alone fits"
+        session.reset()
+        with pytest.raises(ContextLengthExceeded, match="context holds 400"):
+            session.send(text, images=[picture])  # + 16 image rows no longer fit
+
+
+def test_a_caller_that_renders_passes_the_rendering_of_with_placeholders(make_model, call_log, encoder):
+    """What the server does: render (and count) the conversation itself, then hand the rendering over."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": png_bytes(varied_images(1, seed=3)[0])},
+                                             {"type": "text", "text": "What is it?"}]}]
+    with LLM(vlm_model(make_model, "1.3.0"), library="mock", abi="1.3.0", vision=encoder) as llm:
+        session = llm.chat_session()
+        assert llm.template is not None
+        flat = session.with_placeholders(messages)
+        assert flat[0]["content"] == "<image>What is it?" and len(flat[0]["images"]) == 1
+        rendered = llm.template.render(flat, True)
+        assert session.respond(messages, rendered=rendered, stream=False).finish_reason == "stop"
+        with pytest.raises(InputError, match="0 image placeholders for 1 images"):
+            session.respond(messages, rendered=llm.template.render([{"role": "user", "content": "x"}], True))
+    assert call_log.runs()[0]["prompt"] == rendered and call_log.last("multimodal_input")["accepted"] is True
+
+
+def test_rkedge_chat_takes_an_image_command_on_the_vlm_folder(vlm_folder, tmp_path, call_log):
+    import os
+    import subprocess
+    import sys
+
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(png_bytes(varied_images(1, seed=6)[0]))
+    result = subprocess.run([sys.executable, "-m", "rkedge", "chat", str(vlm_folder), "--mock"],
+                            input=f"/image {picture}\nWhat is it?\n/exit\n", capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "RKEDGE_MOCK_CALL_LOG": str(call_log.path)})
+    assert result.returncode == 0, result.stderr
+    assert f"image {picture} attached" in result.stdout
+    seen = call_log.last("multimodal_input")
+    assert seen["accepted"] is True and seen["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN
