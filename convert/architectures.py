@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rkedge.convert.findings import Finding
-from rkedge.failures import PLAN, Applies, KnownFailure, plan_rules, refused_architecture
+from rkedge.failures import Applies, KnownFailure, plan_rules, refused_architecture
 from rkedge.versions import version_key
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -92,8 +92,6 @@ REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("SmolLM3", ("SmolLM3ForCausalLM",), ("smollm3",), "1.3.0", None, LLAMA_TARGETS, S33),
 )
 
-# shim: callers move to rkedge.failures
-REFUSED: tuple[RefusedArch, ...] = tuple(RefusedArch.of(rule) for rule in PLAN if rule.kind == "refused-architecture")
 
 
 def config_identity(config: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -215,7 +215,7 @@ def refusal(info: CheckpointInfo) -> Finding | None:
     if refused is None or not refused.alternatives:
         return None
     return Finding("architecture.refused", "error", f"{info.architecture or info.model_type}: {refused.reason}.",
-                   refused.fix, "architectures.REFUSED")
+                   refused.fix, "rkedge.failures (refused architectures)")
 
 
 def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str, *,

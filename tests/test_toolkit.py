@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from rkedge import failures
 from rkedge.convert.toolkit import (
     SIMULATED_DIR,
     WORKER,
@@ -28,8 +29,9 @@ from rkedge.convert.toolkit import (
     resolve_toolkit,
     run_job,
 )
-from rkedge.convert.toolkit.known_errors import KNOWN_ERRORS, findings_from_log, simulated_text
+from rkedge.convert.toolkit.known_errors import findings_from_log
 from rkedge.errors import InputError, ToolkitError
+from rkedge.failures import simulated_toolkit_text as simulated_text
 from rkedge.runtime.simmodel import read_simulated_model
 
 BUILD_13 = {"do_quantization": True, "optimization_level": 0, "quantized_dtype": "w8a8",
@@ -374,8 +376,8 @@ def test_accuracy_lora_algorithm_writes_a_lora_file(tmp_path: Path) -> None:
 
 
 def test_known_board_failure_is_written_into_the_model(tmp_path: Path) -> None:
-    from rkedge.convert.known_failures import KNOWN_FAILURES
     from rkedge.errors import RuntimeInitError
+    from rkedge.failures import PLAN
     from rkedge.runtime import LLM
 
     model = write_checkpoint(tmp_path / "gemma2", arch="Gemma2ForCausalLM", model_type="gemma2",
@@ -387,7 +389,7 @@ def test_known_board_failure_is_written_into_the_model(tmp_path: Path) -> None:
                                                  name="gemma2_w8a8_g128_rk3588.rkllm"), timeout=120)
     assert result.ok, result.log_lines
     manifest = read_simulated_model(result.outputs[0]["path"])
-    entry = KNOWN_FAILURES[0]
+    entry = next(rule for rule in PLAN if rule.kind == "board-failure")
     assert manifest["faults"] == entry.board_fault and manifest["known_failures"] == [entry.id]
     # ... and the simulated board reproduces it.
     with pytest.raises(RuntimeInitError) as caught:
@@ -492,7 +494,7 @@ def test_known_error_texts(line: str, finding: str) -> None:
 
 
 def test_known_error_table_is_sourced() -> None:
-    for entry in KNOWN_ERRORS:
+    for entry in [e for e in failures.entries("toolkit") if not e.simulated]:
         assert entry.source and entry.message and entry.regex is not None
     found = findings_from_log(["ERROR: Catch exception when loading model: bitsandbytes", "Load model failed!"])
     assert [f.id for f in found] == ["F-9"]  # the generic "load failed" is dropped when a specific entry matched

@@ -531,12 +531,12 @@ class RKLLM:
         }
 
     def _known_failures(self, architecture: str) -> list[Any]:
-        from rkedge.convert.known_failures import matching
+        from rkedge.failures import plan_rules
 
         build = self._build
         assert build is not None
-        return matching(architecture=architecture, platform=build["platform"], toolkit_version=self.version,
-                        dtype=build["dtype"], hybrid_rate=build["hybrid_rate"])
+        return plan_rules("board-failure", architecture=architecture, platform=build["platform"],
+                          toolkit_version=self.version, dtype=build["dtype"], hybrid_rate=build["hybrid_rate"])
 
 
 def _check_dataset(dataset: Any) -> str | None:
