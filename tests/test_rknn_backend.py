@@ -137,6 +137,18 @@ def test_the_normalizer_rounds_to_bfloat16_as_torch_does():
     assert bfloat16_round(2560 ** 0.5) == 50.5  # feasibility section 1
 
 
+def test_graphs_are_sized_to_leave_the_host_room_for_what_the_process_holds():
+    gib = 1 << 30
+    assert pipeline.graph_param_budget("w8a8", available=0) == pipeline.GRAPH_WEIGHT_BUDGET
+    assert pipeline.graph_param_budget("fp16", available=1000 * gib) == pipeline.GRAPH_WEIGHT_BUDGET // 2
+    roomy = pipeline.graph_param_budget("w8a8", available=20 * gib)
+    held = pipeline.graph_param_budget("w8a8", available=20 * gib, held=int(2.6 * gib))
+    assert held < roomy
+    assert held * pipeline.BUILD_BYTES_PER_PARAM + int(2.6 * gib) <= 20 * gib * 0.75
+    dims = GriffinShape.from_dict({**RG_2B, "num_hidden_layers": 3})
+    assert len(plan_head_rows(dims, max_params=held)) >= 2, "a 2b-width LM head is split on a 24 GB host"
+
+
 def test_graph_planning_respects_the_parameter_budget():
     dims = GriffinShape.from_dict(RG_2B)
     assert dims.kinds == ("recurrent", "recurrent", "attention") * 8 + ("recurrent", "recurrent")

@@ -38,6 +38,9 @@ SOURCE = RKNN_RULES.source
 RKNN_DTYPES = RKNN_RULES.dtypes
 BUILD_BYTES_PER_PARAM = RKNN_RULES.build_bytes_per_param
 GRAPH_WEIGHT_BUDGET = RKNN_RULES.graph_weight_budget
+#: The share of the available host memory one graph's build or simulation may plan on (the rest: this process,
+#: the page cache the exported ONNX lives in, and the 20-28 bytes/parameter spread of the measured builds).
+HOST_RAM_SHARE = 0.6
 DEFAULT_EVAL_STEPS = 256
 #: The simulator's time per decode step: ~8 ms per graph call (measured on the tiny model, benchmarks/bench_rknn.py)
 #: plus ~22 ns per parameter (about a minute per token for the 2.7B model; feasibility section 6).
@@ -225,7 +228,10 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer_spec, tokenizer_files = _tokenizer(request.model, info)
     encode = _encoder(request.model, tokenizer_spec)
-    budget = request.graph_params or _graph_param_budget(request.dtype)
+    from rkedge.convert.host import host_memory
+
+    budget = request.graph_params or graph_param_budget(
+        request.dtype, available=host_memory()[0], held=model.config.vocab_size * model.config.hidden_size * 4)
     dims, chunks, heads = build_torch_graphs(model, max_chunk_params=budget)
     counts = layer_param_counts(model)
     loop = loop_over(model, dims, chunks, heads)
@@ -282,12 +288,15 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     return RknnResult(final, findings, manifest, steps, request=request)
 
 
-def _graph_param_budget(dtype: str) -> int:
+def graph_param_budget(dtype: str, *, available: int, held: int = 0) -> int:
+    """Parameters per graph: the NPU weight budget, and what the host can build and simulate next to what this
+    process keeps (``held`` bytes, the quality step's float32 embedding table) with HOST_RAM_SHARE of the memory
+    ``available`` now. The simulator loads a built graph with about the build's own memory: at 2b width a single
+    655M-parameter LM head graph took 13 GB to simulate next to the parent's 4 GB (17 GB peak)."""
     per = 1 if dtype == "w8a8" else 2
-    from rkedge.convert.host import host_memory
-
-    available, _ = host_memory()
-    host_cap = int(available / BUILD_BYTES_PER_PARAM) if available else GRAPH_WEIGHT_BUDGET
+    if not available:
+        return GRAPH_WEIGHT_BUDGET // per
+    host_cap = int(max(available - held, 0) * HOST_RAM_SHARE / BUILD_BYTES_PER_PARAM)
     return max(1, min(GRAPH_WEIGHT_BUDGET // per, host_cap))
 
 
