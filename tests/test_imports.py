@@ -22,7 +22,10 @@ def all_modules() -> list[str]:
 
     import rkedge
 
-    names = ["rkedge"] + [info.name for info in pkgutil.walk_packages(rkedge.__path__, "rkedge.")]
+    def fail(name: str) -> None:
+        raise AssertionError(f"package {name} does not import")  # else walk_packages silently skips it
+
+    names = ["rkedge"] + [info.name for info in pkgutil.walk_packages(rkedge.__path__, "rkedge.", onerror=fail)]
     return sorted(set(names))
 
 
