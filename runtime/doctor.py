@@ -192,7 +192,7 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
         rocket = fs.path("/sys/module/rocket").exists()
         if rocket:
             report.add("driver", "fail", "NPU driver", "the mainline 'rocket' driver is loaded and no vendor rknpu "
-                       "driver: librkllmrt does not work with rocket", "boot a vendor kernel (5.10/6.1) with rknpu 0.9.8",
+                       "driver: librkllmrt does not work with rocket", f"boot a vendor kernel (5.10/6.1) with rknpu {DRIVER_WARN_BELOW}",
                        "boards.md section 7; rknn-toolkit2#570, rkllama#97")
             return None
         debug_dir = fs.path(SYSFS["rknpu_debugfs"]).parent
@@ -200,7 +200,7 @@ def _check_driver(fs: Root, report: DoctorReport) -> str | None:
         detail = ("/sys/kernel/debug is not readable (debugfs needs root, or is not mounted) and "
                   "/sys/module/rknpu/version is missing" if hidden else "no rknpu driver found")
         fix = ("sudo rkedge doctor (or: sudo cat /sys/kernel/debug/rknpu/version; mount -t debugfs none "
-               "/sys/kernel/debug)" if hidden else "use a vendor kernel image with the rknpu driver (0.9.8)")
+               "/sys/kernel/debug)" if hidden else f"use a vendor kernel image with the rknpu driver ({DRIVER_WARN_BELOW})")
         report.add("driver", "warn" if hidden else "fail", "NPU driver", detail, fix, "boards.md section 6")
         return None
     verdict = fit.driver_verdict(version)
