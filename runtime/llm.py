@@ -253,8 +253,17 @@ class LLM:
             "chat_template": self.template.family if self.template else None,
             "renders_prompts": self.renders_prompts,
             "max_context_len": self.max_context_len,
+            "vision": self._vision_info(),
             "warnings": list(self.warnings),
         }
+
+    def _vision_info(self) -> dict[str, Any] | None:
+        vision = self.vision
+        if vision is None:
+            return None
+        pre = vision.preprocessing
+        return {"family": vision.family, "image_size": [pre.width, pre.height], "image_tokens": vision.image_tokens,
+                "encoders": list(vision.encoders), "default_dtype": vision.default_dtype}
 
     # -- generation ---------------------------------------------------------------------------------------
 

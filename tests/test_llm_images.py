@@ -90,6 +90,7 @@ def test_the_vlm_folder_is_a_model_and_its_rkllm_finds_its_encoder(vlm_folder, c
         with LLM(given, library="mock") as llm:
             assert llm.model_path == llm_file and llm.vision is not None
             assert llm.vision.image_tokens == IMAGE_TOKENS
+            assert llm.info()["vision"]["image_tokens"] == IMAGE_TOKENS
             text = llm.generate("<image> What is it?", images=[png_bytes(varied_images(1, seed=4)[0])],
                                 stream=False)
         assert text.finish_reason == "stop" and text.text
@@ -171,7 +172,7 @@ def test_video_audio_and_images_without_eyes_are_refused_with_the_reason(make_mo
             llm.generate("Listen.", audio=b"RIFF")
         assert refused.value.fix
     with LLM(make_model("1.3.0", chat_family="qwen2"), library="mock", abi="1.3.0") as text_only:
-        assert text_only.vision is None
+        assert text_only.vision is None and text_only.info()["vision"] is None
         with pytest.raises(InputError, match="has no vision encoder"):
             text_only.generate("What is it?", images=[png_bytes(varied_images(1)[0])])
         with pytest.raises(InputError, match="has no vision encoder"):
