@@ -304,3 +304,25 @@ def test_a_request_for_another_model_waits_behind_the_current_run(tmp_path, call
     assert calls[-7:] == ["rkllm_run", "run_end", "rkllm_destroy", "rkllm_init", "rkllm_run", "run_end",
                           "rkllm_destroy"], \
         "alpha's run ended before it was destroyed and beta loaded (then shutdown freed beta)"
+
+
+def test_lora_option_forms(tmp_path):
+    import click
+
+    from rkedge.runtime.server.options import model_settings
+
+    adapter = tmp_path / "pirate_lora.rkllm"
+    adapter.write_bytes(b"x")
+    parsed = model_settings(None, 1.5, (str(adapter), f"served={adapter}", f"served={adapter}:arr"), None)
+    assert parsed["lora"] == ((None, None, adapter), ("served", None, adapter), ("served", "arr", adapter))
+    assert parsed["memory_budget_bytes"] == int(1.5 * 2**30)
+    with pytest.raises(click.BadParameter):
+        model_settings(None, None, (str(tmp_path / "missing.rkllm"),), None)
+
+
+def test_several_models_need_the_lora_owner_named(two_models, tmp_path):
+    from rkedge.errors import InputError
+
+    adapter = write_simulated_lora(tmp_path / "x_lora.rkllm", model_id="m", name="x")
+    with pytest.raises(InputError, match="say which model"):
+        serve(two_models, lora=((None, None, adapter),))
