@@ -282,3 +282,21 @@ def test_rkedge_chat_takes_an_image_command_on_the_vlm_folder(vlm_folder, tmp_pa
     assert f"image {picture} attached" in result.stdout
     seen = call_log.last("multimodal_input")
     assert seen["accepted"] is True and seen["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN
+
+
+def test_every_image_source_gives_the_same_embedding(make_model, call_log, encoder, tmp_path):
+    """PNG bytes, a path, a PIL image and an HxWx3 array of one picture: one embedding (ImageEmbeddings too)."""
+    from PIL import Image
+
+    array = varied_images(1, seed=13)[0]
+    path = tmp_path / "p.png"
+    path.write_bytes(png_bytes(array))
+    sums = []
+    with LLM(vlm_model(make_model, "1.3.0"), library="mock", abi="1.3.0", vision=encoder) as llm:
+        for source in (png_bytes(array), path, Image.fromarray(array), array, llm.encode_images([array])):
+            images = source if not isinstance(source, (bytes, Path, Image.Image, np.ndarray)) else [source]
+            assert llm.generate("What is it?", images=images, stream=False).finish_reason == "stop"
+            sums.append(call_log.last("multimodal_input")["image"]["embed_sum"])
+        with pytest.raises(InputError, match="a list of images"):
+            llm.generate("What is it?", images=png_bytes(array))  # one image, not in a list
+    assert len(sums) == 5 and all(s == pytest.approx(sums[0], rel=1e-5, abs=1e-4) for s in sums)
