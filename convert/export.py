@@ -1,7 +1,7 @@
 """Export: the (merged or original) checkpoint as sharded safetensors, in the dtype chosen for the toolkit.
 
-Shard by shard: one shard's tensors are in memory at a time. When the dtype does not change, shards are
-hard-linked (or copied) instead of rewritten. Config, tokenizer and chat-template files are copied; the
+Tensor by tensor: one tensor (and its converted copy) is in memory at a time, never a whole shard. When the
+dtype does not change, shards are hard-linked (or copied, across disks) instead of rewritten. Config, tokenizer and chat-template files are copied; the
 config loses any ``quantization_config`` only when the weights really are plain floats (a bitsandbytes or
 GPTQ checkpoint is refused by the planner before this step). ``rkedge_export.json`` records what the simulated
 toolkit and the manifest need: chat family and template parts, BOS/EOS ids, the source's identity.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rkedge.convert.inspect import TOKENIZER_FILES, CheckpointInfo
-from rkedge.convert.safetensors_index import DTYPE_CODES
+from rkedge.convert.safetensors_index import DTYPE_CODES, TensorInfo, read_header
 from rkedge.errors import InputError
 
 EXPORT_META = "rkedge_export.json"
@@ -35,10 +35,10 @@ def export_checkpoint(info: CheckpointInfo, out_dir: Path, *, dtype: str | None,
         if progress:
             progress(index, len(files), source.name)
         dtypes = {t.dtype for t in info.tensors.values() if t.file == source}
-        if target is None or dtypes <= {target} or not (dtypes & set(DTYPE_CODES.values())):
+        if dtype is None or target is None or dtypes <= {target} or not (dtypes & set(DTYPE_CODES.values())):
             _link_or_copy(source, out_dir / source.name)
         else:
-            _convert_shard(source, out_dir / source.name, dtype)  # type: ignore[arg-type]
+            _convert_shard(source, out_dir / source.name, dtype)
     if progress:
         progress(len(files), len(files), "done")
     index_file = info.path / "model.safetensors.index.json"
@@ -65,15 +65,23 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _convert_shard(source: Path, target: Path, dtype: str) -> None:
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Rewrites one shard tensor by tensor: a floating tensor converted to ``dtype``, any other copied as bytes.
+    The output header is computed from the source header first, so at most one tensor (and its converted copy)
+    is in memory at a time, whatever the size of the shard (real checkpoints ship 4-5 GB shards)."""
+    from rkedge.lora._tensors import FLOAT_CODES, TensorReader, safetensors_header, torch_dtype, write_tensor
 
-    torch_dtype = getattr(torch, dtype)
-    tensors = {}
-    with safe_open(str(source), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        for name in handle.keys():
-            tensor = handle.get_tensor(name)
-            tensors[name] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
-    save_file(tensors, str(target), metadata={**metadata, "format": "pt"})
+    tensors, metadata = read_header(source)
+    code = DTYPE_CODES[dtype]
+    ordered = sorted(tensors.values(), key=lambda t: t.offsets[0])  # read the source front to back
+
+    def out_code(tensor: TensorInfo) -> str:
+        return code if tensor.dtype in FLOAT_CODES else tensor.dtype
+
+    header = safetensors_header([(t.name, out_code(t), t.shape) for t in ordered], {**metadata, "format": "pt"})
+    with TensorReader() as reader, open(target, "wb") as out:
+        out.write(header)
+        for tensor in ordered:
+            if out_code(tensor) == tensor.dtype:
+                reader.copy_to(tensor, out)
+            else:
+                write_tensor(out, reader.read(tensor).to(torch_dtype(code)))
