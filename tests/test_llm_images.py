@@ -300,3 +300,14 @@ def test_every_image_source_gives_the_same_embedding(make_model, call_log, encod
         with pytest.raises(InputError, match="a list of images"):
             llm.generate("What is it?", images=png_bytes(array))  # one image, not in a list
     assert len(sums) == 5 and all(s == pytest.approx(sums[0], rel=1e-5, abs=1e-4) for s in sums)
+
+
+def test_media_on_an_abi_with_tags_at_init_needs_the_model_loaded_with_its_encoder(make_model, encoder):
+    from rkedge.runtime.types import RunRequest
+
+    images = encoder.encode(varied_images(1, seed=1))
+    with LLM(vlm_model(make_model, "1.2.3"), library="mock", abi="1.2.3") as llm:  # no vision= given
+        with pytest.raises(InputError, match="takes the image tags at init"):
+            llm.run(RunRequest(prompt=images.prompt("What?").encode(), media=images.media("1.2.3")))
+        with pytest.raises(InputError, match="needs its text prompt"):
+            llm.run(RunRequest(token_ids=[1, 2], media=images.media("1.2.3")))
