@@ -184,9 +184,16 @@ def main() -> None:
         one, three = by["dynamic {16}"]["rknn_mb"], by["dynamic {1,16,64}"]["rknn_mb"]
         separate = sum(by[v]["rknn_mb"] for v in ("fixed T=1", "fixed T=16", "fixed T=64"))
         weights = by["fixed T=16"]["fp16_weight_mb"]
-        print(f"{which}: three shapes in one model add {three - one:.2f} MB to one shape's {one:.2f} MB "
-              f"(fp16 weights {weights:.2f} MB; three separate models {separate:.2f} MB): the weights are "
-              f"{'shared' if three - one < 0.5 * weights else 'NOT shared'}")
+        per_shape = (three - one) / 2
+        program = one - weights  # what a one-shape file holds besides the weights (per-shape graph and code)
+        if weights < 2 * program:
+            verdict = (f"inconclusive here: the weights ({weights:.2f} MB) weigh less than one shape's graph code "
+                       f"(~{program:.2f} MB)")
+        else:
+            verdict = "shared" if per_shape < 0.5 * weights else "NOT shared"
+        print(f"{which}: three shapes in one model add {three - one:.2f} MB to one shape's {one:.2f} MB, "
+              f"{per_shape:.2f} MB per added shape (fp16 weights {weights:.2f} MB; three separate models "
+              f"{separate:.2f} MB): the weights are {verdict}")
     print(json.dumps(results))
 
 

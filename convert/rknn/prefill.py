@@ -287,10 +287,11 @@ def _prefill_class() -> Any:
         def __init__(self, source: Any) -> None:
             super().__init__()
             self.weight, self.bias = source.weight, source.bias  # [L, 1, K], [L]
+            self.taps = int(source.weight.shape[-1])  # a Python int, so the ONNX trace keeps the slices constant
 
         def forward(self, conv: Any, xb: Any) -> tuple[Any, Any]:
             window = torch.cat([conv, xb], dim=1)  # [1, K-1+T, L], time-major
-            taps = self.weight.shape[-1]
+            taps = self.taps
             out = self.bias
             for k in range(taps):  # tap k reads window[k : k+T]; negative ends keep T out of the graph
                 end = k - (taps - 1)
