@@ -24,6 +24,14 @@ Inputs of a layer group's prefill graph (states named as the decode step's): ``x
 outputs ``x_out`` [1, T, H] and ``new_<state>``. The LM head graph of the decode step is reused for the chunk's
 last row. Verified against transformers (:func:`verify_prefill_against_transformers`).
 
+Measured (benchmarks/bench_rknn_dynamic_shapes.py, rknn-toolkit2 2.5.0, fp16, simulator): one model with the
+shapes T = 1, 16, 64 keeps one copy of the weights. A random RecurrentGemma of 21.3M parameters (42.5 MB fp16) is
+43.98 MB with one shape and 51.48 MB with three (~3.7 MB of graph code per added shape), against 133.4 MB as three
+models; every shape's outputs match torch (cosine >= 0.99999). Plain w8a8 builds with several shapes too, but the
+hybrid flow (hybrid_quantization_step1/2) keeps only the calibration data's shape, and step 2 refuses a config: a
+hybrid bundle needs separate fixed-T prefill graphs, one more copy of the layer weights each (not measured on a
+board; the simulator's RSS mixes build and per-shape working memory and cannot tell the board's).
+
 No torch or numpy at import: ``rkedge plan`` imports :func:`predict_prefill` on hosts without them, so the torch
 module class is made on first use (:func:`prefill_module`).
 """
@@ -250,7 +258,7 @@ def _prefill_class() -> Any:
         rotated = torch.cat([-t_rot[..., half:], t_rot[..., :half]], dim=-1)
         return torch.cat([t_rot * cos + rotated * sin, t_pass], dim=-1)
 
-    class RgLruScan(nn.Module):  # type: ignore[misc]  # torch is typed Any here (subclass of Any)
+    class RgLruScan(nn.Module):
         """The RG-LRU over a chunk in closed form (module docstring). Scoped ``rg_lru`` in the ONNX graph, as the
         decode step's, so the hybrid quantization's patterns find it."""
 
@@ -281,7 +289,7 @@ def _prefill_class() -> Any:
             hs = (weights * terms[:, None, :, :]).sum(dim=2)  # [1, T, L]
             return hs, hs[:, -1, :]
 
-    class ShortConvChunk(nn.Module):  # type: ignore[misc]  # as above
+    class ShortConvChunk(nn.Module):
         """The conv1d over the chunk with its K-1 carried inputs; scoped ``conv1d`` like the decode step's."""
 
         def __init__(self, source: Any) -> None:
@@ -298,7 +306,7 @@ def _prefill_class() -> Any:
                 out = out + window[:, k:end if end else None, :] * self.weight[:, 0, k]
             return out, window[:, -(taps - 1):, :]
 
-    class PrefillChunk(nn.Module):  # type: ignore[misc]  # as above
+    class PrefillChunk(nn.Module):
         """Layers ``layers`` over T tokens: x + the states in, x + the new states out (names as the decode step)."""
 
         def __init__(self, model: Any, dims: GriffinShape, layers: list[int]) -> None:
