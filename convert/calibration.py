@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rkedge.convert.findings import Finding
-from rkedge.errors import InputError
+from rkedge.errors import InputError, RkedgeError
 
 SOURCE = "F-15; SDK manual (calibration input carries the prompt template); generate_data_quant.py"
 
@@ -184,23 +184,76 @@ def digest(data: Sequence[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(list(data), ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def greedy_generator(model_dir: Path, max_new_tokens: int = 32) -> Callable[[list[str]], list[str]]:
-    """Greedy replies of the float model (the official generator's method), on the host CPU."""
+def greedy_generator(model_dir: Path, max_new_tokens: int = 32, *, work_dir: Path | None = None
+                     ) -> Callable[[list[str]], list[str]]:
+    """Greedy replies of the float model (the official generator's method), on the host CPU, computed in a child
+    process with the decoder layers streamed from disk (:mod:`rkedge.convert.layer_stream`): this process never
+    holds the model, and what the child held is gone before the toolkit starts. ``work_dir``: where the child's
+    input and output files go (default: beside ``model_dir``)."""
 
     def generate(inputs: list[str]) -> list[str]:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import subprocess
+        import sys
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model.eval()
-        replies = []
-        with torch.no_grad():
-            for text in inputs:
-                encoded = tokenizer(text, return_tensors="pt", add_special_tokens=True)
-                output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-                replies.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
-        return replies
+        folder = work_dir or model_dir.parent
+        job, result = folder / ".calibration-inputs.json", folder / ".calibration-replies.json"
+        job.write_text(json.dumps({"model": str(model_dir), "inputs": inputs, "max_new_tokens": max_new_tokens}),
+                       encoding="utf-8")
+        try:
+            done = subprocess.run([sys.executable, "-m", "rkedge.convert.calibration", str(job), str(result)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+                raise RkedgeError(f"generating calibration targets with the float model failed ({tail}).",
+                                  fix="give the targets in the calibration file ({input, target} items), or check "
+                                      "that transformers loads this checkpoint")
+            replies: list[str] = json.loads(result.read_text(encoding="utf-8"))
+            return replies
+        finally:
+            job.unlink(missing_ok=True)
+            result.unlink(missing_ok=True)
 
     return generate
+
+
+def greedy_replies(model: Any, tokenizer: Any, inputs: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy replies of ``model`` to every input at once (a left-padded batch: each layer runs once per step
+    for all prompts, which is what makes the layer-streamed model affordable)."""
+    import torch
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(list(inputs), return_tensors="pt", padding=True, add_special_tokens=True)
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    start = encoded["input_ids"].shape[1]
+    return [str(tokenizer.decode(row[start:], skip_special_tokens=True)) for row in output]
+
+
+def streamed_replies(model_dir: Path, inputs: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """:func:`greedy_replies` of the float32 model with its layers streamed from ``model_dir``."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rkedge.convert.layer_stream import load_layer_streamed
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_layer_streamed(model_dir, torch.float32)
+    if (model_dir / "generation_config.json").is_file():  # as from_pretrained does: its EOS ids end replies
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return greedy_replies(model, tokenizer, inputs, max_new_tokens)
+
+
+def _child(job_file: str, result_file: str) -> int:
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    replies = streamed_replies(Path(job["model"]), job["inputs"], int(job["max_new_tokens"]))
+    Path(result_file).write_text(json.dumps(replies, ensure_ascii=False), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":  # the child process of greedy_generator
+    import sys
+
+    sys.exit(_child(sys.argv[1], sys.argv[2]))

@@ -436,7 +436,8 @@ class CalibrationStep(Step):
     def run(self, target: Path) -> None:
         self.reporter.step("calibration", self.describe())
         exported = self.export.output
-        generate = calib.greedy_generator(exported) if calib.needs_generation(self.items) else None
+        generate = calib.greedy_generator(exported, work_dir=self.output.parent) \
+            if calib.needs_generation(self.items) else None
         data = calib.build_calibration(self.items, _hf_renderer(exported) or self.chat.render, generate)
         target.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 

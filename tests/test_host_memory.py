@@ -126,3 +126,58 @@ def test_export_peak_memory_is_near_the_largest_tensor_not_the_shard(tmp_path: P
     growth = json.loads(done.stdout.splitlines()[-1])["growth"]
     largest = 2048 * 2048 * 4
     assert growth < 4 * largest < shard / 2, f"export grew RSS by {growth / 1e6:.0f} MB for a {shard / 1e6:.0f} MB shard"
+
+
+PROMPTS = ["Hello there, how are you?", "What is an NPU?", "你好", "Bonjour tout le monde, comment ça va"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream")
+    return {kind: make_checkpoint(root / kind, kind) for kind in ("llama", "gemma2", "gemma3", "recurrent_gemma")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3", "recurrent_gemma"])
+def test_layer_streamed_calibration_targets_equal_the_in_memory_ones(kind: str, tiny: dict[str, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rkedge.convert import calibration as calib
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[kind], dtype=torch.float32)
+    model.eval()
+    in_memory = calib.greedy_replies(model, AutoTokenizer.from_pretrained(tiny[kind]), PROMPTS, 12)
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+    assert calib.streamed_replies(tiny[kind], PROMPTS, 12) == in_memory
+
+
+def test_the_streamed_model_holds_no_layer_between_forward_passes(tiny: dict[str, Path]) -> None:
+    from rkedge.convert.layer_stream import load_layer_streamed
+
+    model = load_layer_streamed(tiny["llama"], torch.float32)
+    layer_params = [p for n, p in model.named_parameters() if ".layers." in n]
+    assert layer_params and all(p.is_meta for p in layer_params)
+    assert not model.get_input_embeddings().weight.is_meta
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 33]])).logits
+    assert bool(torch.isfinite(logits).all())
+    assert all(p.is_meta for n, p in model.named_parameters() if ".layers." in n), "each layer dropped after use"
+
+
+def test_calibration_targets_are_generated_in_a_child_process(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rkedge.convert import calibration as calib
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["gemma2"], dtype=torch.float32)
+    model.eval()
+    in_memory = calib.greedy_replies(model, AutoTokenizer.from_pretrained(tiny["gemma2"]), PROMPTS, 32)
+    generate = calib.greedy_generator(tiny["gemma2"], work_dir=tmp_path)
+    assert generate(PROMPTS) == in_memory
+    assert not list(tmp_path.iterdir()), "the child's input and output files are removed"
