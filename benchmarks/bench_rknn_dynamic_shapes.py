@@ -45,9 +45,7 @@ WIDE_CONFIG = {"hidden_size": 768, "intermediate_size": 4608, "num_hidden_layers
                "attention_window_size": 64}
 VARIANTS = {"fixed T=16": (False, (16,)), "dynamic {16}": (True, (16,)), "dynamic {1,16,64}": (True, (1, 16, 64)),
             "fixed T=1": (False, (1,)), "fixed T=64": (False, (64,))}
-#: The symbolic axes of the prefill graph's inputs (the state inputs are fixed).
-DYNAMIC_AXES = {"x": {1: "T"}, "cos": {1: "T"}, "sin": {1: "T"}, "mask": {1: "T", 2: "S"}, "reset": {1: "T"},
-                "scan": {1: "TT1", 2: "T"}, "causal": {1: "T", 2: "T1"}}
+
 
 
 def rss_mb() -> float:
@@ -88,7 +86,7 @@ def run_variant(which: str, variant: str, folder: Path) -> dict[str, Any]:
     import torch
     from rknn.api import RKNN
 
-    from rkedge.convert.rknn.prefill import prefill_module
+    from rkedge.convert.rknn.prefill import dynamic_axes, dynamic_input, prefill_module
     from rkedge.convert.rknn.shape import GriffinShape
 
     dynamic, lengths = VARIANTS[variant]
@@ -100,7 +98,7 @@ def run_variant(which: str, variant: str, folder: Path) -> dict[str, Any]:
     example = tuple(torch.from_numpy(a) for a in example_inputs(module, dims, lengths[0], 0))
     torch.onnx.export(module, example, str(onnx), opset_version=17, dynamo=False, input_names=names,
                       output_names=module.output_names(),
-                      dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in names} if dynamic else None)
+                      dynamic_axes=dynamic_axes(module) if dynamic else None)
     references = {t: example_inputs(module, dims, t, t) for t in lengths}
     with torch.no_grad():
         expected = {t: [o.numpy() for o in module(*(torch.from_numpy(a) for a in ins))]
@@ -111,7 +109,7 @@ def run_variant(which: str, variant: str, folder: Path) -> dict[str, Any]:
     rknn = RKNN(verbose=False)
     config: dict[str, Any] = {"target_platform": "rk3588"}
     if dynamic:
-        config["dynamic_input"] = [[list(a.shape) for a in references[t]] for t in lengths]
+        config["dynamic_input"] = dynamic_input(module, lengths)
     started = time.time()
     assert rknn.config(**config) == 0
     assert rknn.load_onnx(model=str(onnx)) == 0

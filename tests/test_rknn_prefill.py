@@ -154,8 +154,7 @@ needs_simulator = pytest.mark.skipif(not _has_rknn_toolkit(),
                                             "scripts/install-rknn-toolkit2.sh)")
 
 SHAPES = (1, 16, 32)  # the decode step and two chunk lengths, in one model
-DYNAMIC_AXES = {"x": {1: "T"}, "cos": {1: "T"}, "sin": {1: "T"}, "mask": {1: "T", 2: "S"}, "reset": {1: "T"},
-                "scan": {1: "TT1", 2: "T"}, "causal": {1: "T", 2: "T1"}}
+
 
 
 class SimulatorGraphs:
@@ -166,7 +165,7 @@ class SimulatorGraphs:
         from rknn.api import RKNN
 
         from rkedge.convert.rknn.decode_step import HeadStep
-        from rkedge.convert.rknn.prefill import prefill_graph, prefill_module
+        from rkedge.convert.rknn.prefill import dynamic_axes, dynamic_input, prefill_graph, prefill_module
 
         dims = GriffinShape.from_transformers(model.config)
         module = prefill_module(model, dims, range(dims.layers)).eval()
@@ -174,14 +173,13 @@ class SimulatorGraphs:
         self.graph = prefill_graph(module)
         self.sims = []
         for name, mod, example, sets, axes in [
-            ("prefill", module, module.input_shapes(SHAPES[1]),
-             [[list(s) for s in module.input_shapes(t).values()] for t in SHAPES], DYNAMIC_AXES),
+            ("prefill", module, module.input_shapes(SHAPES[1]), dynamic_input(module, SHAPES), dynamic_axes(module)),
             ("head", head, head.input_shapes(), None, None),
         ]:
             onnx = folder / f"{name}.onnx"
             torch.onnx.export(mod, tuple(torch.zeros(s) for s in example.values()), str(onnx), opset_version=17,
                               dynamo=False, input_names=mod.input_names(), output_names=mod.output_names(),
-                              dynamic_axes={k: v for k, v in (axes or {}).items() if k in mod.input_names()} or None)
+                              dynamic_axes=axes)
             sim = RKNN(verbose=False)
             assert sim.config(target_platform="rk3588", **({"dynamic_input": sets} if sets else {})) == 0
             assert sim.load_onnx(model=str(onnx)) == 0

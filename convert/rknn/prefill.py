@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 MASK_VALUE = -30.0  # as the decode step's (exp(-30) ~ 1e-13, representable in fp16)
 #: Inputs that are not states: what the host computes per chunk (:func:`chunk_features`).
 FEATURE_INPUTS = ("x", "cos", "sin", "mask", "reset", "scan", "causal")
+#: The symbolic axes of a prefill graph's inputs for ``torch.onnx.export(dynamic_axes=...)`` (states are fixed),
+#: so rknn-toolkit2 can build it for several T (:func:`dynamic_input`).
+DYNAMIC_AXES = {"x": {1: "T"}, "cos": {1: "T"}, "sin": {1: "T"}, "mask": {1: "T", 2: "S"}, "reset": {1: "T"},
+                "scan": {1: "TT1", 2: "T"}, "causal": {1: "T", 2: "T1"}}
 #: Chunk lengths :func:`choose_chunk` picks from: past the balance point a longer chunk saves no weight reads (it
 #: is compute bound), while the closed-form scan grows as T^2 per recurrent layer.
 MIN_CHUNK, MAX_CHUNK = 16, 64
@@ -238,6 +242,16 @@ def predict_prefill(shape: GriffinShape, prompt_tokens: int = 128, dtype: str = 
 def prefill_module(model: Any, dims: GriffinShape, layers: Sequence[int]) -> Any:
     """The prefill graph of ``layers`` as a torch module over the model's own weights (``torch.nn.Module``)."""
     return _prefill_class()(model, dims, list(layers))
+
+
+def dynamic_axes(module: Any) -> dict[str, dict[int, str]]:
+    """:data:`DYNAMIC_AXES` for the inputs ``module`` has."""
+    return {name: axes for name, axes in DYNAMIC_AXES.items() if name in module.input_names()}
+
+
+def dynamic_input(module: Any, lengths: Sequence[int]) -> list[list[list[int]]]:
+    """rknn-toolkit2's ``config(dynamic_input=...)``: one shape set per chunk length, inputs in graph order."""
+    return [[list(shape) for shape in module.input_shapes(length).values()] for length in lengths]
 
 
 def prefill_graph(module: Any) -> PrefillGraph:
