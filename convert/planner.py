@@ -29,6 +29,7 @@ from rkedge.convert.rules import (
     GGUF_TYPES,
     GPTQ,
     HOST_BYTES_PER_PARAM,
+    HOST_BYTES_PER_PARAM_BEFORE,
     HOST_MEMORY_MARGIN,
     MAX_CONTEXT_LIMIT,
     MAX_CONTEXT_MULTIPLE,
@@ -282,7 +283,10 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
         size = predict(ModelShape.from_tensors(info.config, info.tensors), dtype, context)
         findings += _check_board_fit(request, size)
         if not simulated_toolkit:
-            findings += _check_host_memory(info, request, host_memory)
+            request, memory_findings = _fit_load_dtype(info, request, rules, toolkit_version, host_memory)
+            findings += memory_findings
+            job = ToolkitJob("load_huggingface", _load_kwargs(request, rules), _build_kwargs(request, rules),
+                             {"export_path": Input.OUTPUT})
     return Plan(request, toolkit_version, findings, job, name, spec, size, chat=chat, adapter=adapter,
                 calibration=items)
 
@@ -634,14 +638,47 @@ def _check_board_fit(request: ConversionRequest, size: Prediction) -> list[Findi
     return findings
 
 
+def toolkit_host_bytes(param_count: int, toolkit_version: str, load_dtype: str | None) -> int:
+    """F-11: what the toolkit itself holds while converting: the model at its load dtype plus calibration state
+    (~4.2 bytes/param at float32, BEG's 8B measurement; half at a 16-bit load dtype), more on versions before
+    the 1.0.1 memory fix, with a 10% margin."""
+    per_param = HOST_BYTES_PER_PARAM.get(load_dtype or "float32", HOST_BYTES_PER_PARAM["float32"])
+    for before, heavier in HOST_BYTES_PER_PARAM_BEFORE.items():
+        if version_key(toolkit_version) < version_key(before):
+            per_param = max(per_param, heavier)
+    return int(param_count * per_param * HOST_MEMORY_MARGIN)
+
+
+def _fit_load_dtype(info: CheckpointInfo, request: ConversionRequest, rules: ToolkitRules, version: str,
+                    memory: tuple[int, int] | None) -> tuple[ConversionRequest, list[Finding]]:
+    """With no ``--load-dtype``, a toolkit that takes one (1.2.0+) and a float32 load that does not fit RAM +
+    swap: the request loads in the checkpoint's 16-bit dtype instead (bfloat16 for a bf16 checkpoint, whose
+    range float16 would overflow; float16 otherwise), with a finding. Then the F-11 check on what was chosen."""
+    available, swap = memory if memory else host.host_memory()
+    if request.load_dtype is None and available and "dtype" in rules.load_args \
+            and toolkit_host_bytes(info.param_count, version, None) > available + swap:
+        half = "bfloat16" if info.main_dtype == "BF16" else "float16"
+        need = toolkit_host_bytes(info.param_count, version, half)
+        if need <= available + swap:
+            full = toolkit_host_bytes(info.param_count, version, None)
+            chosen = dataclasses.replace(request, load_dtype=half)
+            return chosen, [Finding(
+                "F-11.load-dtype", "warning",
+                f"loading in float32 would need ~{full / GIB:.0f} GiB of host memory (RAM + swap: "
+                f"{(available + swap) / GIB:.0f} GiB); loading in {half} instead (~{need / GIB:.0f} GiB). The toolkit "
+                "then quantizes from 16-bit weights, which can cost a little precision.",
+                "add memory or swap and pass --load-dtype float32 to quantize from float32", "F-11"),
+                *_check_host_memory(info, chosen, memory, version)]
+    return request, _check_host_memory(info, request, memory, version)
+
+
 def _check_host_memory(info: CheckpointInfo, request: ConversionRequest,
-                       memory: tuple[int, int] | None) -> list[Finding]:
+                       memory: tuple[int, int] | None, toolkit_version: str = "1.2.0") -> list[Finding]:
     """F-11: the toolkit holds the model at its load dtype plus calibration state (~4.2 bytes/param at fp32)."""
     available, swap = memory if memory else host.host_memory()
     if not available:
         return []
-    per_param = HOST_BYTES_PER_PARAM.get(request.load_dtype or "float32", HOST_BYTES_PER_PARAM["float32"])
-    need = info.param_count * per_param * HOST_MEMORY_MARGIN
+    need = toolkit_host_bytes(info.param_count, toolkit_version, request.load_dtype)
     if need > available + swap:
         return [Finding("F-11", "error",
                         f"converting needs ~{need / GIB:.0f} GiB of host memory (RAM + swap: "

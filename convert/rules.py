@@ -144,6 +144,10 @@ RUNTIME_LORA_WEAK_VERSIONS: tuple[str, ...] = ("1.2.0",)
 #: F-11: rknn-llm#30, ez-er#2, BEG measurements), and the margin added on top.
 HOST_BYTES_PER_PARAM: Mapping[str, float] = {"float32": 4.4, "float16": 2.2, "bfloat16": 2.2}
 HOST_MEMORY_MARGIN = 1.1
+#: Versions whose conversion held far more than that: 1.0.0 needed > 32 GB for a 1.5B model (rknn-llm#30,
+#: ~21 bytes/param), fixed in 1.0.1 ("Optimize model conversion memory occupation"). UNKNOWN: 1.0.0's figure at
+#: a 16-bit load dtype (it has none: the dtype argument arrived in 1.2.0).
+HOST_BYTES_PER_PARAM_BEFORE: Mapping[str, float] = {"1.0.1": 21.5}
 #: base_domain_id a manifest recommends for weights above rkedge.fit's driver gate (F-1: the maintainers'
 #: standard advice for large weight blobs; rknn-llm#139, #195, #232).
 LARGE_WEIGHTS_BASE_DOMAIN_ID = 1

@@ -181,3 +181,54 @@ def test_calibration_targets_are_generated_in_a_child_process(tiny: dict[str, Pa
     generate = calib.greedy_generator(tiny["gemma2"], work_dir=tmp_path)
     assert generate(PROMPTS) == in_memory
     assert not list(tmp_path.iterdir()), "the child's input and output files are removed"
+
+
+def _plan_with_memory(model: Path, available: int, **request: object) -> object:
+    from rkedge.convert.inspect import inspect_checkpoint
+    from rkedge.convert.planner import ConversionRequest, plan
+
+    info = inspect_checkpoint(model)
+    version = str(request.pop("version", "1.2.3"))
+    return plan(ConversionRequest(model=model, out=Path("o"), **request), info, version,  # type: ignore[arg-type]
+                host_memory=(available, 0))
+
+
+def test_the_toolkits_memory_is_predicted_per_version_and_load_dtype(tiny: dict[str, Path]) -> None:
+    from rkedge.convert.inspect import inspect_checkpoint
+    from rkedge.convert.planner import toolkit_host_bytes
+
+    params = inspect_checkpoint(tiny["llama"]).param_count
+    full, half = toolkit_host_bytes(params, "1.2.3", None), toolkit_host_bytes(params, "1.2.3", "float16")
+    assert half * 2 == pytest.approx(full, rel=0.01) and full == pytest.approx(params * 4.4 * 1.1, rel=0.01)
+    assert toolkit_host_bytes(params, "1.0.0", None) > 4 * full  # before the 1.0.1 memory fix (rknn-llm#30)
+
+
+def test_a_float32_load_that_does_not_fit_is_switched_to_16_bit_with_a_finding(tiny: dict[str, Path]) -> None:
+    from rkedge.convert.inspect import inspect_checkpoint
+    from rkedge.convert.planner import toolkit_host_bytes
+
+    params = inspect_checkpoint(tiny["llama"]).param_count
+    between = (toolkit_host_bytes(params, "1.2.3", None) + toolkit_host_bytes(params, "1.2.3", "float16")) // 2
+    chosen = _plan_with_memory(tiny["llama"], between)
+    assert chosen.request.load_dtype == "float16"  # the tiny llama is stored in float32, not bf16
+    assert chosen.job.load_kwargs.get("dtype") == "float16"
+    ids = {f.id: f.severity for f in chosen.findings}
+    assert ids.get("F-11.load-dtype") == "warning" and "F-11" not in ids
+    # a toolkit without the dtype argument (1.1.x) cannot be helped: refused before any work
+    old = _plan_with_memory(tiny["llama"], between, version="1.1.4")
+    assert old.request.load_dtype is None and {f.id: f.severity for f in old.findings}.get("F-11") == "error"
+    # asked for float32 explicitly: kept, and refused
+    asked = _plan_with_memory(tiny["llama"], between, load_dtype="float32")
+    assert asked.request.load_dtype == "float32" and {f.id: f.severity for f in asked.findings}.get("F-11") == "error"
+    # enough memory: nothing changes
+    roomy = _plan_with_memory(tiny["llama"], 1 << 40)
+    assert roomy.request.load_dtype is None and not {"F-11", "F-11.load-dtype"} & {f.id for f in roomy.findings}
+
+
+def test_an_unchanged_checkpoint_is_hard_linked_not_copied(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from rkedge.convert.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(tiny["llama"])
+    out = export_checkpoint(info, tmp_path / "export", dtype=None, meta={})
+    for shard in info.weight_files:
+        assert (out / shard.name).stat().st_ino == shard.stat().st_ino, shard.name
