@@ -361,13 +361,14 @@ class MergeStep(Step):
         return f"LoRA {self.adapter_dir} into {self.base.path}"
 
     def run(self, target: Path) -> None:
-        from rkedge.lora.merge import merge_lora, smoke_forward
+        from rkedge.lora.merge import merge_lora, smoke_forward_in_child
 
         self.reporter.step("merge", self.describe())
         merge_lora(self.base.path, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress,
                    allow_base_mismatch=self.allow_base_mismatch)
-        self.reporter.step("smoke", "forward pass of the merged model on the host")
-        smoke_forward(target)
+        self.reporter.step("smoke", "the merged checkpoint checked tensor by tensor, then a forward pass of its "
+                                    "first layers (in a child process)")
+        smoke_forward_in_child(target)
 
 
 @dataclass

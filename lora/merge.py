@@ -519,6 +519,33 @@ def smoke_forward(model_dir: str | Path, *, tokens: int = 8, layers: int = 2) ->
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def smoke_forward_in_child(model_dir: str | Path, *, layers: int = 2) -> dict[str, Any]:
+    """:func:`smoke_forward` in a child process, so the layers, embedding and head it held are returned to the
+    system before the next heavy step (the toolkit) starts, whatever the allocator keeps. Same result, same
+    errors (the child's RkedgeError comes back as one)."""
+    import subprocess
+
+    code = ("import json, sys\n"
+            "from rkedge.errors import RkedgeError\n"
+            "from rkedge.lora.merge import smoke_forward\n"
+            "try:\n"
+            "    print(json.dumps({'result': smoke_forward(sys.argv[1], layers=int(sys.argv[2]))}))\n"
+            "except RkedgeError as exc:\n"
+            "    print(json.dumps({'error': exc.message, 'fix': exc.fix}))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(layers)], capture_output=True, text=True,
+                          check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    answer: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if "result" in answer:
+        result: dict[str, Any] = answer["result"]
+        return result
+    if "error" in answer:
+        raise RkedgeError(answer["error"], fix=answer.get("fix"))
+    tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+    raise RkedgeError(f"the smoke check of {model_dir} failed (exit {done.returncode}: {tail}).",
+                      fix="see the message above; the merged checkpoint is not usable as it is")
+
+
 def _first_layers(config: Any, layers: int) -> tuple[Any, int]:
     """A copy of ``config`` (or of its text config's owner) with only the first ``layers`` layers: per-layer lists
     (layer_types, block_types...) cut to match, so the smaller model keeps the first layers' kinds."""

@@ -232,3 +232,21 @@ def test_an_unchanged_checkpoint_is_hard_linked_not_copied(tiny: dict[str, Path]
     out = export_checkpoint(info, tmp_path / "export", dtype=None, meta={})
     for shard in info.weight_files:
         assert (out / shard.name).stat().st_ino == shard.stat().st_ino, shard.name
+
+
+def test_the_smoke_check_in_a_child_process_gives_the_same_answers(tmp_path: Path) -> None:
+    from rkedge.errors import RkedgeError
+    from rkedge.lora.merge import smoke_forward_in_child
+
+    model = make_checkpoint(tmp_path / "llama", "llama")
+    adapter = train_lora(model, tmp_path / "adapter", steps=1)
+    merge_lora(model, adapter, tmp_path / "merged")
+    here, there = smoke_forward(tmp_path / "merged"), smoke_forward_in_child(tmp_path / "merged")
+    assert there["ok"] and there["loss"] == pytest.approx(here["loss"]) and there["layers_run"] == here["layers_run"]
+    shard = sorted((tmp_path / "merged").glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    tensors = {k: torch.full_like(v, float("inf")) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(RkedgeError, match="non-finite") as refused:
+        smoke_forward_in_child(tmp_path / "merged")
+    assert refused.value.fix
