@@ -26,6 +26,10 @@ from rkedge.lora.merge import merge_lora, smoke_forward
 @pytest.fixture()
 def no_whole_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """A guard: any whole-file or whole-model load fails the test."""
+    _guard(monkeypatch)
+
+
+def _guard(monkeypatch: pytest.MonkeyPatch) -> None:
     import safetensors
     import safetensors.torch
     import transformers
@@ -250,3 +254,23 @@ def test_the_smoke_check_in_a_child_process_gives_the_same_answers(tmp_path: Pat
     with pytest.raises(RkedgeError, match="non-finite") as refused:
         smoke_forward_in_child(tmp_path / "merged")
     assert refused.value.fix
+
+
+def test_a_whole_lora_conversion_never_loads_a_whole_model_or_shard_in_rkedges_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge (streaming), smoke (child), export to bfloat16 (tensor by tensor), calibration targets generated
+    (child, layer-streamed), toolkit (child), manifest: none of them calls a whole loader in this process."""
+    from rkedge.convert.pipeline import convert
+    from rkedge.convert.planner import ConversionRequest
+
+    model = make_checkpoint(tmp_path / "llama", "llama")
+    adapter = train_lora(model, tmp_path / "adapter", steps=1)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Hello!", "What is an NPU?"]))  # no targets: the float model generates them
+    _guard(monkeypatch)  # from here on
+    result = convert(ConversionRequest(model=model, out=tmp_path / "o", toolkit="mock", lora=adapter,
+                                       load_dtype="bfloat16", calibration=str(prompts)))
+    assert result.model_file is not None and result.model_file.is_file()
+    assert [s.name for s in result.steps] == ["merge", "export", "calibration", "quantize"]
+    calibration = json.loads((tmp_path / "o" / ".rkedge-work" / "calibration.json").read_text(encoding="utf-8"))
+    assert all(item["target"] for item in calibration)
