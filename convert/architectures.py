@@ -32,6 +32,9 @@ class ArchSpec:
     notes: str = ""
     python_only: tuple[str, ...] = ()  # Python versions the conversion needs, when restricted
     until: str | None = None  # last toolkit version known to convert it (None: still listed)
+    #: A vision-language family: its key in :mod:`rkedge.convert.vlm.families`, where the vision side lives
+    #: (``rkedge convert`` sends such a folder to ``convert_vlm``, which refuses towers it cannot export).
+    vlm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class RefusedArch:
 
 
 S33 = "converter-anchors-and-failure-modes.md section 3.3 / Appendix A"
+VLM_NOTE = "the toolkit converts the language model; the vision encoder goes through rknn-toolkit2 (rkedge.convert.vlm)"
 
 REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("LLaMA", ("LlamaForCausalLM",), ("llama",), "1.0.0", "llama3", LLAMA_TARGETS, S33,
@@ -73,20 +77,34 @@ REGISTRY: tuple[ArchSpec, ...] = (
              ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), S33),
     ArchSpec("TeleChat2", ("TelechatForCausalLM", "TeleChat2ForCausalLM"), ("telechat",), "1.1.4", None,
              ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj"), S33),
-    ArchSpec("Qwen2-VL (LLM part)", ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",), "1.1.4", "qwen2", LLAMA_TARGETS, S33,
-             "the toolkit converts the language model; the vision encoder goes through rknn-toolkit2"),
+    ArchSpec("Qwen2-VL (LLM part)", ("Qwen2VLForConditionalGeneration",), ("qwen2_vl",), "1.1.4", "qwen2", LLAMA_TARGETS,
+             S33 + "; airockchip/rknn-llm examples/Qwen2-VL_Demo", VLM_NOTE + "; rkedge exports the tower", vlm="qwen2_vl"),
+    ArchSpec("MiniCPM-V (LLM part)", ("MiniCPMV",), ("minicpmv",), "1.1.4", None, LLAMA_TARGETS, S33,
+             VLM_NOTE + "; rkedge has no exporter for its tower (SigLIP + resampler) yet", vlm="minicpmv"),
     ArchSpec("Gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), "1.2.0", "gemma", LLAMA_TARGETS, S33,
              "gemma-3-1b verified (rknn-llm#220)"),
     ArchSpec("Qwen2.5-VL (LLM part)", ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",), "1.2.0", "qwen2.5",
-             LLAMA_TARGETS, S33),
-    ArchSpec("InternVL2", ("InternVLChatModel",), ("internvl_chat",), "1.2.0", None, LLAMA_TARGETS, S33),
+             LLAMA_TARGETS, S33, VLM_NOTE + "; rkedge has no exporter for its tower (window attention) yet",
+             vlm="qwen2_5_vl"),
+    # InternVLForConditionalGeneration is transformers' native class of the same models; UNKNOWN whether the toolkit
+    # loads it (Rockchip's demos use the remote-code InternVLChatModel).
+    ArchSpec("InternVL2", ("InternVLChatModel", "InternVLForConditionalGeneration"), ("internvl_chat", "internvl"),
+             "1.2.0", None, LLAMA_TARGETS, S33, VLM_NOTE + "; rkedge has no exporter for InternViT yet", vlm="internvl"),
     ArchSpec("Janus", ("MultiModalityCausalLM",), ("multi_modality",), "1.2.0", None, LLAMA_TARGETS, S33),
     ArchSpec("Qwen3", ("Qwen3ForCausalLM",), ("qwen3",), "1.2.1", "chatml", LLAMA_TARGETS, S33),
     ArchSpec("RWKV7", ("RWKV7ForCausalLM",), ("rwkv7",), "1.2.1", None, (), S33,
              "converts on Python 3.12 only, with requirements_rwkv7.txt", python_only=("3.12",)),
     ArchSpec("Gemma3n", ("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"), ("gemma3n", "gemma3n_text"),
              "1.2.2", "gemma", LLAMA_TARGETS, S33),
-    ArchSpec("Qwen3-VL (LLM part)", ("Qwen3VLForConditionalGeneration",), ("qwen3_vl",), "1.2.3", "chatml", LLAMA_TARGETS, S33),
+    # Multimodal Gemma 3 (Gemma3ForConditionalGeneration) has no row: the toolkit fails on it (rknn-llm#240, the
+    # catalogue's plan.refused.gemma3-multimodal); rkedge convert's VLM path saves its language model alone as
+    # Gemma3ForCausalLM (the row above) and exports the SigLIP tower (rkedge.convert.vlm.families "gemma3").
+    ArchSpec("SmolVLM (LLM part)", ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"),
+             ("smolvlm", "idefics3"), "1.2.2", None, LLAMA_TARGETS,
+             "field-2026-12.md (1.3.0 README model list); converter-anchors F-4 (SmolVLM2 from toolkit 1.2.2, rknn-llm#534)",
+             VLM_NOTE + "; rkedge has no exporter for its tower (pixel shuffle, image splitting) yet", vlm="smolvlm"),
+    ArchSpec("Qwen3-VL (LLM part)", ("Qwen3VLForConditionalGeneration",), ("qwen3_vl",), "1.2.3", "chatml", LLAMA_TARGETS, S33,
+             VLM_NOTE + "; rkedge has no exporter for its tower (DeepStack) yet", vlm="qwen3_vl"),
     ArchSpec("Gemma4", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"), ("gemma4", "gemma4_text"), "1.3.0",
              "gemma", LLAMA_TARGETS, S33, "fails on 1.2.3 with a tensor-size error (rknn-llm#495/#496)"),
     ArchSpec("SmolLM3", ("SmolLM3ForCausalLM",), ("smollm3",), "1.3.0", None, LLAMA_TARGETS, S33),

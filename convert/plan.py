@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rkedge.convert.perf_model import ModelShape, Prediction, load_perf_model, predict
 from rkedge.errors import InputError
@@ -25,6 +25,9 @@ from rkedge.fit import (
     spans_iommu_domains,
     usable_bytes,
 )
+
+if TYPE_CHECKING:
+    from rkedge.convert.vlm.families import VlmFamily
 
 __all__ = ["SYSTEM_RESERVE_BYTES", "BoardFit", "PlanReport", "plan_model", "ram_verdict", "report_json", "shape_of"]
 
@@ -45,6 +48,8 @@ class PlanReport:
     board: str | None
     notes: list[str]
     perf_model: dict[str, float]
+    #: A VLM's encoder (:meth:`PlannedEncoder.to_dict`), counted in ``fits``; None for a language model.
+    vision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +66,15 @@ class PlanReport:
                          f"runtime {p['runtime_bytes'] / GIB:.2f}"),
                  f"  decode   {p['decode_tokens_per_s']:6.2f} tokens/s (RK3588, memory-bandwidth bound)",
                  f"  TTFT     {p['ttft_ms']:6.0f} ms for a {p['prompt_tokens']}-token prompt"]
+        if self.vision is not None:
+            v = self.vision
+            tokens = (f"{v['images']} image(s) x {v['image_tokens']} tokens at {v['image_size']} px"
+                      if v["image_tokens"] is not None else "image tokens unknown for this family")
+            mib = 2**20  # an encoder is hundreds of MiB, one image's embeddings about one
+            lines.insert(2, f"  vision   {v['total_bytes'] / mib:6.1f} MiB = {v['dtype']} encoder "
+                            f"{v['weights_bytes'] / mib:.1f} ({v['params'] / 1e6:.1f}M parameters) + embedding "
+                            f"buffer {v['images'] * v['embedding_bytes_per_image'] / mib:.2f} ({tokens}); "
+                            "counted in the verdicts below")
         for fit in self.fits:
             lines.append(f"  {fit.ram_gb:g} GB board: {fit.verdict.upper()}")
             lines += [f"    - {reason}" for reason in fit.reasons]
@@ -68,10 +82,11 @@ class PlanReport:
         return "\n".join(lines)
 
 
-def ram_verdict(prediction: Prediction, ram_gb: float) -> BoardFit:
-    """Fits / tight / does not fit, with the reasons: RAM, IOMMU domains, driver gate."""
+def ram_verdict(prediction: Prediction, ram_gb: float, extra_bytes: int = 0) -> BoardFit:
+    """Fits / tight / does not fit, with the reasons: RAM, IOMMU domains, driver gate. ``extra_bytes``: memory
+    beside the language model's (a VLM's vision encoder)."""
     usable = usable_bytes(ram_gb)
-    need = prediction.total_bytes
+    need = prediction.total_bytes + extra_bytes
     reasons = [f"needs ~{need / GIB:.1f} GiB of ~{usable / GIB:.1f} GiB usable "
                f"({ram_gb:g} GB minus ~{SYSTEM_RESERVE_BYTES / GIB:.2f} GiB for the system)"]
     verdict: str = memory_verdict(need, usable)
@@ -99,7 +114,12 @@ def shape_of(path: Path) -> tuple[ModelShape, dict[str, Any]]:
         info = inspect_checkpoint(path)
         config = info.config
         if info.tensors:
-            return ModelShape.from_tensors(config, info.tensors, name=path.name), config
+            tensors = info.tensors
+            if _vlm_family(config) is not None:  # the vision half is the encoder's, not the language model's
+                from rkedge.convert.vlm.footprint import is_vision_tensor
+
+                tensors = {k: t for k, t in tensors.items() if not is_vision_tensor(k)}
+            return ModelShape.from_tensors(config, tensors, name=path.name), config
         return ModelShape.from_config(config, name=path.name), config
     if path.is_file() and path.suffix == ".json":
         config = read_json(path)
@@ -108,8 +128,25 @@ def shape_of(path: Path) -> tuple[ModelShape, dict[str, Any]]:
                      fix="pass the folder with config.json (weights optional) or the config.json itself")
 
 
+def _vlm_family(config: dict[str, Any]) -> VlmFamily | None:
+    from rkedge.convert.vlm.families import vlm_family
+
+    return vlm_family(config)
+
+
+def _planned_vision(path: Path, config: dict[str, Any], images: int) -> dict[str, Any] | None:
+    """The encoder of a VLM checkpoint folder (weights from its safetensors headers), or None."""
+    family = _vlm_family(config)
+    if family is None or not path.is_dir():
+        return None
+    from rkedge.convert.inspect import inspect_checkpoint
+    from rkedge.convert.vlm.footprint import planned_encoder
+
+    return planned_encoder(family, path, config, inspect_checkpoint(path).tensors).to_dict(images)
+
+
 def plan_model(path: Path, *, dtype: str = "w8a8", max_context: int = 4096, board: str | None = None,
-               ram_gb: float | None = None, prompt_tokens: int = 128) -> PlanReport:
+               ram_gb: float | None = None, prompt_tokens: int = 128, images: int = 1) -> PlanReport:
     from rkedge.convert.architectures import config_identity, find_refused
 
     shape, config = shape_of(Path(path))
@@ -140,11 +177,18 @@ def plan_model(path: Path, *, dtype: str = "w8a8", max_context: int = 4096, boar
             raise InputError(f"the RAM options of {profile.name} are not known.", fix="pass --ram GB instead")
     else:
         rams = [4, 8, 16, 32]
-    fits = [ram_verdict(prediction, ram) for ram in rams]
+    vision = _planned_vision(Path(path), config, images)
+    if vision is not None:
+        if vision["image_tokens"] is not None:  # an exportable family: rkedge converts its language model alone
+            notes = [n for n in notes if not n.startswith(f"{arch}:")]
+        notes.append("a vision-language model: rkedge convert writes the language model's .rkllm and the vision "
+                     "encoder's .rknn (fp16 by default); the encoder's runtime buffers are not in the estimate "
+                     "(unknown until rknn_query on a board)")
+    fits = [ram_verdict(prediction, ram, vision["total_bytes"] if vision else 0) for ram in rams]
     notes += list(prediction.assumptions)
     shape_dict = {**asdict(shape), "total_params": shape.total_params}
     return PlanReport(shape.name or str(path), shape_dict, prediction.to_dict(), fits, board_name, notes,
-                      load_perf_model().physical())
+                      load_perf_model().physical(), vision)
 
 
 def report_json(report: PlanReport) -> str:

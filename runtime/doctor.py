@@ -98,11 +98,17 @@ def run_doctor(root: Path = Path("/"), *, model: Path | None = None, library: st
     memory = _check_memory(fs, report)
     driver = _check_driver(fs, report)
     from rkedge.runtime.rknn.bundle import is_rknn_bundle
+    from rkedge.runtime.vision import is_vlm
 
+    vlm_folder = model if model is not None and is_vlm(model) else None
+    if vlm_folder is not None:
+        model = _vlm_language_model(report, vlm_folder)
     rknn_bundle = model is not None and is_rknn_bundle(model)
     # An RKNN bundle runs on librknnrt through RKNNLite, not on librkllmrt.
     runtime = _check_rknn_runtime(fs, report, library) if rknn_bundle else _check_library(fs, report, library, abi)
     _check_clocks(fs, report)
+    if vlm_folder is not None:
+        check_vlm(fs, report, vlm_folder, library)
     if model is not None:
         if rknn_bundle:
             _check_bundle(report, model, soc=soc, memory=memory)
@@ -113,6 +119,53 @@ def run_doctor(root: Path = Path("/"), *, model: Path | None = None, library: st
     elif trial_init:
         report.add("trial-init", "skip", "trial init", "needs --model FILE")
     return report
+
+
+def _vlm_language_model(report: DoctorReport, folder: Path) -> Path | None:
+    """The .rkllm a VLM folder (or its vlm.json) names: the model the usual checks then look at."""
+    from rkedge.runtime.vision import read_vlm
+
+    try:
+        root, manifest = read_vlm(folder)
+    except RkedgeError as exc:
+        report.add("vision", "fail", "vision-language model", exc.message, exc.fix)
+        return None
+    return root / manifest.llm_file
+
+
+def check_vlm(fs: Root, report: DoctorReport, folder: Path, library: str | None) -> None:
+    """A VLM folder's vision side: its encoders intact, RKNNLite + librknnrt.so (the encoder runs on them, not on
+    librkllmrt), and the encoder's memory (weights and one image's embedding buffer) on top of the language model's."""
+    from rkedge.runtime.vision import check_vlm as vision_checks
+    from rkedge.runtime.vision import encoder_footprint, read_vlm
+
+    try:
+        _, manifest = read_vlm(folder)
+    except RkedgeError:
+        return  # already reported by _vlm_language_model
+    report.add("vision", "ok", "vision-language model",
+               f"{manifest.family}: {manifest.llm_file} + {len(manifest.encoders)} encoder(s) "
+               f"({', '.join(manifest.encoders)}), {manifest.preprocessing.width}x{manifest.preprocessing.height} "
+               f"images, {manifest.image_tokens} image tokens")
+    for found in vision_checks(folder, on_board=False)[1:]:  # [0] is the .rkllm, which _check_model looks at
+        report.add("vision.encoder", "ok" if found.ok else "fail", "vision encoder", found.what, found.fix)
+    # The encoder's runtime is checked like an RKNN bundle's, under ids and a fact of its own (the language
+    # model's librkllmrt check keeps "library").
+    runtime = DoctorReport()
+    info = _check_rknn_runtime(fs, runtime, library)
+    for check in runtime.checks:
+        report.add(f"vision.{check.id}", check.status, f"vision {check.title}", check.detail, check.fix, check.source)
+    report.facts["vision_library"] = info
+    footprint = encoder_footprint(manifest)
+    report.facts["vision"] = {"family": manifest.family, "image_size": manifest.preprocessing.width,
+                              "image_tokens": manifest.image_tokens, "default_dtype": manifest.default_dtype,
+                              "encoder_bytes": footprint.weights_bytes,
+                              "embedding_bytes_per_image": footprint.embedding_bytes_per_image}
+    # UNKNOWN: librknnrt's working buffers for the encoder are not in the file (rknn_query MEM_SIZE on a board).
+    report.add("vision.memory", "info", "vision memory",
+               f"{manifest.default_dtype} encoder {footprint.weights_bytes / 2**20:.1f} MiB + "
+               f"{footprint.embedding_bytes_per_image / 2**20:.2f} MiB per image ({manifest.image_tokens} tokens x "
+               f"{manifest.hidden_size} float32), beside the language model")
 
 
 # --- the board -------------------------------------------------------------------------------------------
