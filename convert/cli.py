@@ -128,6 +128,32 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                       eval_steps=eval_steps, dry_run=dry_run, as_json=as_json, verbose=verbose,
                       ignored=_explicit(click.get_current_context(), RKLLM_ONLY))
         return
+    from rkedge.convert.vlm import is_vlm_checkpoint
+
+    if is_vlm_checkpoint(model_dir) and not dry_run:
+        # A vision-language checkpoint: its language model through the pipeline below (saved alone), its vision
+        # tower through rknn-toolkit2, one vlm.json naming both (rkedge.convert.vlm).
+        from rkedge.convert.vlm import VlmRequest, convert_vlm
+        from rkedge.errors import InputError
+
+        taken = ("toolkit", "toolkit_version", "dtype", "calibration", "name", "verbose", "as_json", "backend", "model_dir",
+                 "out_dir")
+        ctx = click.get_current_context()
+        if ignored := _explicit(ctx, {p.name: p.opts[0] for p in ctx.command.params if p.name and p.name not in taken}):
+            raise InputError(f"{', '.join(ignored)}: not taken by the vision-language path (yet).",
+                             fix="drop them; a VLM converts with --toolkit, --toolkit-version, --dtype, "
+                                 "--calibration and --name")
+        reporter = StderrReporter(verbose)
+        try:
+            vlm = convert_vlm(VlmRequest(model=model_dir, out=out_dir, toolkit=toolkit, toolkit_version=toolkit_version,
+                                         llm_dtype=dtype, calibration=calibration, name=name),
+                              log=lambda line: reporter.step("vlm", line))
+        finally:
+            reporter.done()
+        lines = [json.dumps(vlm.manifest.to_dict(), indent=1, default=str)] if as_json else vlm.render()
+        for line in lines:
+            click.echo(line)
+        return
     from rkedge.convert.pipeline import convert
     from rkedge.convert.planner import ConversionRequest
 
