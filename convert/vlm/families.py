@@ -89,6 +89,8 @@ def family_of(architecture: str) -> VlmFamily | None:
 
 def vlm_family(config: dict[str, object]) -> VlmFamily | None:
     """The family of a checkpoint's ``config.json``, or None when it is not a vision-language model we know."""
+    if not isinstance(config, dict):  # a malformed config.json: the pipeline's checks say what is wrong with it
+        return None
     architectures = config.get("architectures") or []
     for name in architectures if isinstance(architectures, list) else []:
         family = family_of(str(name))
