@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rkedge.errors import BusyError, ContextLengthExceeded, GenerationError, InputError, RkedgeError
 from rkedge.runtime.chat import ChatSession
@@ -28,6 +28,8 @@ from rkedge.runtime.output_parsers import OutputDelta, OutputFormat, ToolCall
 from rkedge.runtime.server.constrained import ConstrainedStream
 from rkedge.runtime.server.metrics import Metrics
 from rkedge.runtime.tokens import TokenCounter
+
+T = TypeVar("T")
 
 #: Service time assumed before the first generation has been measured (for Retry-After only).
 FIRST_GUESS_S = 2.0
@@ -141,6 +143,38 @@ class NpuQueue:
         granted.cancel()
         with contextlib.suppress(ValueError):
             self._waiting.remove(granted)
+
+    async def hold(self, work: Callable[[], T]) -> T:
+        """Runs ``work`` on a worker thread under the slot the caller acquired, and releases the slot when the
+        work has ended: a caller cancelled meanwhile (client gone, shutdown) stops waiting, but the slot stays
+        taken until the native call returns, so no other run reaches the NPU beside it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            self.release()
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        def target() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = work()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter shutdown): nobody to tell
+                loop.call_soon_threadsafe(finish, result, error)
+
+        # A caller cancelled meanwhile never reads the outcome: read it here, so a late error is not reported as
+        # "never retrieved" (the caller who stayed still gets it through the shield).
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        threading.Thread(target=target, name="rkedge-serve-npu-call", daemon=True).start()
+        return await asyncio.shield(done)
 
     def release(self) -> None:
         while self._waiting:
@@ -552,7 +586,5 @@ async def embed(engine: Engine, inputs: list[str | list[int]], pooling: Pooling)
     except asyncio.TimeoutError:
         raise QueueTimeout(engine.queue.timeout_s, engine.retry_after()) from None
     assert waited is not None
-    try:
-        return await asyncio.to_thread(_embed_all, engine, inputs, pooling)
-    finally:
-        engine.queue.release()
+    # Released when the native calls have ended, not when this coroutine is cancelled (see NpuQueue.hold).
+    return await engine.queue.hold(lambda: _embed_all(engine, inputs, pooling))

@@ -16,6 +16,7 @@ No FastAPI import here (plain asyncio).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -241,6 +242,7 @@ class ModelPool:
 
     async def _load(self, entry: ModelEntry) -> None:
         await self._acquire()
+        handed = False  # once the worker holds the slot, it releases it when the native calls have ended
         try:
             if entry.engine is not None:
                 return
@@ -248,10 +250,12 @@ class ModelPool:
             # native calls (rkllm_destroy, rkllm_init) run on a worker thread.
             victims = self._make_room(entry)
             if victims is not None:
-                await asyncio.to_thread(self._replace, victims, entry)
+                handed = True
+                await self.queue.hold(functools.partial(self._replace, victims, entry))
                 return
         finally:
-            self.queue.release()
+            if not handed:
+                self.queue.release()
         # Every other loaded model is in use: try again once one of them may have been released.
         await asyncio.sleep(RETRY_S)
 
@@ -340,11 +344,11 @@ class ModelPool:
         if entry.engine is None:
             return
         await self._acquire()
-        try:
-            if entry.engine is not None and entry.leases == 0:
-                await asyncio.to_thread(self._free, self._detach(entry))
-        finally:
+        if entry.engine is None or entry.leases != 0:
             self.queue.release()
+            return
+        detached = self._detach(entry)
+        await self.queue.hold(functools.partial(self._free, detached))  # released when rkllm_destroy has returned
 
     async def expire(self) -> None:
         """Unloads the idle models whose keep_alive has passed."""
