@@ -17,6 +17,7 @@ from rkedge.runtime.server.engine import Embedded, Engine, Job, embed, is_embedd
 from rkedge.runtime.server.errors import ApiError, validation_error
 from rkedge.runtime.server.models import ModelEntry, ModelPool
 from rkedge.runtime.server.responses import Answer, GenerationResponse
+from rkedge.runtime.server.schemas import ImageLimits
 from rkedge.runtime.server.settings import ServerSettings
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -25,6 +26,12 @@ Body = TypeVar("Body", bound=BaseModel)
 def get_pool(request: Request) -> ModelPool:
     pool: ModelPool = request.app.state.pool
     return pool
+
+
+def get_image_limits(request: Request) -> ImageLimits:
+    """How this server takes images (``--allow-remote-images``, ``--max-image-bytes``)."""
+    settings = request.app.state.settings
+    return ImageLimits(allow_remote=settings.allow_remote_images, max_bytes=settings.max_image_bytes)
 
 
 def get_engine(request: Request) -> Engine:

@@ -336,11 +336,19 @@ class Engine:
     # -- request shaping ----------------------------------------------------------------------------------
 
     def prepare_chat(self, messages: list[dict[str, Any]], params: Params) -> Job:
+        # Images become placeholders in their message's text (refused for a model without vision), as the session
+        # renders them; the session takes these messages as they are.
+        messages = self.session.with_placeholders(messages)
+        images = sum(len(m.get("images") or ()) for m in messages)
         # Rendered once: counted here, and handed to the session, which would otherwise render it again.
         rendered = self.render(messages, params)
         last = messages[-1].get("content")
         prompt_tokens = self._check_context(rendered if rendered is not None else last if isinstance(last, str)
-                                            else "", params)
+                                            else "", params, self._image_positions(images))
+        if images and (params.grammar is not None or (params.require_tool_call and params.tools)):
+            raise InputError("structured output (response_format, format, a required tool call) with images is not "
+                             "supported: the host sampler takes text prompts only.",
+                             fix="send the images without response_format / tool_choice, or text only")
         if params.grammar is not None:
             return self._constrained(rendered, last, params, prompt_tokens)
         if params.require_tool_call and params.tools and params.lora is None:
@@ -427,14 +435,23 @@ class Engine:
             raise InputError(f"no LoRA adapter {params.lora!r} is loaded for this model.",
                              fix="start rkedge serve with --lora for it; /v1/models lists the name+adapter ids")
 
-    def prepare_text(self, prompt: str, params: Params) -> Job:
-        prompt_tokens = self._check_context(prompt, params)
+    def prepare_text(self, prompt: str, params: Params, images: list[bytes] | None = None) -> Job:
+        """A raw prompt (``images``: for a vision model, at the placeholders in ``prompt``, else in front)."""
+        if images:
+            if self.llm.vision is None:
+                self.llm.encode_images([])  # raises: this model has no vision encoder (400)
+            if params.grammar is not None:
+                raise InputError("structured output with images is not supported: the host sampler takes text "
+                                 "prompts only.", fix="send the images without format, or text only")
+        prompt_tokens = self._check_context(prompt, params, self._image_positions(len(images or ())))
         if params.grammar is not None:
             return self._constrained(prompt, prompt, params, prompt_tokens)
         kwargs, hook = self._runtime_kwargs(params)
         self._check_lora(params)
         if params.lora is not None:
             kwargs["lora"] = params.lora
+        if images:
+            kwargs["images"] = list(images)
 
         def start() -> GenerationStream:
             stream = self.llm.generate(prompt, stop=params.stop, on_token=hook, **kwargs)
@@ -466,8 +483,14 @@ class Engine:
 
         return kwargs, stop_at_limit
 
-    def _check_context(self, prompt_text: str, params: Params) -> int | None:
-        """The prompt's token count when it can be known; 400 context_length_exceeded when it cannot fit."""
+    def _image_positions(self, images: int) -> int:
+        """The context positions ``images`` images take beyond their placeholders (each one's image rows)."""
+        vision = self.llm.vision
+        return images * vision.image_tokens if vision is not None else 0
+
+    def _check_context(self, prompt_text: str, params: Params, extra_tokens: int = 0) -> int | None:
+        """The prompt's token count when it can be known; 400 context_length_exceeded when it cannot fit.
+        ``extra_tokens``: positions the text does not show (image rows)."""
         limit = self.llm.max_context_len
         if params.num_ctx is not None and params.num_ctx > 0:
             if params.num_ctx > limit:
@@ -478,7 +501,7 @@ class Engine:
             limit = params.num_ctx
         if self.counter is None:
             return None
-        tokens = self.counter(prompt_text)
+        tokens = self.counter(prompt_text) + extra_tokens
         if tokens + 1 > limit:
             raise ContextLengthExceeded(
                 f"this conversation is {tokens} tokens; the model's context is {limit} tokens "

@@ -22,6 +22,7 @@ from rkedge.runtime.server.deps import (
     body_schema,
     embedding,
     generation,
+    get_image_limits,
     get_pool,
     get_settings,
     json_body,
@@ -32,10 +33,12 @@ from rkedge.runtime.server.errors import error_response, ollama_body, to_api_err
 from rkedge.runtime.server.models import ModelEntry, ModelPool, parse_keep_alive
 from rkedge.runtime.server.responses import STATUS_KEY
 from rkedge.runtime.server.schemas import (
+    ImageLimits,
     OllamaChatRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
     conversation,
+    decode_image,
     embed_inputs,
 )
 from rkedge.runtime.server.settings import ServerSettings
@@ -162,12 +165,13 @@ def ollama_show(body: Annotated[ShowRequest, Depends(json_body(ShowRequest))],
 
 @router.post("/chat", openapi_extra=body_schema(OllamaChatRequest))
 async def ollama_chat(body: Annotated[OllamaChatRequest, Depends(json_body(OllamaChatRequest))],
-                      pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
+                      pool: Annotated[ModelPool, Depends(get_pool)],
+                      images: Annotated[ImageLimits, Depends(get_image_limits)]) -> Response:
     keep_alive = parse_keep_alive(body.keep_alive)
     if not body.messages:
         return await load_call(pool, body.model, body.keep_alive, "chat")
     params = body.params()
-    messages = conversation(body.messages)
+    messages = conversation(body.messages, images)
 
     def build(engine: Engine, adapter: str | None) -> Job:
         params.lora = adapter
@@ -179,18 +183,25 @@ async def ollama_chat(body: Annotated[OllamaChatRequest, Depends(json_body(Ollam
 
 @router.post("/generate", openapi_extra=body_schema(OllamaGenerateRequest))
 async def ollama_generate(body: Annotated[OllamaGenerateRequest, Depends(json_body(OllamaGenerateRequest))],
-                          pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
+                          pool: Annotated[ModelPool, Depends(get_pool)],
+                          limits: Annotated[ImageLimits, Depends(get_image_limits)]) -> Response:
     keep_alive = parse_keep_alive(body.keep_alive)
-    if not body.prompt and not body.system:
+    if not body.prompt and not body.system and not body.images:
         return await load_call(pool, body.model, body.keep_alive, "generate")
     params = body.params()
+    images = [decode_image(value, f"images.{index}", limits, url=False) for index, value in
+              enumerate(body.images or ())]
 
     def build(engine: Engine, adapter: str | None) -> Job:
         params.lora = adapter
         if body.raw or engine.llm.template is None:
-            return engine.prepare_text(((body.system + "\n\n") if body.system else "") + body.prompt, params)
+            return engine.prepare_text(((body.system + "\n\n") if body.system else "") + body.prompt, params,
+                                       images)
+        user: dict[str, Any] = {"role": "user", "content": body.prompt}
+        if images:
+            user["images"] = images
         messages: list[dict[str, Any]] = ([{"role": "system", "content": body.system}] if body.system else []) + \
-            [{"role": "user", "content": body.prompt}]
+            [user]
         return engine.prepare_chat(messages, params)
 
     return await generation(pool, body.model, build, lambda _e, label: OllamaAnswer("generate", label),

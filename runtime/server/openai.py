@@ -22,6 +22,7 @@ from rkedge.runtime.server.deps import (
     body_schema,
     embedding,
     generation,
+    get_image_limits,
     get_pool,
     get_settings,
     json_body,
@@ -35,6 +36,7 @@ from rkedge.runtime.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ImageLimits,
     conversation,
     embed_inputs,
 )
@@ -55,9 +57,10 @@ def list_models(pool: Annotated[ModelPool, Depends(get_pool)]) -> dict[str, Any]
 
 @router.post("/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
 async def chat_completions(body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
-                           pool: Annotated[ModelPool, Depends(get_pool)]) -> Response:
+                           pool: Annotated[ModelPool, Depends(get_pool)],
+                           images: Annotated[ImageLimits, Depends(get_image_limits)]) -> Response:
     params = body.params()
-    messages = conversation(body.messages)
+    messages = conversation(body.messages, images)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def build(engine: Engine, adapter: str | None) -> Job:

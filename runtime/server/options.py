@@ -32,6 +32,13 @@ def server_limit_options(func: F) -> F:
         (("--max-connections", "max_connections"), {
             "type": click.IntRange(1), "default": _DEFAULTS.max_connections, "show_default": True,
             "help": "Open connections; more are closed at once."}),
+        (("--allow-remote-images", "allow_remote_images"), {
+            "is_flag": True, "default": False,
+            "help": "Fetch http(s) image URLs in OpenAI image_url parts. Off by default (boards are often offline): "
+                    "images come inline as data: URLs or base64."}),
+        (("--max-image-bytes", "max_image_bytes"), {
+            "type": click.IntRange(1024), "default": _DEFAULTS.max_image_bytes, "show_default": True,
+            "help": "Largest encoded image (a request's body is also limited by --max-body-bytes)."}),
         (("--shutdown-grace", "shutdown_grace_s"), {
             "type": click.FloatRange(0), "default": _DEFAULTS.shutdown_grace_s, "show_default": True,
             "metavar": "SECONDS", "help": "On SIGTERM, generations may finish for this long; then they are aborted."}),

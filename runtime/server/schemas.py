@@ -3,13 +3,16 @@ fields that would change the answer and that rkedge cannot honour are refused wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from rkedge.errors import InputError
 from rkedge.runtime.server.constrained import grammar_for_format
 from rkedge.runtime.server.engine import Params
 from rkedge.runtime.server.errors import ApiError
+from rkedge.runtime.vision.sources import MAX_IMAGE_BYTES
 
 
 def _plain_text(text: str) -> str:
@@ -88,13 +91,6 @@ class ChatMessage(BaseModel):
     tool_name: str | None = None  # a tool result: the tool's name (Ollama)
     reasoning_content: Text | None = None  # an earlier turn's reasoning (OpenAI-style servers)
     thinking: Text | None = None  # the same, Ollama's name
-
-    @field_validator("images")
-    @classmethod
-    def _text_only(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError("images are not supported (text models only)")
-        return value
 
 
 class StreamOptions(BaseModel):
@@ -274,13 +270,6 @@ class OllamaGenerateRequest(BaseModel):
     think: bool | Literal["low", "medium", "high"] | None = None
     keep_alive: KeepAlive = None
 
-    @field_validator("images")
-    @classmethod
-    def _text_only(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError("images are not supported (text models only)")
-        return value
-
     def params(self) -> Params:
         params = self.options.params() if self.options else Params()
         params.enable_thinking = None if self.think is None else bool(self.think)
@@ -303,28 +292,89 @@ def offered_tools(tools: list[Tool] | None, choice: str | dict[str, Any] | None)
     return listed
 
 
-def text_of(content: str | list[dict[str, Any]] | None) -> str:
+@dataclass(frozen=True)
+class ImageLimits:
+    """How the server takes images: remote URLs only when allowed (``--allow-remote-images``), a size cap."""
+
+    allow_remote: bool = False
+    max_bytes: int = MAX_IMAGE_BYTES
+
+
+def _image_error(exc: InputError, param: str) -> ApiError:
+    error = ApiError(400, f"{exc.message} ({param})", code="invalid_image", param=param)
+    error.fix = exc.fix  # what to send instead, in the answer's message
+    return error
+
+
+def decode_image(value: Any, param: str, limits: ImageLimits, *, url: bool) -> bytes:
+    """One image as the API sent it (an ``image_url.url`` when ``url``, else Ollama's base64), as bytes; a 400
+    naming ``param`` when it is malformed, too large, not an accepted format, or remote on a server that
+    does not fetch."""
+    from rkedge.runtime.vision.sources import from_base64, from_image_url
+
+    if not isinstance(value, str):
+        raise ApiError(400, f"an image must be a string ({'a data: URL' if url else 'base64'}) ({param}).",
+                       code="invalid_image", param=param)
+    try:
+        if url:
+            return from_image_url(value, allow_remote=limits.allow_remote, max_bytes=limits.max_bytes)
+        return from_base64(value, max_bytes=limits.max_bytes)
+    except InputError as exc:
+        raise _image_error(exc, param) from None
+
+
+def text_of(content: str | list[dict[str, Any]] | None, where: str = "messages",
+            limits: ImageLimits | None = None) -> str | list[dict[str, Any]]:
+    """A message's content: text, or (with image parts, when ``limits`` lets images in) a list of text parts and
+    ``{"type": "image", "image": bytes}`` parts in their order, as :func:`rkedge.runtime.images.flatten_images`
+    takes them."""
     if content is None or isinstance(content, str):
         return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text":
-            raise ApiError(400, f"content part of type {part.get('type')!r} is not supported (text only).",
-                           code="unsupported_content", param="messages")
+    parts: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "image_url" and limits is not None:
+            found = part.get("image_url")
+            url = found.get("url") if isinstance(found, dict) else found
+            param = f"{where}.{index}.image_url.url"
+            parts.append({"type": "image", "image": decode_image(url, param, limits, url=True)})
+            continue
+        if kind != "text":
+            supported = "text and image_url parts" if limits is not None else "text only"
+            raise ApiError(400, f"content part of type {kind!r} is not supported: {supported} ({where}.{index}).",
+                           code="unsupported_content", param=f"{where}.{index}")
         try:
-            parts.append(_plain_text(str(part.get("text", ""))))
+            text = _plain_text(str(part.get("text", "")))
         except ValueError as exc:
-            raise ApiError(400, f"invalid request: a text part {exc} (messages)", code="invalid_request",
-                           param="messages") from None
-    return "".join(parts)
+            raise ApiError(400, f"invalid request: a text part {exc} ({where}.{index})", code="invalid_request",
+                           param=where) from None
+        texts.append(text)
+        parts.append({"type": "text", "text": text})
+    if len(texts) == len(parts):
+        return "".join(texts)
+    return parts
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The messages as the model's template takes them (Hugging Face's shape: tool-call arguments as objects)."""
+def conversation(messages: list[ChatMessage], images: ImageLimits | None = None) -> list[dict[str, Any]]:
+    """The messages as the model's template takes them (Hugging Face's shape: tool-call arguments as objects).
+
+    User messages may carry images (OpenAI ``image_url`` parts, Ollama ``images``), decoded here to bytes within
+    ``images``' limits; whether the model can see them is the engine's to say (a model without vision: 400)."""
+    limits = images or ImageLimits()
     out: list[dict[str, Any]] = []
-    for m in messages:
+    for number, m in enumerate(messages):
+        where = f"messages.{number}"
+        user = m.role == "user"
+        if not user and (m.images or (isinstance(m.content, list)
+                                      and any(p.get("type") == "image_url" for p in m.content))):
+            raise ApiError(400, f"only user messages can carry images ({where}).", code="invalid_image",
+                           param=f"{where}.images" if m.images else f"{where}.content")
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                                   "content": text_of(m.content)}
+                                   "content": text_of(m.content, f"{where}.content", limits if user else None)}
+        if m.images:
+            message["images"] = [decode_image(value, f"{where}.images.{index}", limits, url=False)
+                                 for index, value in enumerate(m.images)]
         if m.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.function.name,

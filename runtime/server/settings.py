@@ -39,6 +39,8 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # reading one request body
     send_timeout_s: float = 30.0  # a client that does not take a piece of its answer for this long is let go
     shutdown_grace_s: float = 10.0  # in-flight generations may finish this long after SIGTERM, then are aborted
+    allow_remote_images: bool = False  # fetch http(s) image URLs (boards are often offline: data: URLs only)
+    max_image_bytes: int = 20 * 2**20  # one encoded image (sources.MAX_IMAGE_BYTES); within max_body_bytes too
     # -- browser exposure ------------------------------------------------------------------------------------
     allowed_hosts: tuple[str, ...] = ()  # Host header values; default: see hosts()
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (opt-in)
