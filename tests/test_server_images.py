@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +212,67 @@ def test_the_ollama_client_sends_an_image(vlm_folder, call_log):
         llm.close()
     seen = call_log.last("multimodal_input")
     assert seen["accepted"] is True and seen["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN
+
+
+def test_api_show_lists_vision_for_a_vlm_only(served, tmp_path):
+    client, _ = served
+    shown = client.post("/api/show", json={"model": client.app.state.model_name})
+    assert shown.status_code == 200 and "vision" in shown.json()["capabilities"]
+    from fastapi.testclient import TestClient
+
+    app, llm = make_app(write_model(tmp_path / "served.rkllm"))
+    try:
+        with TestClient(app, base_url=LOOPBACK) as text_client:
+            assert "vision" not in text_client.post("/api/show", json={"model": "served"}).json()["capabilities"]
+    finally:
+        llm.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt install chromium)")
+def test_the_page_sends_a_chosen_and_a_pasted_image(vlm_folder, call_log, tmp_path):
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chosen = tmp_path / "chosen.png"
+    chosen.write_bytes(picture(12))
+    pasted = base64.b64encode(picture(13)).decode()
+    app, llm = make_app(vlm_folder)
+    server = LiveServer(app)
+    requested: list[str] = []
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 900, "height": 600})
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(server.url + "/")
+            page.set_input_files("#file", str(chosen))
+            page.wait_for_selector("#pending img")
+            page.fill("#input", "What is in it?")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-state=done]", timeout=60000)
+            assert page.query_selector(".user img") is not None, "the sent image is shown in its bubble"
+            assert page.query_selector("#pending img") is None, "attachments are cleared once sent"
+            page.evaluate("""(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+                document.getElementById("input").dispatchEvent(
+                    new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true, cancelable: true}));
+            }""", pasted)
+            page.wait_for_selector("#pending img")
+            page.fill("#input", "And this one?")
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-state=done] >> nth=1", timeout=60000)
+            errors = page.query_selector_all(".error")
+            browser.close()
+    finally:
+        server.stop()
+        llm.close()
+    assert errors == []
+    images = call_log.entries("multimodal_input")
+    assert len(images) == 2 and all(i["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN for i in images)
+    assert images[0]["image"]["embed_sum"] != images[1]["image"]["embed_sum"], "the pasted image is another one"
+    assert requested and all(url.startswith(server.url) or url.startswith("data:") for url in requested), requested

@@ -156,11 +156,26 @@ def ollama_show(body: Annotated[ShowRequest, Depends(json_body(ShowRequest))],
         capabilities.append("tools")
     if "enable_thinking" in template or "<think>" in template:
         capabilities.append("thinking")
+    if _has_vision(entry):
+        capabilities.append("vision")  # Ollama clients offer images to models that list it
     if is_embedding_model(meta):
         capabilities = ["embedding"]
     return {"modelfile": f"# served by rkedge\nFROM {entry.path}\n", "parameters": parameters, "template": template,
             "details": info, "model_info": model_info, "capabilities": capabilities,
             "modified_at": _time(entry.path.stat().st_mtime), "license": str(meta.get("license") or "")}
+
+
+def _has_vision(entry: ModelEntry) -> bool:
+    """The model has a vision encoder (a vlm.json names it), without opening the encoder or loading the model."""
+    if entry.engine is not None:
+        return entry.engine.llm.vision is not None
+    from rkedge.errors import RkedgeError
+    from rkedge.runtime.images import locate_vision
+
+    try:
+        return locate_vision(entry.path, None)[1] is not None
+    except RkedgeError:
+        return False
 
 
 @router.post("/chat", openapi_extra=body_schema(OllamaChatRequest))
