@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("rknn.api")
 
-from server_helpers import LOOPBACK, LiveServer, make_app, write_model
+from server_helpers import LOOPBACK, LiveServer, make_app, wait_for, write_model
 from tiny_vlms import png_bytes, varied_images
 from vlm_helpers import converted
 
@@ -276,3 +276,52 @@ def test_the_page_sends_a_chosen_and_a_pasted_image(vlm_folder, call_log, tmp_pa
     assert len(images) == 2 and all(i["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN for i in images)
     assert images[0]["image"]["embed_sum"] != images[1]["image"]["embed_sum"], "the pasted image is another one"
     assert requested and all(url.startswith(server.url) or url.startswith("data:") for url in requested), requested
+
+
+def test_rkedge_serve_mock_answers_a_data_png_and_refuses_remote_urls_without_the_flag(vlm_folder, call_log):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "rkedge", "serve", str(vlm_folder), "--mock", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RKEDGE_MOCK_CALL_LOG": str(call_log.path)})
+    url = f"http://127.0.0.1:{port}"
+
+    def post(message: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                         data=json.dumps({"messages": [message]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return proc.poll() is not None  # ended: stop waiting, the assertions below say why
+
+    try:
+        wait_for(healthy, timeout=90)
+        assert proc.poll() is None, proc.communicate()[1]
+        status, answer = post(image_message(data_url(picture(14))))
+        remote_status, remote = post(image_message("http://127.0.0.1:9/cat.png"))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer
+    seen = call_log.last("multimodal_input")
+    assert seen["accepted"] is True and seen["image"]["embed_floats"] == IMAGE_TOKENS * HIDDEN
+    assert remote_status == 400 and remote["error"]["param"] == "messages.0.content.1.image_url.url"
+    assert "--allow-remote-images" in remote["error"]["message"]

@@ -315,6 +315,11 @@ def decode_image(value: Any, param: str, limits: ImageLimits, *, url: bool) -> b
     if not isinstance(value, str):
         raise ApiError(400, f"an image must be a string ({'a data: URL' if url else 'base64'}) ({param}).",
                        code="invalid_image", param=param)
+    if url and value.startswith(("http://", "https://")) and not limits.allow_remote:
+        error = ApiError(400, f"remote image URLs are off on this server: boards are often offline ({param}).",
+                         code="invalid_image", param=param)
+        error.fix = "send the image inline as a data: URL, or start rkedge serve with --allow-remote-images"
+        raise error
     try:
         if url:
             return from_image_url(value, allow_remote=limits.allow_remote, max_bytes=limits.max_bytes)
