@@ -126,11 +126,12 @@ def board_memory_budget(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def model_files(paths: Iterable[Path]) -> list[Path]:
     """The model files among ``paths``: files as given; in a folder its ``*.rkllm`` and simulated models (LoRA
     adapters, prompt caches and manifests skipped), by name."""
+    from rkedge.manifest import BUNDLE_FILE
     from rkedge.modelfile import is_simulated_model
 
     found: list[Path] = []
     for path in paths:
-        if not path.is_dir():
+        if not path.is_dir() or (path / BUNDLE_FILE).is_file():  # a file, or an RKNN bundle (itself one model)
             found.append(path)
             continue
         for child in sorted(path.iterdir()):
