@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rkedge.errors import InputError
 from rkedge.runtime.vision.bundle import ImageTags, VlmManifest
+from rkedge.versions import version_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,18 +25,14 @@ if TYPE_CHECKING:
     from rkedge.runtime.abi._native import MultimodalInput
 
 
-def _abi_key(abi: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in abi.split("."))
-
-
 def tags_at_init(abi: str) -> bool:
     """Up to ABI 1.2.3 the image tags are ``RKLLMParam`` fields, set once at init (ABI.md)."""
-    return _abi_key(abi) < (1, 3, 0)
+    return version_key(abi) < (1, 3, 0)
 
 
 def images_per_input(abi: str) -> int | None:
     """The most images one input can carry: 1 before ABI 1.2.1 (no ``n_image``), otherwise no fixed limit."""
-    return 1 if _abi_key(abi) < (1, 2, 1) else None
+    return 1 if version_key(abi) < (1, 2, 1) else None
 
 
 def init_image_tags(manifest: VlmManifest, abi: str) -> tuple[str, str, str] | None:
@@ -49,7 +46,7 @@ def refuse_media(kind: str, manifest: VlmManifest, abi: str) -> InputError:
     needs = {"video": (1, 3, 0), "audio": (1, 3, 1)}.get(kind)
     if needs is None:
         return InputError(f"unknown media kind {kind!r}.", fix="send images")
-    if _abi_key(abi) < needs:
+    if version_key(abi) < needs:
         return InputError(f"{kind} input needs runtime ABI {'.'.join(map(str, needs))} or newer (this is {abi}).",
                           fix="send images, or update librkllmrt.so on the board")
     return InputError(f"{manifest.name} ({manifest.family}) was converted with an image encoder only; rkedge does "
