@@ -339,7 +339,7 @@ class ChatSession:
                 raise InputError(f"tools need the model's chat template or runtime function calling (ABI 1.2.1 or "
                                  f"newer; this library is {llm.abi}).", fix="pass the model's .jinja template")
             tools_json = json.dumps(tools, ensure_ascii=False)
-            if tools_json != llm._runtime_tools:
+            if tools_json != llm.runtime_tools:
                 llm.set_function_tools("", tools_json, "tool_response")
                 # UNKNOWN whether librkllmrt keeps the cache across a new tool list: start this conversation over.
                 if llm.kv_cache_owner is self:

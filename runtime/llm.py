@@ -560,6 +560,11 @@ class LLM:
         self._backend.set_function_tools(system_prompt, tools_json, tool_response_str)
         self._runtime_tools = tools_json
 
+    @property
+    def runtime_tools(self) -> str | None:
+        """The tools JSON ``rkllm_set_function_tools`` last received (None: never set)."""
+        return self._runtime_tools
+
     # -- lifetime -----------------------------------------------------------------------------------------
 
     def close(self) -> None:

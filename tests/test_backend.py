@@ -174,9 +174,11 @@ def test_the_rkllm_backend_turns_return_codes_into_errors_with_a_fix(
 
 def test_chat_sessions_use_only_public_llm_methods() -> None:
     tree = ast.parse((RUNTIME / "chat.py").read_text())
+    # `self.llm._x`, and `llm._x` through a local alias (`llm = self.llm`).
     private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                      and isinstance(node.value, ast.Attribute) and node.value.attr == "llm"
-                      and node.attr.startswith("_")})
+                      and node.attr.startswith("_") and not node.attr.startswith("__")
+                      and ((isinstance(node.value, ast.Attribute) and node.value.attr == "llm")
+                           or (isinstance(node.value, ast.Name) and node.value.id == "llm"))})
     assert private == [], f"ChatSession reaches into LLM privates: {private}"
 
 
