@@ -237,6 +237,7 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
 
     spec, arch_findings = architectures.check_architecture(info.config, toolkit_version)
     findings += arch_findings
+    findings += _check_vision_language(info)
     findings += _check_platform_dtype(request, rules, toolkit_version)
     findings += _check_algorithm(request, rules, toolkit_version)
     findings += _check_cores_context_hybrid(request, rules, toolkit_version)
@@ -326,6 +327,22 @@ def _check_adapter(request: ConversionRequest) -> tuple[AdapterInfo | None, list
 
 
 # --- individual checks --------------------------------------------------------------------------------------
+
+def _check_vision_language(info: CheckpointInfo) -> list[Finding]:
+    """A vision-language checkpoint planned as a plain LLM (a dry run, or a direct caller of the pipeline): say
+    that the toolkit step takes only its language model and that `rkedge convert` runs the VLM path."""
+    from rkedge.convert.vlm.families import vlm_family
+
+    family = vlm_family(info.config)
+    if family is None:
+        return []
+    return [Finding("vlm.llm-only", "warning",
+                    f"{info.path} is a vision-language model ({family.key}): the toolkit step converts only its "
+                    f"language model (saved alone as {family.llm_architecture}); the vision encoder is built "
+                    "with rknn-toolkit2.",
+                    "run `rkedge convert` without --dry-run to convert both (the .rkllm, the vision .rknn and "
+                    "vlm.json)", "convert/vlm/families.py")]
+
 
 def _check_platform_dtype(request: ConversionRequest, rules: ToolkitRules, version: str) -> list[Finding]:
     platform, dtype = request.platform, request.dtype

@@ -39,6 +39,14 @@ def test_convert_refuses_options_the_vlm_path_does_not_take(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dry_run_on_a_vlm_says_the_toolkit_step_takes_only_the_language_model(tmp_path):
+    model = make_qwen2_vl(tmp_path / "qwen2-vl")
+    run = run_cli("convert", str(model), "--out", str(tmp_path / "out"), "--toolkit", "mock", "--dry-run", "--json")
+    findings = {f["id"]: f for f in json.loads(run.stdout)["findings"]}
+    assert "vlm.llm-only" in findings, run.stdout[-2000:]
+    assert findings["vlm.llm-only"]["severity"] == "warning" and "without --dry-run" in findings["vlm.llm-only"]["fix"]
+
+
 def test_plan_on_a_vlm_checkpoint_counts_the_encoder(tmp_path):
     pytest.importorskip("transformers")
     from rkedge.convert.inspect import inspect_checkpoint
