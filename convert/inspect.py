@@ -335,20 +335,30 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
 
 def inspect_rkllm(path: str | Path) -> dict[str, Any]:
     """A ``.rkllm``: simulated (our header + manifest) or vendor (trailer, sidecar manifest)."""
+    from rkedge.errors import ModelFileError
+    from rkedge.manifest import read_manifest
     from rkedge.runtime.simmodel import read_simulated_model
 
     path = Path(path)
-    sidecar = path.with_name(path.name + ".json")
-    manifest = read_json(sidecar) if sidecar.is_file() else None
+    manifest_problem: str | None = None
+    try:  # the one manifest reader; a broken sidecar is reported, since inspect is where people look
+        read = read_manifest(path)
+        manifest: dict[str, Any] | None = read.to_dict() if read is not None else None
+    except ModelFileError as exc:
+        manifest, manifest_problem = None, str(exc)
     sniffed = sniff_rkllm(path)
+    info: dict[str, Any]
     if sniffed.simulated:
-        return {"kind": "simulated-rkllm", "path": str(path), "size": sniffed.size,
+        info = {"kind": "simulated-rkllm", "path": str(path), "size": sniffed.size,
                 "note": "rkedge simulated model: runs on the simulated NPU only (no weights)",
                 "simulated_manifest": read_simulated_model(path), "manifest": manifest}
-    info: dict[str, Any] = {"kind": "rkllm", "path": str(path), "size": sniffed.size,
-                            "toolkit_version_trailer": sniffed.toolkit_version_trailer, "manifest": manifest}
+    else:
+        info = {"kind": "rkllm", "path": str(path), "size": sniffed.size,
+                "toolkit_version_trailer": sniffed.toolkit_version_trailer, "manifest": manifest}
     if sniffed.problem:
         info["problem"] = sniffed.problem
+    if manifest_problem:
+        info["manifest_problem"] = manifest_problem
     return info
 
 

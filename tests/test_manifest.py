@@ -194,3 +194,14 @@ def test_special_tokens_reach_the_runtime_template(tmp_path: Path) -> None:
     bad = {**data, "special_tokens": ["<bos>"]}
     with pytest.raises(ModelFileError, match="special_tokens"):
         Manifest.from_dict(bad)
+
+
+def test_inspect_reads_a_model_manifest_through_the_one_reader(tmp_path: Path) -> None:
+    from rkedge.convert.inspect import inspect_rkllm
+    from rkedge.runtime.simmodel import simulated_manifest, write_simulated_model
+
+    model = write_simulated_model(tmp_path / "m.rkllm", simulated_manifest())
+    sidecar = tmp_path / "m.rkllm.json"
+    sidecar.write_text("[1, 2]")  # not a manifest: reported, not shown as if it were one
+    info = inspect_rkllm(model)
+    assert info["manifest"] is None and "manifest" in info["manifest_problem"]
