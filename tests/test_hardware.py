@@ -94,12 +94,24 @@ def test_the_real_toolkit_converts_a_tiny_model(tmp_path: Path) -> None:
 
 @pytest.mark.toolkit
 def test_the_real_toolkit_refusal_becomes_a_finding(tmp_path: Path) -> None:
+    """The toolkit's own F-2 text, not the planner's: the job goes to the worker directly (the planner would refuse
+    w4a16 for RK3588 before the toolkit ever ran)."""
     from tiny_models import make_checkpoint
+
+    from rkedge.convert.toolkit import build_job, resolve_toolkit, run_job
 
     python = _needs("RKEDGE_TEST_TOOLKIT", "the python of an rkllm-toolkit environment")
     model = make_checkpoint(tmp_path / "tiny-llama", "llama")
-    # w4a16 is refused for RK3588 by the planner already; the toolkit's own text is F-2 (rknn-llm#535).
-    done = run_cli("convert", str(model), "--out", str(tmp_path / "out"), "--toolkit", str(python),
-                   "--dtype", "w4a16", "--json", timeout=3600)
-    assert done.returncode == 2
-    assert "F-2" in done.stdout + done.stderr
+    env = resolve_toolkit(str(python), None)
+    assert not env.simulated
+    job = build_job(load_method="load_huggingface",
+                    load_kwargs={"model": str(model), "model_lora": None, "device": "cpu"},
+                    build_kwargs={"do_quantization": True, "optimization_level": 0, "quantized_dtype": "w4a16",
+                                  "quantized_algorithm": "normal", "target_platform": "rk3588",
+                                  "num_npu_core": 3, "dataset": None, "hybrid_rate": 0.0},
+                    export_kwargs={"export_path": str(tmp_path / "out.rkllm")})
+    result = run_job(env, job, timeout=3600)
+    assert not result.ok
+    refusals = [f for f in result.findings if f.id == "F-2"]
+    assert refusals and "toolkit said" in refusals[0].source, result.log_lines[-20:]
+    assert not (tmp_path / "out.rkllm").exists()
