@@ -23,9 +23,11 @@ from typing import Any
 
 from rkedge import fit
 from rkedge.boards import SYSFS, match_board, soc_from_compatible
-from rkedge.errors import RkedgeError
+from rkedge.errors import ModelFileError, RkedgeError
 from rkedge.failures import scan
 from rkedge.fit import DRIVER_FAIL_BELOW, DRIVER_WARN_BELOW, GIB, RUNTIME_OVERHEAD_BYTES
+from rkedge.manifest import Manifest
+from rkedge.modelfile import check_model_file
 from rkedge.versions import version_key
 
 RKLLM_SOCS = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3588s2": "rk3588", "rk3582": "rk3588",
@@ -365,6 +367,14 @@ def _check_model(report: DoctorReport, model: Path, *, soc: str | None, memory: 
     report.facts["model"] = {"path": str(model), "metadata_from": source, "toolkit_version": toolkit,
                              "platform": platform, "dtype": meta.get("dtype"),
                              "max_context_limit": meta.get("max_context_limit")}
+    if isinstance(meta, Manifest):
+        # The same rule the runtime applies at load (name and size), plus the digest: doctor has time to hash.
+        try:
+            check_model_file(meta, model, verify_sha256=True)
+        except ModelFileError as exc:
+            report.add("model.manifest", "fail", "model vs manifest", exc.message, exc.fix)
+        else:
+            report.add("model.manifest", "ok", "model vs manifest", "name, size and sha256 match")
     simulated = bool(meta.get("simulated")) or source == "simulated model"
     if simulated and not runtime.get("simulated"):
         report.add("model.kind", "fail", "model", f"{model.name} is an rkedge simulated model (no weights); a real "

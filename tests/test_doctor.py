@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -104,8 +105,9 @@ def write_vendor_like_model(folder: Path, *, toolkit: str, weight_gb: float, pla
     """A stand-in for a converted file plus its manifest (doctor reads the manifest, never the weights)."""
     model = folder / "model.rkllm"
     model.write_bytes(b"\0" * 1024 + b"rkllm-toolkit version: " + toolkit.encode())
-    manifest = {"schema": "rkedge-manifest", "schema_version": 1, "model_file": model.name, "sha256": "0",
-                "size": 1024, "platform": platform, "dtype": "w8a8", "toolkit": {"version": toolkit},
+    data = model.read_bytes()
+    manifest = {"schema": "rkedge-manifest", "schema_version": 1, "model_file": model.name,
+                "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "platform": platform, "dtype": "w8a8", "toolkit": {"version": toolkit},
                 "max_context_limit": 4096, "toolkit_calls": {}, "simulated": False,
                 "estimate": {"weight_bytes": int(weight_gb * GIB), "embedding_bytes": 0, "kv_cache_bytes": 0}}
     (folder / "model.rkllm.json").write_text(json.dumps(manifest))
@@ -132,6 +134,21 @@ def test_model_checks_against_board_and_runtime(tmp_path):
     assert checks["model.memory"] == "fail" and checks["model.iommu"] == "warn"
     rk3576 = write_vendor_like_model(models, toolkit="1.2.2", weight_gb=1.0, platform="rk3576")
     assert statuses(run_doctor(root, model=rk3576))["model.platform"] == "fail"
+
+
+def test_a_model_its_manifest_does_not_describe_fails_as_chat_would_refuse_it(tmp_path):
+    root = make_root(tmp_path, model="Radxa ROCK 5B", compatible=["radxa,rock-5b", "rockchip,rk3588"], ram_gb=16,
+                     driver="0.9.8")
+    models = tmp_path / "models"
+    models.mkdir()
+    model = write_vendor_like_model(models, toolkit="1.2.2", weight_gb=1.0)
+    assert statuses(run_doctor(root, model=model))["model.manifest"] == "ok"
+    model.write_bytes(model.read_bytes()[:-1] + b"X")  # same size, other bytes: only the digest can tell
+    report = run_doctor(root, model=model)
+    check = next(c for c in report.checks if c.id == "model.manifest")
+    assert check.status == "fail" and check.fix
+    model.write_bytes(b"\0" * 10)  # an old conversion left beside a newer manifest
+    assert statuses(run_doctor(root, model=model))["model.manifest"] == "fail"
 
 
 def test_library_is_found_and_its_abi_selected_as_chat_would(tmp_path, monkeypatch):
