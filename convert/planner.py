@@ -516,11 +516,15 @@ def _check_weights(info: CheckpointInfo) -> list[Finding]:
             found.setdefault(int(match.group(1)), set()).add(name[match.end():])
     if isinstance(layers, int) and found:
         missing = [i for i in range(layers) if i not in found]
-        every = set().union(*found.values())
-        partial = sorted(i for i, names in found.items() if i < layers and names != every)
+        # A layer is cut short when it holds a strict subset of another layer's tensors. Comparing against the
+        # union of all layers instead would refuse models whose layers differ by design (RecurrentGemma's
+        # recurrent and attention blocks, dense and MoE layers).
+        fuller = {i: other for i, names in found.items() if i < layers
+                  for other in [next((o for o in found.values() if names < o), None)] if other is not None}
+        partial = sorted(fuller)
         if missing or partial:
             detail = (f"layers {_ranges(missing)} have no tensors" if missing else
-                      f"layer {partial[0]} lacks {sorted(every - found[partial[0]])[0]}")
+                      f"layer {partial[0]} lacks {sorted(fuller[partial[0]] - found[partial[0]])[0]}")
             findings.append(Finding("weights.incomplete", "error",
                                     f"the checkpoint is incomplete: config.json says {layers} layers, but {detail} "
                                     "(a shard missing from the index or the folder?).", _DAMAGED, "safetensors"))

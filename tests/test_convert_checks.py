@@ -237,3 +237,25 @@ def test_a_gguf_header_is_read_with_gguf_py(tmp_path):
     not_gguf.write_bytes(b"GGML" + bytes(60))
     with pytest.raises(InputError, match="not a GGUF file"):
         inspect_path(not_gguf)
+
+
+def test_layers_that_differ_by_design_are_not_taken_for_a_cut_checkpoint(tiny):
+    # RecurrentGemma's recurrent and attention blocks hold different tensors; neither is a damaged copy.
+    assert "weights.incomplete" not in ids(check(tiny["recurrent_gemma"]))
+
+
+def test_a_layer_missing_one_tensor_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny["llama"], folder)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    victim = "model.layers.1.self_attn.k_proj.weight"
+    shard = folder / index["weight_map"].pop(victim)
+    tensors = load_file(shard)
+    del tensors[victim]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    findings = [f for f in check(folder).findings if f.id == "weights.incomplete"]
+    assert findings and "layer 1 lacks self_attn.k_proj.weight" in findings[0].message
