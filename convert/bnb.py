@@ -17,6 +17,11 @@ The arithmetic is bitsandbytes' own CPU path (``backends/default/ops.py``: code 
 then one cast to the stored dtype), so the result equals ``bitsandbytes.functional.dequantize_4bit`` /
 ``int8_vectorwise_dequant`` (tests/test_bnb.py compares both, and the logits). bitsandbytes itself is not needed.
 Every other tensor is copied as it is stored.
+
+Memory: every output header is computed up front from the input headers and each 4-bit weight's JSON state
+(:func:`plan_dequantization`), then tensors are streamed one at a time, each dequantized in chunks of whole
+blocks: the host holds about one weight, never a shard. The planner sees the checkpoint through
+:func:`dequantized_view` (the float checkpoint's shapes and sizes), before anything is written.
 """
 
 from __future__ import annotations
@@ -24,15 +29,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rkedge.errors import InputError
 
 if TYPE_CHECKING:
     import torch
+
+    from rkedge.convert.inspect import CheckpointInfo
+    from rkedge.convert.safetensors_index import TensorInfo
+    from rkedge.lora._tensors import TensorReader
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
 #: Companions of a 4-bit weight ``<m>.weight``: stored as ``<m>.weight<suffix>``.
@@ -111,11 +120,18 @@ def _model_dtype(config: dict[str, Any]) -> str | None:
 
 def quantization_of(checkpoint_dir: str | Path) -> SourceQuantization | None:
     """The checkpoint's quantization, or None when its config records none."""
-    config = _config(checkpoint_dir)
+    return quantization_from_config(_config(checkpoint_dir))
+
+
+def quantization_from_config(config: dict[str, Any]) -> SourceQuantization | None:
+    """:func:`quantization_of` for an already read ``config.json`` (top level, else its ``text_config``)."""
     q = config.get("quantization_config")
+    if not q and isinstance(config.get("text_config"), dict):
+        q = config["text_config"].get("quantization_config")
     if not isinstance(q, dict) or not q:
         return None
-    method = str(q.get("quant_method") or "unknown")
+    legacy = any(q.get(k) for k in ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit"))
+    method = str(q.get("quant_method") or ("bitsandbytes" if legacy else "unknown"))  # old configs had no method
     if method != "bitsandbytes":
         return SourceQuantization(method)
     if q.get("load_in_4bit") or q.get("_load_in_4bit"):
@@ -154,31 +170,66 @@ def blockwise_dequantize(codes: torch.Tensor, code: torch.Tensor, absmax: torch.
     return out
 
 
-def dequantize_4bit(packed: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One 4-bit weight from its stored parts (keys: the suffixes in FOUR_BIT_PARTS)."""
+#: Elements dequantized at a time (whole blocks): the float32 intermediates of one weight stay ~100 MB whatever
+#: its size (a 4-bit weight's codes, scales and values would otherwise be ~20 bytes per element at once).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def dequantize_4bit(packed: torch.Tensor, parts: dict[str, torch.Tensor], *,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """One 4-bit weight from its stored parts (keys: the suffixes in FOUR_BIT_PARTS), ``chunk_elements`` at a
+    time (each element's arithmetic is the same whatever the chunking)."""
     import math
 
     import torch
 
-    state_key = next(k for k in parts if k.startswith(QUANT_STATE))
-    state = json.loads(bytes(parts[state_key].to(torch.uint8).tolist()).decode("utf-8"))
+    state = _quant_state(parts)
     shape, blocksize = [int(s) for s in state["shape"]], int(state["blocksize"])
     absmax = parts[".absmax"]
     if ".nested_absmax" in parts:  # double quantization: the block scales are 8-bit themselves
         absmax = blockwise_dequantize(absmax, parts[".nested_quant_map"].float(), parts[".nested_absmax"].float(),
                                       int(state.get("nested_blocksize", 256)))
         absmax = absmax + float(state.get("nested_offset", 0.0))
-    raw = packed.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    codes = torch.empty(raw.numel() * 2, dtype=torch.int32)
-    codes[0::2], codes[1::2] = raw >> 4, raw & 0xF
+    absmax, code = absmax.float(), parts[".quant_map"].float()
+    dtype = _torch_dtype(str(state["dtype"]))
+    raw = packed.contiguous().view(torch.uint8).reshape(-1)
     n = math.prod(shape)
-    values = blockwise_dequantize(codes[:n], parts[".quant_map"].float(), absmax.float(), blocksize)
-    return values.reshape(shape).to(_torch_dtype(str(state["dtype"])))
+    out = torch.empty(n, dtype=dtype)
+    step = max(1, chunk_elements // (2 * blocksize)) * 2 * blocksize  # whole blocks, whole bytes
+    for begin in range(0, n, step):
+        end = min(n, begin + step)
+        pairs = raw[begin // 2:(end + 1) // 2].to(torch.int32)
+        codes = torch.stack((pairs >> 4, pairs & 0xF), dim=1).reshape(-1)[: end - begin]  # high nibble first
+        out[begin:end] = blockwise_dequantize(codes, code, absmax[begin // blocksize:], blocksize).to(dtype)
+    return out.reshape(shape)
 
 
-def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One LLM.int8 weight: each row times its absmax / 127 (bitsandbytes' int8_vectorwise_dequant), in ``dtype``."""
-    return (weight * scb.float().view(-1, 1) * 7.874015718698502e-3).to(dtype)
+def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype, *,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """One LLM.int8 weight: each row times its absmax / 127 (bitsandbytes' int8_vectorwise_dequant), in ``dtype``,
+    a few rows at a time."""
+    import torch
+
+    out = torch.empty(weight.shape, dtype=dtype)
+    scale = scb.float().view(-1, 1)
+    rows = max(1, chunk_elements // max(1, weight.numel() // max(1, weight.shape[0])))
+    for begin in range(0, weight.shape[0], rows):
+        end = begin + rows
+        out[begin:end] = (weight[begin:end] * scale[begin:end] * 7.874015718698502e-3).to(dtype)
+    return out
+
+
+def _quant_state(parts: dict[str, Any]) -> dict[str, Any]:
+    """The JSON quantization state bitsandbytes stores (as uint8) beside a 4-bit weight; ``parts`` values are
+    tensors or raw bytes."""
+    key = next(k for k in parts if k.startswith(QUANT_STATE))
+    value = parts[key]
+    data = bytes(value) if isinstance(value, (bytes, bytearray)) else bytes(value.to("cpu").view(-1).tolist())
+    state = json.loads(data.decode("utf-8"))
+    if not isinstance(state, dict) or "shape" not in state or "dtype" not in state:
+        raise InputError(f"the bitsandbytes quantization state {key} is not the JSON bitsandbytes writes.",
+                         fix="re-save the checkpoint with bitsandbytes >= 0.43")
+    return state
 
 
 class _Tensors:
@@ -219,16 +270,106 @@ def _plan(keys: set[str]) -> tuple[dict[str, str], set[str]]:
     return kinds, companions
 
 
+def quantized_weights(tensors: Mapping[str, TensorInfo]) -> dict[str, str]:
+    """The stored weights bitsandbytes quantized, by name -> "4bit" | "int8" (empty for a plain checkpoint)."""
+    return _plan(set(tensors))[0]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the dequantized checkpoint: what is written (dtype code, shape) and what it comes from."""
+
+    name: str
+    kind: str  # "4bit" | "int8" (dequantized) | "copy" (written as stored)
+    code: str  # safetensors dtype code written
+    shape: tuple[int, ...]
+    stored: TensorInfo  # the stored tensor (a quantized weight's packed codes)
+
+    @property
+    def nbytes(self) -> int:
+        from rkedge.lora._tensors import nbytes
+
+        return nbytes(self.code, self.shape)
+
+
+def plan_dequantization(tensors: Mapping[str, TensorInfo], source: SourceQuantization, config: dict[str, Any],
+                        reader: TensorReader | None = None) -> list[PlannedTensor]:
+    """Every tensor the dequantized checkpoint holds, in stored order, with its shape and dtype: read from the
+    headers and each 4-bit weight's small JSON quantization state (no torch, no weight data)."""
+    from rkedge.convert.safetensors_index import DTYPE_CODES
+    from rkedge.lora._tensors import TensorReader
+
+    kinds, companions = _plan(set(tensors))
+    int8_code = DTYPE_CODES.get(DTYPES.get(source.compute_dtype or _model_dtype(config) or "float16", ""), "F16")
+    own = reader is None
+    reader = reader or TensorReader()
+    planned: list[PlannedTensor] = []
+    try:
+        for name, stored in tensors.items():
+            if name in companions:
+                continue
+            kind = kinds.get(name, "copy")
+            if kind == "4bit":
+                state = _quant_state({k: reader.read_bytes(tensors[name + k]) for k in FOUR_BIT_PARTS
+                                      if k.startswith(QUANT_STATE) and name + k in tensors})
+                code = DTYPE_CODES.get(DTYPES.get(str(state["dtype"]), ""))
+                if code is None:
+                    raise InputError(f"{name}: bitsandbytes recorded dtype {state['dtype']!r}, not a float dtype.",
+                                     fix="re-save the checkpoint with bitsandbytes >= 0.43")
+                planned.append(PlannedTensor(name, kind, code, tuple(int(s) for s in state["shape"]), stored))
+            elif kind == "int8":
+                planned.append(PlannedTensor(name, kind, int8_code, stored.shape, stored))
+            else:
+                planned.append(PlannedTensor(name, kind, stored.dtype, stored.shape, stored))
+    finally:
+        if own:
+            reader.close()
+    return planned
+
+
+def dequantized_tensors(tensors: Mapping[str, TensorInfo], source: SourceQuantization,
+                        config: dict[str, Any]) -> dict[str, TensorInfo]:
+    """The tensors the dequantized checkpoint will hold, as headers would describe them (for planning: shapes,
+    dtypes and sizes are those written; ``file``/``offsets`` do not address the dequantized values)."""
+    from rkedge.convert.safetensors_index import TensorInfo
+
+    return {t.name: TensorInfo(t.name, t.code, t.shape, t.stored.file, (0, t.nbytes))
+            for t in plan_dequantization(tensors, source, config)}
+
+
+def dequantized_view(info: CheckpointInfo) -> CheckpointInfo:
+    """``info`` as the planner should see a bitsandbytes checkpoint rkedge dequantizes: the tensors, parameter
+    count, sizes and dtypes of the float checkpoint it becomes (``quantization_config`` stays, so the planner
+    still knows what the source was). Any other checkpoint is returned as it is."""
+    import dataclasses
+
+    source = quantization_from_config(info.config)
+    if source is None or not source.dequantizable or not quantized_weights(info.tensors):
+        return info
+    return dataclasses.replace(info, tensors=dequantized_tensors(info.tensors, source, info.config))
+
+
 def dequantize_checkpoint(src: str | Path, dst: str | Path, *, progress: Callable[[str], None] | None = None,
                           shard_bytes: int = DEFAULT_SHARD_BYTES) -> DequantizedInfo:
-    """A plain safetensors checkpoint in ``dst`` from the bitsandbytes checkpoint ``src``, one input shard at a
-    time (the host holds at most one output shard, ``shard_bytes``); config without ``quantization_config``,
-    every other file copied. Written atomically (``dst`` appears only when complete)."""
-    from safetensors.torch import save_file
-
+    """A plain safetensors checkpoint in ``dst`` from the bitsandbytes checkpoint ``src``, written atomically
+    (``dst`` appears only when complete); see :func:`dequantize_into`."""
     from rkedge._fs import atomic_dir
 
-    src, dst = Path(src), Path(dst)
+    with atomic_dir(dst) as staging:
+        info = dequantize_into(src, staging, progress=progress, shard_bytes=shard_bytes)
+    info.output = Path(dst)
+    return info
+
+
+def dequantize_into(src: str | Path, folder: str | Path, *, progress: Callable[[str], None] | None = None,
+                    shard_bytes: int = DEFAULT_SHARD_BYTES) -> DequantizedInfo:
+    """Writes the dequantized checkpoint of ``src`` into the existing empty ``folder``: output shards of at most
+    ``shard_bytes`` (each header computed up front from :func:`plan_dequantization`, then one tensor at a time
+    read, dequantized and written: the host holds about one weight, never a shard); config without
+    ``quantization_config``, every other file copied."""
+    from rkedge.lora._tensors import safetensors_header, write_tensor
+
+    src, staging = Path(src), Path(folder)
     source = quantization_of(src)
     if source is None or not source.dequantizable:
         what = source.describe() if source else "not quantized"
@@ -238,63 +379,45 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path, *, progress: Callabl
     say = progress or (lambda line: None)
     config = _config(src)
     tensors = _Tensors(src)
-    files = tensors.files
-    kinds, companions = _plan(set(tensors.where))
-    if not kinds:
-        raise InputError(f"{src} says it is {source.describe()} but holds no quantized weights.",
-                         fix="check the checkpoint; a model saved after dequantize() has no quantization_config")
-    int8_dtype = _torch_dtype(source.compute_dtype or _model_dtype(config) or "float16")
-    written_dtypes: set[str] = set()
-    counts = {"dequantized": 0, "copied": 0, "bytes": 0}
-    weight_map: dict[str, str] = {}
-    out_names: list[str] = []
-    with atomic_dir(dst) as staging:
-        pending: dict[str, Any] = {}
-        pending_bytes = 0
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if not pending:
-                return
-            name = f"model-{len(out_names) + 1:05d}.safetensors"
-            save_file(pending, str(staging / name), metadata={"format": "pt"})
-            out_names.append(name)
-            weight_map.update({k: name for k in pending})
+    try:
+        if not quantized_weights(tensors.where):
+            raise InputError(f"{src} says it is {source.describe()} but holds no quantized weights.",
+                             fix="check the checkpoint; a model saved after dequantize() has no quantization_config")
+        # stored order: shard by shard, as the source's index lists them
+        stored = {key: tensors.where[key] for file in tensors.files for key in tensors.keys_of(file)}
+        planned = plan_dequantization(stored, source, config, tensors.reader)
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for tensor in planned:
+            if shards[-1] and size + tensor.nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(tensor)
+            size += tensor.nbytes
+        names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        counts = {"dequantized": 0, "copied": 0, "bytes": 0}
+        source_file = ""
+        for name, shard in zip(names, shards, strict=True):
+            with open(staging / name, "wb") as out:
+                out.write(safetensors_header([(t.name, t.code, t.shape) for t in shard], {"format": "pt"}))
+                for tensor in shard:
+                    if tensor.stored.file.name != source_file:
+                        source_file = tensor.stored.file.name
+                        say(f"dequantizing shard {tensors.files.index(source_file) + 1}/{len(tensors.files)}: "
+                            f"{source_file} -> {name}")
+                    written = _write_one(tensors, tensor, source, config, out, write_tensor)
+                    if written != tensor.nbytes:  # the header promised another size: the file would be corrupt
+                        raise InputError(f"{tensor.name}: dequantized to {written} bytes, its plan said "
+                                         f"{tensor.nbytes}.", fix="report this checkpoint to rkedge")
+                    counts["copied" if tensor.kind == "copy" else "dequantized"] += 1
             counts["bytes"] += (staging / name).stat().st_size
-            pending, pending_bytes = {}, 0
-
-        for number, file in enumerate(files, 1):
-            say(f"dequantizing shard {number}/{len(files)}: {file}")
-            for key in tensors.keys_of(file):
-                if key in companions:
-                    continue
-                if kinds.get(key) == "4bit":
-                    parts = {s: tensors.get(key + s) for s in FOUR_BIT_PARTS if key + s in tensors.where}
-                    tensor = dequantize_4bit(tensors.get(key), parts)
-                    counts["dequantized"] += 1
-                elif kinds.get(key) == "int8":
-                    tensor = dequantize_int8(tensors.get(key), tensors.get(key[: -len("weight")] + "SCB"), int8_dtype)
-                    counts["dequantized"] += 1
-                else:
-                    tensor = tensors.get(key)
-                    counts["copied"] += 1
-                if key in kinds:
-                    written_dtypes.add(str(tensor.dtype).removeprefix("torch."))
-                nbytes = tensor.numel() * tensor.element_size()
-                if pending and pending_bytes + nbytes > shard_bytes:
-                    flush()
-                pending[key] = tensor.contiguous()
-                pending_bytes += nbytes
-        flush()
-        total = len(out_names)
-        renamed = {}
-        for i, name in enumerate(out_names, 1):  # the usual model-0000i-of-0000n names, now that n is known
-            final = f"model-{i:05d}-of-{total:05d}.safetensors"
-            (staging / name).rename(staging / final)
-            renamed[name] = final
+        weight_map = {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard}
         (staging / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": counts["bytes"]}, "weight_map": {k: renamed[v] for k, v in
-                                                                         sorted(weight_map.items())}}, indent=2))
+            {"metadata": {"total_size": sum(t.nbytes for t in planned)},
+             "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        from rkedge.lora._tensors import TORCH_DTYPE_NAMES
+
+        written_dtypes = {TORCH_DTYPE_NAMES[t.code] for t in planned if t.kind != "copy"}
         dtype = sorted(written_dtypes)[0] if len(written_dtypes) == 1 else (_model_dtype(config) or "float16")
         plain = {k: v for k, v in config.items() if k != "quantization_config"}
         plain["dtype"] = dtype
@@ -303,9 +426,25 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path, *, progress: Callabl
         (staging / "config.json").write_text(json.dumps(plain, indent=2) + "\n", encoding="utf-8")
         for other in _other_files(src):
             shutil.copy2(other, staging / other.name)
-    tensors.reader.close()
-    return DequantizedInfo(source, dst, dtype, counts["dequantized"], counts["copied"], counts["bytes"],
-                           time.monotonic() - started, [renamed[n] for n in out_names])
+    finally:
+        tensors.reader.close()
+    return DequantizedInfo(source, staging, dtype, counts["dequantized"], counts["copied"], counts["bytes"],
+                           time.monotonic() - started, names)
+
+
+def _write_one(tensors: _Tensors, tensor: PlannedTensor, source: SourceQuantization, config: dict[str, Any],
+               out: BinaryIO, write_tensor: Callable[[BinaryIO, torch.Tensor], int]) -> int:
+    """Writes one planned tensor: a copy as its stored bytes, a quantized weight dequantized."""
+    if tensor.kind == "copy":
+        return tensors.reader.copy_to(tensor.stored, out)
+    name = tensor.name
+    if tensor.kind == "4bit":
+        parts = {s: tensors.get(name + s) for s in FOUR_BIT_PARTS if name + s in tensors.where}
+        value = dequantize_4bit(tensors.get(name), parts)
+    else:
+        int8_dtype = _torch_dtype(source.compute_dtype or _model_dtype(config) or "float16")
+        value = dequantize_int8(tensors.get(name), tensors.get(name[: -len("weight")] + "SCB"), int8_dtype)
+    return write_tensor(out, value)
 
 
 def _other_files(src: Path) -> Iterator[Path]:

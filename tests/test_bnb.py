@@ -17,31 +17,20 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
 
+from bnb_helpers import SCHEMES, TINY, bnb_dequantized_weights, bnb_reference_model, cosine, quantize  # noqa: E402
+
 from rkedge.convert.bnb import (  # noqa: E402
     SourceQuantization,
     base_model_name,
+    dequantize_4bit,
     dequantize_checkpoint,
+    dequantize_int8,
+    dequantized_view,
     quality_warning,
     quantization_of,
 )
+from rkedge.convert.inspect import inspect_checkpoint  # noqa: E402
 from rkedge.errors import InputError  # noqa: E402
-
-TINY = {
-    "llama": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 320},
-    "gemma": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 320},
-    "recurrent_gemma": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
-                        "num_attention_heads": 4, "num_key_value_heads": 1, "lru_width": 128, "vocab_size": 320,
-                        "attention_window_size": 16},
-}
-SCHEMES = {
-    "nf4-double": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "fp4-double": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
-    "int8": {"load_in_8bit": True},
-}
 
 
 @pytest.fixture(scope="module", params=list(TINY))
@@ -59,33 +48,6 @@ def float_checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"float-{kind}")
     model.save_pretrained(folder)
     return kind, folder
-
-
-def quantize(folder: Path, scheme: str, out: Path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantized = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.bfloat16, **SCHEMES[scheme]),
-        device_map="cpu")
-    quantized.save_pretrained(out)
-    return quantized.eval()
-
-
-def bnb_dequantized_weights(model) -> dict[str, object]:
-    """Each quantized Linear's weight as bitsandbytes itself dequantizes it."""
-    weights = {}
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            dequantized = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
-            weights[f"{name}.weight"] = dequantized.to(torch.bfloat16)
-    return weights
-
-
-def cosine(a, b) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -114,15 +76,16 @@ def test_dequantized_checkpoint_equals_bitsandbytes(float_checkpoint, scheme, tm
         assert torch.equal(ours[name], weight), f"{name} differs from bitsandbytes' dequantization"
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    # what the planner sees before anything is written is what the dequantization then writes
+    planned = dequantized_view(inspect_checkpoint(tmp_path / "quantized")).tensors
+    written = inspect_checkpoint(tmp_path / "plain").tensors
+    assert {n: (t.dtype, t.shape, t.nbytes) for n, t in planned.items()} == \
+        {n: (t.dtype, t.shape, t.nbytes) for n, t in written.items()}
     assert config["rkedge_source_quantization"]["quant_type"] == source.quant_type
     assert quantization_of(tmp_path / "plain") is None
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16).eval()
-    # bitsandbytes' dequantized model: the architecture with bitsandbytes' weights (transformers' own
-    # model.dequantize() fails in 5.24 on CPU: it passes the dtype name where a device is expected)
-    reference_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    missing = reference_model.load_state_dict(expected, strict=False)
-    assert not missing.unexpected_keys
+    reference_model = bnb_reference_model(folder, expected, torch.bfloat16)
     tokens = torch.randint(3, TINY[kind]["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = reference_model(input_ids=tokens).logits.float()
@@ -161,3 +124,23 @@ def test_the_base_model_comes_from_the_card_or_the_config(tmp_path):
     (tmp_path / "README.md").write_text("no front matter")
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/tmp/some/folder"}))
     assert base_model_name(tmp_path) is None
+
+
+def test_dequantizing_in_chunks_changes_nothing():
+    """Each weight is dequantized a few blocks at a time (bounded memory); every element's arithmetic is the same,
+    so any chunking gives the same bits, including a last block cut short."""
+    bnb_functional = bnb.functional
+    torch.manual_seed(3)
+    weight = torch.randn(40, 99, dtype=torch.bfloat16)  # 3960 elements: 61 blocks of 64 and a short one
+    for quant_type, double in (("nf4", True), ("fp4", False)):
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                                     compress_statistics=double)
+        parts = {f".{k}": v for k, v in state.as_dict(packed=True).items()}  # as saved beside <m>.weight
+        expected = bnb_functional.dequantize_4bit(packed, state)
+        for chunk in (1, 128, 1000, 1 << 22):
+            assert torch.equal(dequantize_4bit(packed, parts, chunk_elements=chunk), expected), (quant_type, chunk)
+    int8 = torch.randint(-127, 128, (37, 50), dtype=torch.int8)
+    scb = torch.rand(37) * 3
+    expected = bnb_functional.int8_vectorwise_dequant(int8, scb).to(torch.float16)
+    for chunk in (1, 60, 1 << 22):
+        assert torch.equal(dequantize_int8(int8, scb, torch.float16, chunk_elements=chunk), expected)
