@@ -1,10 +1,13 @@
 """A transformers model that holds one decoder layer's weights at a time (issue 12 item 1).
 
 The model is built with its parameters on the meta device (nothing allocated; buffers such as rotary tables
-stay real). The embedding, final norm and head are read from the checkpoint once; each decoder layer's weights
-are read just before the layer runs and dropped right after, by forward hooks. A forward pass over a batch
-therefore reads the checkpoint once and holds the activations, the KV cache and one layer, never the model:
-the same arithmetic on the same weights as the model loaded whole, so the outputs are identical.
+stay real). Each decoder layer's weights are read just before the layer runs and dropped right after, by forward
+hooks. The embedding table and the LM head are not held either: at 256k vocabularies they are the largest
+tensors (gemma-2-2b's table is 1.2 GB in bf16, 2.4 GB in float32), so the embedding reads only the rows of the
+tokens it looks up, and the head reads its rows chunk by chunk at each call (from the page cache after the first
+step). A forward pass over a batch therefore holds the activations, the KV cache and one layer, never the model:
+the same arithmetic on the same weights (upcast exactly, bf16 -> float32) as the model loaded whole, so the
+outputs are identical.
 
 torch and transformers are imported inside the functions that need them.
 """
@@ -12,6 +15,7 @@ torch and transformers are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +51,10 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register
 
 
-def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype) -> Any:
-    """The checkpoint's causal LM, its decoder layers streamed from disk (see the module docstring)."""
+def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype, *, config: Any | None = None) -> Any:
+    """The checkpoint's causal LM, its decoder layers, embedding rows and head streamed from disk (see the module
+    docstring). ``config``: the model's config when not the checkpoint's own (the smoke check cuts it to its first
+    layers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,7 +62,7 @@ def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype) -> Any:
 
     model_dir = Path(model_dir)
     tensors = read_checkpoint(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = config if config is not None else AutoConfig.from_pretrained(str(model_dir))
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
@@ -79,11 +85,21 @@ def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype) -> Any:
                                   requires_grad=False)
 
     layer_prefix = f"{prefix}."
+    streamed = _streamable_ends(model, tensors)
     for name, param in list(model.named_parameters()):
-        if not name.startswith(layer_prefix) and param.is_meta and name in tensors:
+        if not name.startswith(layer_prefix) and param.is_meta and name in tensors and name not in streamed:
             owner, leaf = _owner(model, name)
             owner._parameters[leaf] = read(name, param)
     model.tie_weights()
+    for module_name, (weight_name, kind) in _by_module(streamed).items():
+        owner, leaf = _owner(model, module_name)
+        old = getattr(owner, leaf)
+        info = tensors[weight_name]
+        if kind == "embedding":
+            setattr(owner, leaf, _streamed_classes().Embedding(reader, info, dtype, getattr(old, "embed_scale", None),
+                                                            old.padding_idx))
+        else:
+            setattr(owner, leaf, _streamed_classes().Head(reader, info, dtype))
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(layer_prefix)]
     if left:
         raise RkedgeError(f"{model_dir} lacks {', '.join(left[:4])}.", fix="check the checkpoint with `rkedge inspect`")
@@ -104,6 +120,88 @@ def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype) -> Any:
         layer.register_forward_pre_hook(load)
         layer.register_forward_hook(drop)
     return model
+
+
+def _streamable_ends(model: Any, tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, str]]:
+    """{weight name the module's parameter has: (checkpoint tensor it reads, "embedding" | "head")} for the input
+    embedding and the LM head when they are the plain modules whose arithmetic the streamed ones repeat exactly
+    (nn.Embedding, Gemma 3's scaled embedding, a bias-free nn.Linear); others are read whole, as before."""
+    import torch
+
+    names = {id(module): name for name, module in model.named_modules()}
+    found: dict[str, tuple[str, str]] = {}
+    embedding = model.get_input_embeddings()
+    plain = type(embedding) is torch.nn.Embedding or (isinstance(embedding, torch.nn.Embedding)
+                                                     and type(embedding).__name__ == "Gemma3TextScaledWordEmbedding")
+    embedding_weight = f"{names.get(id(embedding))}.weight"
+    if plain and id(embedding) in names and embedding.max_norm is None and embedding_weight in tensors:
+        found[embedding_weight] = (embedding_weight, "embedding")
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None and id(head) in names:
+        head_weight = f"{names[id(head)]}.weight"
+        source = head_weight if head_weight in tensors else embedding_weight  # tied: the head reads the table
+        if source in tensors and tuple(head.weight.shape) == tensors[source].shape:
+            found[head_weight] = (source, "head")
+    return found
+
+
+def _by_module(streamed: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    return {name.rsplit(".", 1)[0]: value for name, value in streamed.items()}
+
+
+#: Rows of the head read and upcast at once: ~64 MB of float32 at gemma-2-9b's width.
+_HEAD_CHUNK_BYTES = 64 << 20
+
+
+@functools.cache
+def _streamed_classes() -> Any:
+    """The streamed embedding and head modules (defined on first use: torch is imported lazily)."""
+    import torch
+    import torch.nn.functional as F
+
+    from rkedge.lora._tensors import TensorReader
+
+    class Embedding(torch.nn.Module):
+        """nn.Embedding's lookup, reading only the looked-up rows from the checkpoint and upcasting them (exact)."""
+
+        def __init__(self, reader: TensorReader, info: TensorInfo, dtype: torch.dtype, scale: Any,
+                     padding_idx: int | None) -> None:
+            super().__init__()
+            self.reader, self.info, self.compute_dtype = reader, info, dtype
+            self.num_embeddings, self.embedding_dim = info.shape
+            self.padding_idx = padding_idx
+            # A real (empty) parameter keeps ``model.device`` and ``model.dtype`` right: the layers are on meta.
+            self.anchor = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            if scale is not None:  # Gemma 3 multiplies by its scale in the weight's dtype (here: the compute dtype)
+                self.register_buffer("embed_scale", scale.detach().clone(), persistent=False)
+            else:
+                self.embed_scale = None
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            unique, inverse = torch.unique(input_ids, return_inverse=True)
+            rows = torch.stack([self.reader.read_rows(self.info, int(i), int(i) + 1)[0] for i in unique.tolist()])
+            out = rows.to(self.compute_dtype)[inverse]
+            if self.embed_scale is not None:
+                out = out * self.embed_scale.to(self.compute_dtype)
+            return out
+
+    class Head(torch.nn.Module):
+        """A bias-free nn.Linear whose weight rows are read chunk by chunk at each call and upcast (exact)."""
+
+        def __init__(self, reader: TensorReader, info: TensorInfo, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.reader, self.info, self.compute_dtype = reader, info, dtype
+            self.out_features, self.in_features = info.shape
+            self.rows = max(1, _HEAD_CHUNK_BYTES // (self.in_features * torch.empty(0, dtype=dtype).element_size()))
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            parts = []
+            for start in range(0, self.out_features, self.rows):
+                weight = self.reader.read_rows(self.info, start, min(start + self.rows, self.out_features))
+                parts.append(F.linear(hidden, weight.to(self.compute_dtype)))
+            return torch.cat(parts, dim=-1)
+
+    return type("StreamedModules", (), {"Embedding": Embedding, "Head": Head})
 
 
 def _owner(root: Any, dotted: str) -> tuple[Any, str]:

@@ -75,9 +75,13 @@ class TensorReader:
         return handle, start
 
     def read_bytes(self, info: TensorInfo) -> bytearray:
+        return self._read_range(info, 0, info.nbytes)
+
+    def _read_range(self, info: TensorInfo, offset: int, length: int) -> bytearray:
+        """``length`` bytes of the tensor's data from ``offset`` (relative to the tensor's first byte)."""
         handle, start = self._handle(info)
-        buffer = bytearray(info.nbytes)
-        handle.seek(start + info.offsets[0])
+        buffer = bytearray(length)
+        handle.seek(start + info.offsets[0] + offset)
         view = memoryview(buffer)
         filled = 0
         while filled < len(buffer):
@@ -98,6 +102,19 @@ class TensorReader:
         if info.nbytes != expected:
             raise InputError(f"{info.file}: tensor {info.name} holds {info.nbytes} bytes, its shape needs {expected}.")
         return torch.frombuffer(self.read_bytes(info), dtype=dtype).reshape(info.shape)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension: contiguous bytes in the file) as a new
+        tensor; the rest of the tensor is not read."""
+        import torch
+
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise InputError(f"{info.file}: rows {start}:{stop} lie outside tensor {info.name} {list(info.shape)}.")
+        row_bytes = nbytes(info.dtype, info.shape[1:])
+        buffer = self._read_range(info, start * row_bytes, (stop - start) * row_bytes)
+        if not buffer:
+            return torch.empty((0, *info.shape[1:]), dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(stop - start, *info.shape[1:])
 
     def copy_to(self, info: TensorInfo, out: BinaryIO) -> int:
         """Copies the tensor's bytes unchanged, in chunks."""
