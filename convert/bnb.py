@@ -349,6 +349,19 @@ def dequantized_view(info: CheckpointInfo) -> CheckpointInfo:
     return dataclasses.replace(info, tensors=dequantized_tensors(info.tensors, source, info.config))
 
 
+def dequantized_dtype(info: CheckpointInfo) -> str | None:
+    """What the quantized weights become, as bitsandbytes dequantizes them: each 4-bit weight's recorded dtype, an
+    int8 weight's compute dtype (e.g. "bfloat16"; several joined by "/"); None when rkedge does not dequantize."""
+    from rkedge.lora._tensors import TORCH_DTYPE_NAMES
+
+    source = quantization_from_config(info.config)
+    kinds = quantized_weights(info.tensors)
+    if source is None or not source.dequantizable or not kinds:
+        return None
+    planned = dequantized_tensors(info.tensors, source, info.config)
+    return "/".join(sorted({TORCH_DTYPE_NAMES[planned[name].dtype] for name in kinds}))
+
+
 def dequantize_checkpoint(src: str | Path, dst: str | Path, *, progress: Callable[[str], None] | None = None,
                           shard_bytes: int = DEFAULT_SHARD_BYTES) -> DequantizedInfo:
     """A plain safetensors checkpoint in ``dst`` from the bitsandbytes checkpoint ``src``, written atomically

@@ -61,6 +61,11 @@ def inspect_command(path: Path, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=1, default=str, ensure_ascii=False))
         return
     for key, value in info.items():
+        if key == "source_quantization" and isinstance(value, dict):  # what it is, what rkedge does with it
+            click.echo(f"{key:>24}: {value['description']}; {value['rkedge']}")
+            if value.get("warning"):
+                click.echo(f"{'':>24}  warning: {value['warning']}")
+            continue
         if isinstance(value, (dict, list)) and value:
             value = json.dumps(value, default=str, ensure_ascii=False)
             value = value if len(value) < 160 else value[:157] + "..."

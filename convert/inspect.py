@@ -75,7 +75,7 @@ class CheckpointInfo:
 
     def summary(self) -> dict[str, Any]:
         tc = self.text_config
-        return {
+        summary: dict[str, Any] = {
             "kind": "checkpoint",
             "path": str(self.path),
             "architecture": self.architecture,
@@ -98,6 +98,32 @@ class CheckpointInfo:
             "bos_token_id": self.token_id("bos"),
             "eos_token_id": self.token_id("eos"),
         }
+        source = self.source_quantization()
+        if source is not None:
+            summary["source_quantization"] = source
+        return summary
+
+    def source_quantization(self) -> dict[str, Any] | None:
+        """A bitsandbytes checkpoint's quantization and what rkedge does with it (None for any other)."""
+        from rkedge._fs import format_size
+        from rkedge.convert.bnb import dequantized_dtype, dequantized_view, quantization_from_config, quantized_weights
+
+        source = quantization_from_config(self.config)
+        if source is None or source.method != "bitsandbytes":
+            return None
+        described = source.to_dict()
+        weights = quantized_weights(self.tensors)
+        if source.dequantizable and weights:
+            plain = dequantized_view(self)
+            described["rkedge"] = (f"rkedge convert dequantizes it first ({len(weights)} quantized weights, tensor by "
+                                   f"tensor) to {dequantized_dtype(self)}: "
+                                   f"{plain.param_count:,} parameters, {format_size(plain.weight_bytes)}")
+            described["dequantized"] = {"parameters": plain.param_count, "weight_bytes": plain.weight_bytes,
+                                        "dtype": dequantized_dtype(self), "quantized_weights": len(weights)}
+        else:
+            described["rkedge"] = ("not dequantized: " + ("no quantized weights found" if source.dequantizable else
+                                                           "only 4-bit nf4/fp4 and 8-bit LLM.int8 are read"))
+        return described
 
 
 def tie_word_embeddings(config: dict[str, Any]) -> bool:

@@ -35,6 +35,8 @@ def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
     build = manifest["toolkit_calls"]["build"]
     source = manifest["inputs"]["model"]
     adapter = manifest["inputs"].get("adapter")
+    quantized = manifest["inputs"].get("source_quantization")  # a bitsandbytes source rkedge dequantized
+    base_model = (manifest["inputs"].get("base_model") if quantized else None) or source.get("source")
     simulated = manifest.get("simulated", False)
     tags = ["rkllm", "rockchip", "npu", manifest["platform"], manifest["dtype"]]
     if simulated:
@@ -45,11 +47,16 @@ def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
         lines += ["> **Simulated model.** This file was written by rkedge's simulated toolkit, not by Rockchip's",
                   "> rkllm-toolkit. It holds no weights and only runs on rkedge's simulated NPU (`--mock`); a board's",
                   "> librkllmrt refuses it. Convert with the real toolkit (`--toolkit PYTHON`) for a board.", ""]
+    if quantized:
+        lines += [f"> **Warning**: {quantized['warning']}.", ""]
     lines += [f"`{manifest['model_file']}` was converted by rkedge "
               f"{manifest['rkedge_version']} with rkllm-toolkit {manifest['toolkit']['version']}.", "",
               "| | |", "|---|---|",
-              f"| base model | {source.get('source') or source.get('path')} |",
-              f"| revision | {source.get('revision') or 'not recorded'} |",
+              f"| base model | {base_model or source.get('path')} |"]
+    if quantized:
+        lines.append(f"| source | {source.get('source') or source.get('path')}: {quantized['description']}, "
+                     f"dequantized by rkedge to {quantized.get('dequantized_dtype') or 'float'} before the toolkit |")
+    lines += [f"| revision | {source.get('revision') or 'not recorded'} |",
               f"| platform | {manifest['platform']} ({build.get('num_npu_core', '?')} NPU cores) |",
               f"| quantization | {manifest['dtype']}, algorithm {build.get('quantized_algorithm', 'normal')}, "
               f"hybrid_rate {build.get('hybrid_rate', 0)}, optimization_level {build.get('optimization_level')} |",
@@ -77,4 +84,4 @@ def render_card(manifest: Mapping[str, Any], *, license_id: str | None) -> str:
         lines += ["## Notes from the checks", ""]
         lines += [f"- {f['id']}: {f['message']}" for f in findings]
         lines.append("")
-    return with_front_matter(lines, tags=tags, base_model=source.get("source"), license_id=license_id)
+    return with_front_matter(lines, tags=tags, base_model=base_model, license_id=license_id)

@@ -1,4 +1,5 @@
-"""``rkedge convert``: inspect -> plan -> [merge LoRA] -> export -> calibration -> quantize -> manifest + card.
+"""``rkedge convert``: inspect -> plan -> [dequantize] -> [merge LoRA] -> export -> calibration -> quantize ->
+manifest + card.
 
 The plan (:func:`rkedge.convert.planner.plan`) decides everything: the findings, the steps and the toolkit job
 with symbolic inputs. The pipeline then runs the steps once, in order, and binds the job's inputs to the
@@ -8,6 +9,10 @@ time writes into ``OUT`` (a lock in the work folder). Final files are all writte
 renamed into ``OUT``, the ``.rkllm`` last (:func:`_quantize_and_publish`): an interrupted run (even SIGKILL)
 leaves no ``.rkllm`` in place, and a manifest without its model is visibly incomplete. The next run cleans up
 what an interrupted one left, job files included.
+
+A bitsandbytes checkpoint (4-bit nf4/fp4, 8-bit LLM.int8) is first dequantized into ``OUT/.rkedge-work/dequantized``
+(:class:`DequantizeStep`, streaming, equal to bitsandbytes' own dequantization); everything after it sees that
+float checkpoint, and the manifest and card record the source quantization and that quality is bounded by it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from rkedge._fs import (
     sha256_file,
 )
 from rkedge.convert import calibration as calib
+from rkedge.convert.bnb import SourceQuantization, base_model_name, dequantized_dtype, dequantized_view
 from rkedge.convert.chat_family import ChatSetup, special_tokens
 from rkedge.convert.export import export_checkpoint
 from rkedge.convert.findings import Finding, raise_on_errors
@@ -142,8 +148,8 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     the_plan = plan(request, info, env.version, simulated_toolkit=env.simulated,
                     toolkit_python=None if env.simulated else (env.probe or {}).get("python"))
     request = the_plan.request
-    merge, export, calibration = _steps(the_plan, info, request.out / WORK, reporter)
-    steps: list[Step] = [s for s in (merge, export, calibration) if s is not None]
+    dequantize, merge, export, calibration = _steps(the_plan, info, request.out / WORK, reporter)
+    steps: list[Step] = [s for s in (dequantize, merge, export, calibration) if s is not None]
     result = ConversionResult(the_plan, dry_run)
     if dry_run:
         result.steps = [StepRecord(s.name, "planned", detail=s.describe()) for s in steps]
@@ -155,7 +161,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     (out / WORK).mkdir(parents=True, exist_ok=True)
     with folder_lock(out / WORK / LOCK_FILE, what=f"the output folder {out}"):
         _clean_leftovers(out, out / WORK)
-        need = _disk_needed(the_plan, info, merge, export)
+        need = _disk_needed(the_plan, info, dequantize, merge, export)
         check_free_space(out, need, what="this conversion")
         try:
             for step in steps:
@@ -174,18 +180,26 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
     return result
 
 
-def _disk_needed(the_plan: Plan, info: CheckpointInfo, merge: MergeStep | None, export: ExportStep) -> int:
-    """Bytes the steps still to run write into ``OUT``: the merged checkpoint, the export (hard links when the
-    dtype stays and the source is on the same disk, else a copy or a conversion), the toolkit's model."""
+def _disk_needed(the_plan: Plan, info: CheckpointInfo, dequantize: DequantizeStep | None, merge: MergeStep | None,
+                 export: ExportStep) -> int:
+    """Bytes the steps still to run write into ``OUT``: the dequantized checkpoint (at its compute dtype), the
+    merged checkpoint, the export (hard links when the dtype stays and the source is on the same disk, else a
+    copy or a conversion), the toolkit's model."""
     out = the_plan.request.out
+    if dequantize is not None:
+        info = dequantize.planned  # sizes of the float checkpoint the dequantization writes
     load_bytes = DTYPE_BYTES.get(DTYPE_CODES.get(the_plan.request.load_dtype or "", ""), 0)
     converted = int(info.param_count * load_bytes) if load_bytes else info.weight_bytes
     need = 64 << 20  # config, tokenizer, manifest, card, calibration: small next to any of the rest
-    merge_pending = merge is not None and not merge.is_current()
+    dequantize_pending = dequantize is not None and not dequantize.is_current()
+    if dequantize_pending:
+        need += info.weight_bytes
+    merge_pending = merge is not None and (dequantize_pending or not merge.is_current())
     if merge_pending:
         need += converted
-    if merge_pending or not export.is_current():  # (the export's key reads the merged checkpoint: ask only then)
-        same_disk = (out.stat().st_dev == (merge.output.parent if merge else info.path).stat().st_dev)
+    if merge_pending or dequantize_pending or not export.is_current():  # (keys read upstream outputs: ask only then)
+        upstream = merge.output.parent if merge else dequantize.output.parent if dequantize else info.path
+        same_disk = out.stat().st_dev == upstream.stat().st_dev
         if load_bytes or not same_disk:
             need += converted
     need += the_plan.size.weight_bytes if the_plan.size is not None else info.param_count
@@ -341,11 +355,57 @@ class Step(ABC):
         return StepRecord(self.name, "done", time.monotonic() - started)
 
 
+#: Bumped when the dequantization's output changes for the same input (a cached result is then remade).
+DEQUANTIZE_FORMAT = 1
+
+
+@dataclass
+class DequantizeStep(Step):
+    """A bitsandbytes checkpoint dequantized (``bnb.dequantize_into``: tensor by tensor, bit-exact with
+    bitsandbytes) into a plain checkpoint at the dtype it records; then, when no LoRA merge follows (the merge
+    checks its own output), the same smoke check as a merged checkpoint."""
+
+    source: CheckpointInfo
+    quantization: SourceQuantization
+    output: Path
+    reporter: Reporter
+    smoke: bool = True
+    name: str = "dequantize"
+
+    @cached_property
+    def planned(self) -> CheckpointInfo:
+        """The checkpoint this step writes, as the planner sees it (shapes, dtypes and sizes; nothing read)."""
+        return dequantized_view(self.source)
+
+    def inputs(self) -> tuple[object, ...]:
+        return _files_signature(self.source), self.quantization.to_dict(), DEQUANTIZE_FORMAT, self.smoke
+
+    @cached_property
+    def dtype(self) -> str | None:
+        """What the quantized weights become (bitsandbytes' own dequantized dtype)."""
+        return dequantized_dtype(self.source)
+
+    def describe(self) -> str:
+        return f"{self.quantization.describe()} in {self.source.path} -> {self.dtype} safetensors, tensor by tensor"
+
+    def run(self, target: Path) -> None:
+        from rkedge.convert.bnb import dequantize_into
+
+        self.reporter.step("dequantize", self.describe())
+        dequantize_into(self.source.path, target, progress=self.reporter.log)
+        if self.smoke:
+            from rkedge.lora.merge import smoke_forward_in_child
+
+            self.reporter.step("smoke", "the dequantized checkpoint checked tensor by tensor, then a forward pass "
+                                        "of its first layers (in a child process)")
+            smoke_forward_in_child(target)
+
+
 @dataclass
 class MergeStep(Step):
     """The LoRA merged into the base weights (``--lora-mode merge``), then a forward pass on the host."""
 
-    base: CheckpointInfo
+    base: CheckpointInfo | DequantizeStep  # the user's checkpoint, or its dequantized copy
     adapter_dir: Path
     adapter: AdapterInfo
     dtype: str | None
@@ -354,18 +414,26 @@ class MergeStep(Step):
     allow_base_mismatch: bool = False
     name: str = "merge"
 
+    @property
+    def base_dir(self) -> Path:
+        return self.base.output if isinstance(self.base, DequantizeStep) else self.base.path
+
     def inputs(self) -> tuple[object, ...]:
-        return _files_signature(self.base), self.adapter.weights_sha256, self.dtype
+        upstream = self.base.key() if isinstance(self.base, DequantizeStep) else _files_signature(self.base)
+        return upstream, self.adapter.weights_sha256, self.dtype
 
     def describe(self) -> str:
-        return f"LoRA {self.adapter_dir} into {self.base.path}"
+        return f"LoRA {self.adapter_dir} into {self.base_dir}"
 
     def run(self, target: Path) -> None:
         from rkedge.lora.merge import merge_lora, smoke_forward_in_child
 
         self.reporter.step("merge", self.describe())
-        merge_lora(self.base.path, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress,
-                   allow_base_mismatch=self.allow_base_mismatch)
+        # The planner checked the adapter's base name against the user's checkpoint (with the user's
+        # --allow-base-mismatch); the dequantized copy sits in the work folder under another name by construction,
+        # so only the merge's shape checks apply to it.
+        merge_lora(self.base_dir, self.adapter_dir, target, dtype=self.dtype, progress=self.reporter.progress,
+                   allow_base_mismatch=self.allow_base_mismatch or isinstance(self.base, DequantizeStep))
         self.reporter.step("smoke", "the merged checkpoint checked tensor by tensor, then a forward pass of its "
                                     "first layers (in a child process)")
         smoke_forward_in_child(target)
@@ -375,7 +443,7 @@ class MergeStep(Step):
 class ExportStep(Step):
     """The checkpoint the toolkit loads: sharded safetensors in the load dtype, with ``rkedge_export.json``."""
 
-    source: CheckpointInfo | MergeStep  # the user's checkpoint, or the merge's output
+    source: CheckpointInfo | MergeStep | DequantizeStep  # the user's checkpoint, or an earlier step's output
     dtype: str | None
     chat: ChatSetup
     model_name: str
@@ -385,13 +453,17 @@ class ExportStep(Step):
 
     @cached_property
     def checkpoint(self) -> CheckpointInfo:
-        """What is exported: the user's checkpoint, or the merged one (read once the merge has run)."""
-        if isinstance(self.source, MergeStep):
+        """What is exported: the user's checkpoint, or the merged / dequantized one (read once that step ran)."""
+        if isinstance(self.source, Step):
             return inspect_checkpoint(self.source.output)
         return self.source
 
+    @property
+    def source_dir(self) -> Path:
+        return self.source.output if isinstance(self.source, Step) else self.source.path
+
     def upstream(self) -> object:
-        return self.source.key() if isinstance(self.source, MergeStep) else _files_signature(self.source)
+        return self.source.key() if isinstance(self.source, Step) else _files_signature(self.source)
 
     def meta(self) -> dict[str, Any]:
         info = self.checkpoint
@@ -405,13 +477,11 @@ class ExportStep(Step):
         return self.upstream(), self.dtype, self.meta()
 
     def describe(self) -> str:
-        where = self.source.output if isinstance(self.source, MergeStep) else self.source.path
-        return f"{where} -> sharded safetensors ({self.dtype or 'as stored'})"
+        return f"{self.source_dir} -> sharded safetensors ({self.dtype or 'as stored'})"
 
     def run(self, target: Path) -> None:
         info = self.checkpoint
-        where = self.source.output if isinstance(self.source, MergeStep) else self.source.path
-        self.reporter.step("export", f"{where} -> sharded safetensors ({self.dtype or info.main_dtype})")
+        self.reporter.step("export", f"{self.source_dir} -> sharded safetensors ({self.dtype or info.main_dtype})")
         export_checkpoint(info, target, dtype=self.dtype, meta=self.meta(), progress=self.reporter.progress)
 
 
@@ -448,22 +518,26 @@ class CalibrationStep(Step):
         return loaded
 
 
-def _steps(the_plan: Plan, info: CheckpointInfo, work: Path,
-           reporter: Reporter) -> tuple[MergeStep | None, ExportStep, CalibrationStep]:
+def _steps(the_plan: Plan, info: CheckpointInfo, work: Path, reporter: Reporter
+           ) -> tuple[DequantizeStep | None, MergeStep | None, ExportStep, CalibrationStep]:
     """The plan's steps as objects (nothing runs or is written here)."""
     request = the_plan.request
     chat = the_plan.chat
     assert chat is not None  # plan() sets it for every checkpoint it accepts
+    dequantize = None
+    if the_plan.source_quantization is not None:
+        dequantize = DequantizeStep(info, the_plan.source_quantization, work / "dequantized", reporter,
+                                    smoke=not the_plan.merges_adapter)
     merge = None
     if the_plan.merges_adapter:
         assert the_plan.adapter is not None and request.lora is not None
-        merge = MergeStep(info, request.lora, the_plan.adapter, request.load_dtype, work / "merged", reporter,
-                          request.allow_base_mismatch)
-    export = ExportStep(merge or info, request.load_dtype, chat, Path(the_plan.output_name).stem, work / "export",
-                        reporter)
+        merge = MergeStep(dequantize or info, request.lora, the_plan.adapter, request.load_dtype, work / "merged",
+                          reporter, request.allow_base_mismatch)
+    export = ExportStep(merge or dequantize or info, request.load_dtype, chat, Path(the_plan.output_name).stem,
+                        work / "export", reporter)
     calibration = CalibrationStep(export, the_plan.calibration, chat, work / "calibration.json", reporter)
-    assert [s.name for s in (merge, export, calibration) if s] == the_plan.steps[:-1]
-    return merge, export, calibration
+    assert [s.name for s in (dequantize, merge, export, calibration) if s] == the_plan.steps[:-1]
+    return dequantize, merge, export, calibration
 
 
 def _clean_leftovers(out: Path, work: Path) -> None:
@@ -582,6 +656,7 @@ def _manifest(the_plan: Plan, env: ToolkitEnv, run: ToolkitResult, *, source: Ch
     max_context = int(build.get("max_context", DEFAULT_MAX_CONTEXT))
     data = calibration.data
     simulated = env.simulated
+    quantized = the_plan.source_quantization
     return Manifest(
         backend="rkllm",
         simulated=simulated,
@@ -610,7 +685,9 @@ def _manifest(the_plan: Plan, env: ToolkitEnv, run: ToolkitResult, *, source: Ch
             "model": {"path": str(request.model.resolve()), "source": source.source_name,
                       "revision": source.source_revision,
                       "sha256": _weights_digest(source, request.out / WORK / "hashes.json"),
-                      "parameters": source.param_count},
+                      "parameters": dequantized_view(source).param_count},
+            **({"source_quantization": {**quantized.to_dict(), "dequantized_dtype": dequantized_dtype(source)},
+                "base_model": base_model_name(source.path)} if quantized is not None else {}),
             "adapter": ({"path": str(request.lora.resolve()), "mode": request.lora_mode, "name": request.lora.name,
                          "base_model_name_or_path": adapter.base_model_name_or_path,
                          "sha256": adapter.weights_sha256}

@@ -20,6 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from rkedge import failures, fit
 from rkedge.convert import architectures, host
 from rkedge.convert import calibration as calib
+from rkedge.convert.bnb import (
+    SourceQuantization,
+    base_model_name,
+    dequantized_dtype,
+    dequantized_view,
+    quality_warning,
+    quantization_from_config,
+    quantized_weights,
+)
 from rkedge.convert.chat_family import ChatSetup, chat_setup
 from rkedge.convert.estimate import GIB
 from rkedge.convert.findings import Finding, Severity
@@ -158,6 +167,8 @@ class Plan:
     adapter: AdapterInfo | None = None
     calibration: list[dict[str, Any]] = field(default_factory=list)  # the prompts / items, as loaded
     notes: list[str] = field(default_factory=list)
+    #: A bitsandbytes source rkedge dequantizes before anything else (None for a float checkpoint).
+    source_quantization: SourceQuantization | None = None
 
     @property
     def ok(self) -> bool:
@@ -168,9 +179,14 @@ class Plan:
         return self.adapter is not None and self.request.lora_mode == "merge"
 
     @property
+    def dequantizes(self) -> bool:
+        return self.source_quantization is not None
+
+    @property
     def steps(self) -> list[str]:
         """The pipeline's steps for this plan, in order."""
-        return [*(["merge"] if self.merges_adapter else []), "export", "calibration", "quantize"]
+        return [*(["dequantize"] if self.dequantizes else []), *(["merge"] if self.merges_adapter else []),
+                "export", "calibration", "quantize"]
 
     @property
     def load_method(self) -> str:
@@ -225,9 +241,12 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
     """Checks ``request`` for ``info`` on ``toolkit_version``; returns findings and the toolkit job.
 
     ``host_memory``: (available, swap) bytes, default this host's. Raises InputError for inputs that cannot be
-    read at all (a missing calibration file, an adapter folder without adapter_config.json).
+    read at all (a missing calibration file, an adapter folder without adapter_config.json). A bitsandbytes
+    checkpoint is planned as the float checkpoint its dequantization writes (``bnb.dequantized_view``).
     """
     request = request.normalized()
+    stored, info = info, dequantized_view(info)
+    dequantized = quantization_from_config(info.config) if info is not stored else None
     findings: list[Finding] = []
     try:
         rules = rules_for(toolkit_version)
@@ -241,7 +260,7 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
     findings += _check_platform_dtype(request, rules, toolkit_version)
     findings += _check_algorithm(request, rules, toolkit_version)
     findings += _check_cores_context_hybrid(request, rules, toolkit_version)
-    findings += _check_quantization_config(info, request, toolkit_version)
+    findings += _check_quantization_config(stored, request, toolkit_version)
     findings += _check_weights(info)
     findings += _check_name(request)
     findings += _check_group_sizes(info, request)
@@ -256,7 +275,7 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
         findings.append(Finding("tokenizer.no-chat-template", "warning",
                                 "the tokenizer has no chat template; the .rkllm gets none and chat output may be "
                                 "garbage (F-16, rknn-llm#240)", "add the base model's chat template", "F-16"))
-    adapter, adapter_findings = _check_adapter(request)
+    adapter, adapter_findings = _check_adapter(request, info if dequantized else None)
     findings += adapter_findings
     chat = chat_setup(info)
     if chat.own_template:
@@ -289,7 +308,7 @@ def plan(request: ConversionRequest, info: CheckpointInfo, toolkit_version: str,
             job = ToolkitJob("load_huggingface", _load_kwargs(request, rules), _build_kwargs(request, rules),
                              {"export_path": Input.OUTPUT})
     return Plan(request, toolkit_version, findings, job, name, spec, size, chat=chat, adapter=adapter,
-                calibration=items)
+                calibration=items, source_quantization=dequantized)
 
 
 def plan_gguf(request: ConversionRequest, gguf: Mapping[str, Any]) -> Plan:
@@ -316,14 +335,21 @@ def plan_gguf(request: ConversionRequest, gguf: Mapping[str, Any]) -> Plan:
                 f"{request.model.stem}_{request.dtype}_{request.platform}.rkllm", None)
 
 
-def _check_adapter(request: ConversionRequest) -> tuple[AdapterInfo | None, list[Finding]]:
-    """The adapter and what stands between it and the base model (rank, targets, shapes, base name)."""
+def _check_adapter(request: ConversionRequest,
+                   dequantized: CheckpointInfo | None = None) -> tuple[AdapterInfo | None, list[Finding]]:
+    """The adapter and what stands between it and the base model (rank, targets, shapes, base name).
+    ``dequantized``: the planner's view of a bitsandbytes base, whose dequantized weights the LoRA is merged into
+    (so it is checked against those shapes, and the base counts as not quantized)."""
     if request.lora is None:
         return None, []
-    from rkedge.lora.adapter import inspect_adapter, validate_adapter
+    from rkedge.lora.adapter import check_adapter, inspect_adapter, read_base_checkpoint
 
     adapter = inspect_adapter(request.lora)
-    return adapter, validate_adapter(adapter, request.model, allow_base_mismatch=request.allow_base_mismatch)
+    base = read_base_checkpoint(request.model)
+    if dequantized is not None:
+        base = dataclasses.replace(base, tensors=dequantized.tensors, config={
+            k: v for k, v in base.config.items() if k != "quantization_config"})
+    return adapter, check_adapter(adapter, base, allow_base_mismatch=request.allow_base_mismatch)
 
 
 # --- individual checks --------------------------------------------------------------------------------------
@@ -457,12 +483,7 @@ def _check_quantization_config(info: CheckpointInfo, request: ConversionRequest,
         return []
     method = str(qc.get("quant_method", "")).lower()
     if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit") or "_load_in_4bit" in qc:
-        return [Finding("F-9", "error",
-                        "the checkpoint is quantized with bitsandbytes; rkllm-toolkit cannot load it "
-                        "('ERROR: Catch exception when loading model: bitsandbytes' / 'Load model failed!').",
-                        "convert from the original fp16/bf16 checkpoint, or dequantize first: load it with "
-                        "transformers, call model.dequantize(), save_pretrained() in float16 without "
-                        "quantization_config", "F-9: rknn-llm#212, ez-er#4")]
+        return _check_bitsandbytes(info)
     if method != "gptq":
         return [Finding("F-9", "error", f"quantization method {method or '?'} is not readable by rkllm-toolkit "
                         "(only GPTQ with the documented settings).", "convert from the fp16/bf16 checkpoint", "F-9")]
@@ -483,6 +504,34 @@ def _check_quantization_config(info: CheckpointInfo, request: ConversionRequest,
         findings.append(Finding("F-2", "error", "GPTQ-Int4 means w4a16, which RK3588 does not run.",
                                 "use GPTQ-Int8 or the fp16 checkpoint on RK3588", "F-2"))
     return findings
+
+
+def _check_bitsandbytes(info: CheckpointInfo) -> list[Finding]:
+    """rkllm-toolkit cannot load bitsandbytes weights (F-9); rkedge dequantizes 4-bit and 8-bit ones first, and
+    the result is only as good as the 4/8-bit source."""
+    source = quantization_from_config(info.config) or SourceQuantization("bitsandbytes")
+    toolkit_refusal = ("rkllm-toolkit cannot load bitsandbytes weights ('ERROR: Catch exception when loading "
+                       "model: bitsandbytes' / 'Load model failed!')")
+    if source.dequantizable and quantized_weights(info.tensors):
+        base = base_model_name(info.path)
+        return [Finding("F-9", "warning", f"{quality_warning(source)}. {toolkit_refusal}: rkedge dequantizes it "
+                        f"first, tensor by tensor, to {dequantized_dtype(info)} (as bitsandbytes does).",
+                        f"convert the original checkpoint ({base or 'the float model it was quantized from'}) when "
+                        "you have it", "F-9: rknn-llm#212, ez-er#4; convert/bnb.py")]
+    if source.dequantizable:
+        return [Finding("F-9", "error",
+                        f"config.json declares {source.describe()}, but the weights hold none of bitsandbytes' "
+                        "quantized tensors (a .weight with its quant_state, or with SCB); there is nothing to "
+                        "dequantize, and the toolkit would refuse the config.",
+                        "if the model was saved after model.dequantize(), delete quantization_config from "
+                        "config.json; otherwise re-download the checkpoint (its quantized weights are missing)",
+                        "F-9: rknn-llm#212, ez-er#4")]
+    return [Finding("F-9", "error",
+                    f"the checkpoint is quantized with bitsandbytes in a form rkedge does not dequantize (only "
+                    f"4-bit nf4/fp4 and 8-bit LLM.int8); {toolkit_refusal}.",
+                    "convert from the original fp16/bf16 checkpoint, or dequantize first: load it with "
+                    "transformers, call model.dequantize(), save_pretrained() in float16 without "
+                    "quantization_config", "F-9: rknn-llm#212, ez-er#4")]
 
 
 #: safetensors codes of floating weights (the only ones an unquantized checkpoint may hold in its matrices).
