@@ -211,3 +211,23 @@ def test_other_quantization_stays_refused_and_a_config_without_quantized_weights
         assert expected in errors, name
         assert "dequantize" not in [s["name"] for s in summary["steps"]]
     assert "hold none of bitsandbytes' quantized tensors" in errors["F-9"]["message"]
+
+
+def test_the_disk_check_counts_the_dequantized_checkpoint(quantized: Any, calibration_file: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any work, the free-space check asks for the float checkpoint the dequantization writes (bigger than
+    the 4-bit upload), and once that step is done and current, no longer."""
+    from rkedge.convert import pipeline
+    from rkedge.convert.bnb import dequantized_view
+
+    folder, _ = quantized("gemma", "nf4-double")
+    plain = dequantized_view(inspect_checkpoint(folder))
+    asked: list[int] = []
+    monkeypatch.setattr(pipeline, "check_free_space", lambda path, need, **_: asked.append(need))
+    monkeypatch.setattr("rkedge.lora.merge.smoke_forward_in_child", lambda path, **_: {"ok": True})
+    request = ConversionRequest(model=folder, out=tmp_path / "out", toolkit="mock", calibration=str(calibration_file))
+    convert(request)
+    convert(request)
+    first, rerun = asked
+    assert plain.weight_bytes > 2 * inspect_checkpoint(folder).weight_bytes, "4-bit: the float copy is far bigger"
+    assert first - rerun == plain.weight_bytes, "the dequantized checkpoint, counted only while it is to be written"
