@@ -20,14 +20,16 @@ toolkit's prints on stderr as log lines). Exit 0 (done), 1 (the simulator failed
 from __future__ import annotations
 
 import faulthandler
+import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from rkedge.convert.rknn.build_worker import Events, read_job
+from rkedge.convert.rknn.build_worker import read_job
 from rkedge.convert.toolkit.runner import child_environment, run_worker
 from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_OK, PROTOCOL, exit_with_parent
 from rkedge.errors import ToolkitError
@@ -38,11 +40,28 @@ WORKER_COMMAND = [sys.executable, "-m", "rkedge.convert.rknn.quality_worker", "-
 GRAPH_TIMEOUT_S = 2 * 3600
 
 
+class Events:
+    """The protocol stream: a copy of the real stdout, taken before fd 1 is pointed at stderr, so that what the
+    simulator prints (Python and C) reaches the host as log lines. The child's stderr is left as it is (no
+    capture): a native crash's last words and faulthandler's stack must reach the host."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self.stream: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+        os.dup2(2, 1)
+        self.step: str | None = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.stream.write(json.dumps(event, default=repr) + "\n")
+        self.stream.flush()
+
+
 def simulate(job: Mapping[str, Any], events: Events) -> dict[str, Any]:
     """Builds the job's graph in the simulator and runs it over every step of its inputs."""
     import numpy as np
 
-    from rkedge.runtime._stderr import capture_native_output
     from rkedge.runtime.rknn.engine import SimulatorGraphs
     from rkedge.runtime.rknn.loop import DecodeLoop, GraphSpec, position_features
 
@@ -52,8 +71,7 @@ def simulate(job: Mapping[str, Any], events: Events) -> dict[str, Any]:
     xs = np.load(job["inputs"])
     events.step = "build"
     events.emit({"type": "progress", "step": "build", "state": "start", "fraction": 0.0})
-    with capture_native_output():
-        runner = SimulatorGraphs(folder, [graph])
+    runner = SimulatorGraphs(folder, [graph])
     events.emit({"type": "progress", "step": "build", "state": "done", "fraction": 1.0})
     built = time.time()
     spec = GraphSpec.from_dict(graph)
@@ -64,16 +82,15 @@ def simulate(job: Mapping[str, Any], events: Events) -> dict[str, Any]:
     events.step = "inference"
     outputs = []
     try:
-        with capture_native_output():
-            for position, x in enumerate(xs):
-                if head:
-                    outputs.append(loop._run_head(0, x))
-                else:
-                    features = position_features(position, rotary_dim=loop.rotary_dim,
-                                                 rope_theta=loop.rope_theta, window=loop.window)
-                    outputs.append(loop._run_chunk(0, x, features))
-                events.emit({"type": "progress", "step": "inference", "state": "running",
-                             "fraction": round((position + 1) / len(xs), 4)})
+        for position, x in enumerate(xs):
+            if head:
+                outputs.append(loop._run_head(0, x))
+            else:
+                features = position_features(position, rotary_dim=loop.rotary_dim, rope_theta=loop.rope_theta,
+                                             window=loop.window)
+                outputs.append(loop._run_chunk(0, x, features))
+            events.emit({"type": "progress", "step": "inference", "state": "running",
+                         "fraction": round((position + 1) / len(xs), 4)})
     finally:
         runner.release()
     np.save(job["output"], np.stack(outputs).astype(np.float32))
