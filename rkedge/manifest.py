@@ -105,6 +105,7 @@ class RknnGraph(TypedDict, total=False):
     simulator: Any  # what the rknn-toolkit2 simulator rebuilds the graph from (its shape is the build worker's)
     fp16_tensors: list[str]
     build_seconds: float
+    rknn_layers: dict[str, Any] | None  # the toolkit's layer table counted (rkedge.convert.rknn.layers)
 
 
 class EmbeddingTable(TypedDict, total=False):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from rkedge.convert.rknn.layers import LOG_LEVEL_ENV, ToolkitStdout
 from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_OK, PROTOCOL, exit_with_parent
 
 CFG_HEADER = "custom_quantize_layers: {}\n"
@@ -56,11 +57,12 @@ class Events:
     def __init__(self) -> None:
         sys.stdout.flush()
         self.stream: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-        os.dup2(2, 1)  # the toolkit's prints (Python and C) become log lines on stderr
+        # the toolkit's prints (Python and C) become log lines on stderr, read on the way for the layer table
+        self.toolkit = ToolkitStdout(forward_fd=2)
         self.step: str | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
-        sys.stdout.flush()
+        self.toolkit.sync()  # what the toolkit printed before this event reaches the host before it
         sys.stderr.flush()
         self.stream.write(json.dumps(event, default=repr) + "\n")
         self.stream.flush()
@@ -77,6 +79,7 @@ class Events:
 
 
 def build(job: dict[str, Any], events: Events) -> dict[str, Any]:
+    os.environ.update(LOG_LEVEL_ENV)  # librknnc prints its layer table (rkedge.convert.rknn.layers); before import
     from rknn.api import RKNN
 
     out = Path(job["out_dir"]).resolve()
@@ -101,13 +104,18 @@ def build(job: dict[str, Any], events: Events) -> dict[str, Any]:
         stem = onnx.stem
         model, data, cfg = (out / f"{stem}.model", out / f"{stem}.data", out / f"{stem}.quantization.cfg")
         keys = edit_cfg(cfg, job.get("hybrid_patterns") or [])
-        rknn = RKNN(verbose=False)  # step 2 takes its config from step 1's files (calling config again can clash)
+        # step 2 takes its config from step 1's files (calling config again can clash); verbose, because step 2
+        # prints its layer table only then (it loads no ONNX, so verbose dumps no check*.onnx files here)
+        rknn = RKNN(verbose=True)
         events.call("hybrid_quantization_step2", rknn.hybrid_quantization_step2, model_input=str(model),
                     data_input=str(data), model_quantization_cfg=str(cfg))
         result["simulator"] = {"build": "hybrid", "model": model.name, "data": data.name, "cfg": cfg.name}
         result["fp16_tensors"] = keys
     events.call("export_rknn", rknn.export_rknn, str(out / f"{name}.rknn"))
     rknn.release()
+    layers = events.toolkit.count()  # None when the toolkit printed no table (an older or a stand-in toolkit)
+    result["rknn_layers"] = layers.to_dict() if layers else None
+    events.emit({"type": "layers", "graph": name, **(layers.to_dict() if layers else {"npu": None, "cpu": None})})
     result["seconds"] = round(time.time() - started, 2)
     result["rknn_bytes"] = (out / f"{name}.rknn").stat().st_size
     return result

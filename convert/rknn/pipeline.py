@@ -496,7 +496,10 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
                        "outputs": list(spec.outputs), "shapes": {k: list(v) for k, v in spec.shapes.items()},
                        "rknn": result["rknn"], "dtype": result["dtype"], "rknn_bytes": result["rknn_bytes"],
                        "simulator": result["simulator"],
-                       "fp16_tensors": result.get("fp16_tensors", []), "build_seconds": result["seconds"]})
+                       "fp16_tensors": result.get("fp16_tensors", []), "build_seconds": result["seconds"],
+                       # RKNN layers on the NPU and ops on the CPU, from the toolkit's own layer table
+                       # (rkedge.convert.rknn.layers); "layers" above are the model's layer indices
+                       "rknn_layers": result.get("rknn_layers")})
     from importlib.metadata import version
 
     source = quantization_of(request.model)
