@@ -125,14 +125,16 @@ def load_layer_streamed(model_dir: str | Path, dtype: torch.dtype, *, config: An
 def _streamable_ends(model: Any, tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, str]]:
     """{weight name the module's parameter has: (checkpoint tensor it reads, "embedding" | "head")} for the input
     embedding and the LM head when they are the plain modules whose arithmetic the streamed ones repeat exactly
-    (nn.Embedding, Gemma 3's scaled embedding, a bias-free nn.Linear); others are read whole, as before."""
+    (nn.Embedding, Gemma's scaled embeddings, a bias-free nn.Linear); others are read whole, as before."""
     import torch
 
     names = {id(module): name for name, module in model.named_modules()}
     found: dict[str, tuple[str, str]] = {}
     embedding = model.get_input_embeddings()
+    # Gemma 2 and 3 (transformers 5) use *TextScaledWordEmbedding: nn.Embedding's lookup times embed_scale
     plain = type(embedding) is torch.nn.Embedding or (isinstance(embedding, torch.nn.Embedding)
-                                                     and type(embedding).__name__ == "Gemma3TextScaledWordEmbedding")
+                                                     and type(embedding).__name__.endswith("ScaledWordEmbedding")
+                                                     and hasattr(embedding, "embed_scale"))
     embedding_weight = f"{names.get(id(embedding))}.weight"
     if plain and id(embedding) in names and embedding.max_norm is None and embedding_weight in tensors:
         found[embedding_weight] = (embedding_weight, "embedding")

@@ -161,10 +161,11 @@ def test_layer_streamed_calibration_targets_equal_the_in_memory_ones(kind: str, 
     assert calib.streamed_replies(tiny[kind], PROMPTS, 12) == in_memory
 
 
-def test_the_streamed_model_holds_no_layer_between_forward_passes(tiny: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3", "recurrent_gemma"])
+def test_the_streamed_model_holds_no_layer_between_forward_passes(kind: str, tiny: dict[str, Path]) -> None:
     from rkedge.convert.layer_stream import load_layer_streamed
 
-    model = load_layer_streamed(tiny["llama"], torch.float32)
+    model = load_layer_streamed(tiny[kind], torch.float32)
     layer_params = [p for n, p in model.named_parameters() if ".layers." in n]
     assert layer_params and all(p.is_meta for p in layer_params)
     table = model.config.vocab_size * model.config.hidden_size * 4
