@@ -57,8 +57,8 @@ KEYS: dict[Backend, tuple[str, ...]] = {
               "inputs", "toolkit_calls", "request", "findings", "estimate", "runtime", "host", "created_at",
               "wall_time_s"),
     "rknn": ("schema", "schema_version", "backend", "name", "architecture", "platform", "dtype", "hybrid", "graphs",
-             "heads", "dims", "parameters", "embedding", "lm_head", "tokenizer", "chat_family", "verification",
-             "versions", "inputs", "created_at", "quality", "wall_time_s"),
+             "heads", "prefill", "dims", "parameters", "embedding", "lm_head", "tokenizer", "chat_family",
+             "verification", "versions", "inputs", "created_at", "quality", "wall_time_s"),
 }
 
 
@@ -162,6 +162,8 @@ class Manifest(Mapping[str, Any]):
     hybrid: dict[str, Any] | None = None
     graphs: list[RknnGraph] | None = None
     heads: list[RknnGraph] | None = None
+    #: The chunked-prefill graphs (rkedge.runtime.rknn.prefill); absent from older bundles and --prefill-chunk 0
+    prefill: dict[str, Any] | None = None
     dims: dict[str, Any] | None = None
     parameters: dict[str, Any] | None = None
     embedding: EmbeddingTable | None = None

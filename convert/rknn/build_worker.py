@@ -11,7 +11,7 @@ It speaks the rkllm worker's JSON-line protocol (``toolkit/worker.py``): the rea
 reaches the host as ``log`` events. Exit 0 (built), 1 (the toolkit failed), 2 (bad job file).
 
 Job: {"protocol", "onnx", "out_dir", "name", "dtype": "fp16"|"w8a8", "dataset": path|null,
-"hybrid_patterns": [regex...], "algorithm": "normal"}.
+"hybrid_patterns": [regex...], "algorithm": "normal", "method": "channel", "dynamic_input": [[shape...]...] | null (fp16 only)}.
 """
 
 from __future__ import annotations
@@ -91,13 +91,16 @@ def build(job: dict[str, Any], events: Events) -> dict[str, Any]:
     result: dict[str, Any] = {"name": name, "dtype": job["dtype"], "rknn": f"{name}.rknn"}
     rknn = RKNN(verbose=False)
     if job["dtype"] == "fp16":
-        events.call("config", rknn.config, target_platform="rk3588")
+        # dynamic_input: one model for several input shapes, one copy of the weights (a prefill graph for T and 1)
+        shapes = {"dynamic_input": job["dynamic_input"]} if job.get("dynamic_input") else {}
+        events.call("config", rknn.config, target_platform="rk3588", **shapes)
         events.call("load_onnx", rknn.load_onnx, model=str(onnx))
         events.call("build", rknn.build, do_quantization=False)
-        result["simulator"] = {"build": "float", "onnx": onnx.relative_to(out).as_posix()}
+        result["simulator"] = {"build": "float", "onnx": onnx.relative_to(out).as_posix(), **shapes}
     else:
         events.call("config", rknn.config, target_platform="rk3588", quantized_dtype="w8a8",
-                    quantized_algorithm=job.get("algorithm", "normal"), quantized_method="channel")
+                    quantized_algorithm=job.get("algorithm", "normal"),
+                    quantized_method=job.get("method", "channel"))
         events.call("load_onnx", rknn.load_onnx, model=str(onnx))
         events.call("hybrid_quantization_step1", rknn.hybrid_quantization_step1, dataset=job["dataset"])
         rknn.release()

@@ -32,6 +32,11 @@ hybrid flow (hybrid_quantization_step1/2) keeps only the calibration data's shap
 hybrid bundle needs separate fixed-T prefill graphs, one more copy of the layer weights each (not measured on a
 board; the simulator's RSS mixes build and per-shape working memory and cannot tell the board's).
 
+What runs at inference (the chunk plan, the host features, running the graphs with the carried states) is the
+board's half, :mod:`rkedge.runtime.rknn.prefill`; this module keeps the torch graph, its export, calibration and
+verification (:func:`prepare_prefill`, :func:`prefill_section`, called by ``rkedge convert --backend rknn``) and the
+TTFT prediction (:func:`predict_prefill`, used by ``rkedge plan``).
+
 No torch or numpy at import: ``rkedge plan`` imports :func:`predict_prefill` on hosts without them, so the torch
 module class is made on first use (:func:`prefill_module`).
 """
@@ -39,19 +44,25 @@ module class is made on first use (:func:`prefill_module`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rkedge.convert.rknn.shape import GriffinShape
+from rkedge.runtime.rknn.prefill import (  # the board half, re-exported for the host side's callers
+    FEATURE_INPUTS,
+    MASK_VALUE,
+    PrefillGraph,
+    chunk_features,
+    plan_prompt,
+    run_prefill,
+)
 
 if TYPE_CHECKING:
-    from rkedge.runtime.rknn.loop import DecodeLoop, Floats, GraphRunner
+    from rkedge.runtime.rknn.loop import DecodeLoop, Floats
 
-MASK_VALUE = -30.0  # as the decode step's (exp(-30) ~ 1e-13, representable in fp16)
-#: Inputs that are not states: what the host computes per chunk (:func:`chunk_features`).
-FEATURE_INPUTS = ("x", "cos", "sin", "mask", "reset", "scan", "causal")
 #: The symbolic axes of a prefill graph's inputs for ``torch.onnx.export(dynamic_axes=...)`` (states are fixed),
 #: so rknn-toolkit2 can build it for several T (:func:`dynamic_input`).
 DYNAMIC_AXES = {"x": {1: "T"}, "cos": {1: "T"}, "sin": {1: "T"}, "mask": {1: "T", 2: "S"}, "reset": {1: "T"},
@@ -59,108 +70,6 @@ DYNAMIC_AXES = {"x": {1: "T"}, "cos": {1: "T"}, "sin": {1: "T"}, "mask": {1: "T"
 #: Chunk lengths :func:`choose_chunk` picks from: past the balance point a longer chunk saves no weight reads (it
 #: is compute bound), while the closed-form scan grows as T^2 per recurrent layer.
 MIN_CHUNK, MAX_CHUNK = 16, 64
-
-
-# --- host side: numpy, the same on the board ---------------------------------------------------------------
-
-def chunk_features(start: int, length: int, *, rotary_dim: int, rope_theta: float, window: int
-                   ) -> dict[str, Floats]:
-    """cos/sin, reset, the attention mask over [W-1 cached slots | ``length`` new] and the scan matrices for the
-    chunk of positions [start, start + length). Slot j holds position ``start - (W-1) + j``; query t (position
-    start + t) sees it when that position is >= 0, <= start + t and > start + t - W (transformers' sliding window:
-    kv_idx > q_idx - W). For length 1 this equals the decode step's features."""
-    import numpy as np
-
-    inv_freq = 1.0 / (rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
-    positions = np.arange(start, start + length, dtype=np.float32)
-    freqs = positions[:, None] * inv_freq[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    slot_pos = start - (window - 1) + np.arange(window - 1 + length)
-    query_pos = np.arange(start, start + length)[:, None]
-    visible = (slot_pos[None, :] >= 0) & (slot_pos[None, :] <= query_pos) & (slot_pos[None, :] > query_pos - window)
-    t = np.arange(length)
-    s = np.arange(length + 1)  # s' = s + 1: column 0 is the incoming state h_in
-    r = np.arange(length)
-    # scan[(t, s'), r] = 1 when s' <= r <= t: the log a_r that decay b_{s'-1} by the time of token t
-    scan = ((s[None, :, None] <= r[None, None, :]) & (r[None, None, :] <= t[:, None, None]))
-    causal = s[None, :] <= t[:, None] + 1
-    reset = (positions == 0).astype(np.float32)
-    return {"cos": np.cos(emb).reshape(1, length, rotary_dim).astype(np.float32),
-            "sin": np.sin(emb).reshape(1, length, rotary_dim).astype(np.float32),
-            "mask": np.where(visible, 0.0, MASK_VALUE).reshape(1, length, -1).astype(np.float32),
-            "reset": reset.reshape(1, length, 1),
-            "scan": scan.reshape(1, length * (length + 1), length).astype(np.float32),
-            "causal": causal.reshape(1, length, length + 1).astype(np.float32)}
-
-
-def plan_prompt(tokens: int, chunks: Sequence[int]) -> list[int]:
-    """The chunk lengths a prompt of ``tokens`` runs as, longest first (greedy); what no chunk length fits goes
-    one token at a time (length 1), e.g. 100 tokens over (32,) -> [32, 32, 32, 1, 1, 1, 1]."""
-    plan: list[int] = []
-    left = tokens
-    for length in sorted({c for c in chunks if c > 1}, reverse=True):
-        count, left = divmod(left, length)
-        plan += [length] * count
-    return plan + [1] * left
-
-
-@dataclass
-class PrefillGraph:
-    """One layer group's prefill graph, as a loop runs it: its layers, input and output names."""
-
-    layers: tuple[int, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-def run_prefill(loop: DecodeLoop, graphs: Sequence[PrefillGraph], runner: GraphRunner, tokens: Sequence[int],
-                chunks: Sequence[int], *, all_logits: bool = False) -> Floats:
-    """Feeds ``tokens`` from the loop's current position: chunks through the prefill graphs (run by ``runner``,
-    numbered like ``graphs``), the rest through the loop's decode step, states shared with the loop; when
-    ``chunks`` holds 1, the rest goes through the prefill graph at T = 1 instead (one multi-shape model serving as
-    the decode step too). Returns the last token's logits [vocab] (the head graphs of the loop), or with
-    ``all_logits`` every token's [len, vocab] (for verification: the head runs once per token)."""
-    import numpy as np
-
-    if not tokens:
-        from rkedge.errors import InputError
-
-        raise InputError("an empty prompt has nothing to prefill.", fix="pass at least one token")
-    rows: list[Floats] = []
-    done = 0
-    for length in plan_prompt(len(tokens), chunks):
-        part = tokens[done:done + length]
-        done += length
-        if length == 1 and 1 not in chunks:
-            logits = loop.step(part[0], logits=all_logits or done == len(tokens))
-            if logits is not None:
-                rows.append(logits.reshape(1, -1))
-            continue
-        x = loop.embedding[list(part)].astype(np.float32).reshape(1, length, -1)
-        features = chunk_features(loop.position, length, rotary_dim=loop.rotary_dim, rope_theta=loop.rope_theta,
-                                  window=loop.window)
-        for index, graph in enumerate(graphs):
-            values = {"x": x, **features, **loop.states}
-            outputs = runner.run(index, [values[name] for name in graph.inputs])
-            x = outputs[0].reshape(1, length, -1).astype(np.float32)
-            for name, value in zip(graph.outputs[1:], outputs[1:], strict=True):
-                state = name[len("new_"):]
-                loop.states[state] = value.reshape(loop.states[state].shape).astype(np.float32)
-        loop.position += length
-        wanted = range(length) if all_logits else ([length - 1] if done == len(tokens) else [])
-        for t in wanted:
-            rows.append(_head(loop, x[:, t:t + 1, :]).reshape(1, -1))
-    return rows[-1].reshape(-1) if not all_logits else np.concatenate(rows).astype(np.float32)
-
-
-def _head(loop: DecodeLoop, x: Floats) -> Floats:
-    """The decode step's head graphs on one hidden row (vocabulary slices concatenated)."""
-    import numpy as np
-
-    first = len(loop.chunks)
-    parts = [loop.runner.run(first + j, [np.ascontiguousarray(x)])[0].reshape(-1) for j in range(len(loop.heads))]
-    joined: Floats = np.concatenate(parts).astype(np.float32)
-    return joined
 
 
 # --- the TTFT prediction (stdlib only: rkedge plan) ---------------------------------------------------------
@@ -458,6 +367,7 @@ def verify_prefill_against_transformers(model: Any, tokens: Sequence[int], chunk
     loop = torch_loop(model)
     graphs, runner = (make_runner or (lambda lp: torch_prefill(model, lp)))(loop)
     ours = run_prefill(loop, graphs, runner, tokens, chunks, all_logits=True)
+    assert ours is not None  # all_logits always returns the rows
     cosine = (reference * ours).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(ours, axis=-1))
     centred_ref, centred_ours = reference - reference.mean(-1, keepdims=True), ours - ours.mean(-1, keepdims=True)
     centred = (centred_ref * centred_ours).sum(-1) / (np.linalg.norm(centred_ref, axis=-1)
@@ -467,3 +377,184 @@ def verify_prefill_against_transformers(model: Any, tokens: Sequence[int], chunk
             "min_cosine": float(cosine.min()), "min_centred_cosine": float(centred.min()),
             "argmax_agreement": float((reference.argmax(-1) == ours.argmax(-1)).mean()),
             "max_state_diff": state_diff, "position": loop.position}
+
+
+# --- the conversion: export, calibration, verification, bundle section (host side) -------------------------
+
+#: The dtypes whose prefill graphs share the decode step's weights: one multi-shape model per layer group
+#: (``dynamic_input`` with T and 1) serves the prompt's chunks and every decode step, so the board loads it instead
+#: of the decode graphs. Measured for fp16 (module docstring). w8a8 keeps a separate fixed-T set: the hybrid flow
+#: keeps one shape, and how plain w8a8 calibrates a multi-shape model (one dataset per shape?) is not measured.
+SHARED_DTYPES = ("fp16",)
+#: The verification prompt crosses the attention window when it is at most this long (a 2048-token window of the
+#: 2b would take minutes of float32 torch on both sides); longer windows are verified across chunk boundaries only.
+VERIFY_MAX_TOKENS = 400
+#: Calibration samples per prefill graph (as the decode graphs': ~100 are enough for the activation ranges).
+CALIBRATION_SAMPLES = 96
+
+
+@dataclass
+class PrefillBuild:
+    """What the conversion prepared for the prefill graphs while the float model was loaded: their ONNX files,
+    specs, calibration datasets and verification; built after the decode graphs (:func:`prefill_section`)."""
+
+    chunk: int
+    lengths: tuple[int, ...]
+    shared: bool
+    #: name, layers, inputs, outputs, shapes (at T = chunk), and when shared ``dynamic_input``: rknn-toolkit2's
+    #: config(dynamic_input=...), one shape set per length, inputs in graph order
+    specs: list[dict[str, Any]]
+    datasets: dict[int, Path]
+    verification: dict[str, Any]
+
+
+def prefill_lengths(chunk: int, dtype: str, hybrid: bool) -> tuple[tuple[int, ...], bool]:
+    """The chunk lengths the prefill graphs are built for and whether they share the decode step's weights."""
+    shared = dtype in SHARED_DTYPES and not hybrid
+    return ((chunk, 1) if shared else (chunk,)), shared
+
+
+def verification_tokens(tokens: Sequence[int], chunk: int, window: int) -> list[int]:
+    """A prompt for the build-time check: through the attention window wrap and two chunk boundaries, with a
+    remainder for the decode step (``tokens`` repeated as needed)."""
+    wanted = window + 2 * chunk + 3 if window + 2 * chunk + 3 <= VERIFY_MAX_TOKENS else 3 * chunk + 3
+    source = list(tokens) or [0]
+    out = list(source)
+    while len(out) < wanted:
+        out += source[1:] or source
+    return out[:wanted]
+
+
+def prepare_prefill(model: Any, loop: DecodeLoop, staging: Path, *, chunk: int, dtype: str, hybrid: bool,
+                    verify_tokens: Sequence[int], calibration_tokens: Sequence[Sequence[int]],
+                    report: Callable[[str, str], None]) -> PrefillBuild:
+    """Export the prefill graphs (one per decode layer group, ONNX under ``staging/onnx/prefill<i>``), verify the
+    chunked path against transformers in torch, and capture w8a8 calibration chunks from ``calibration_tokens``.
+    Raises ToolkitError when the chunked path differs from transformers."""
+    import torch
+
+    from rkedge.errors import ToolkitError
+
+    dims = GriffinShape.from_transformers(model.config)
+    lengths, shared = prefill_lengths(chunk, dtype, hybrid)
+    modules = [prefill_module(model, dims, spec.layers).eval() for spec in loop.chunks]
+    tokens = verification_tokens(verify_tokens, chunk, dims.window)
+    report("verify", f"chunked prefill (T = {chunk}) vs transformers, {len(tokens)} tokens")
+    verification = verify_prefill_against_transformers(
+        model, tokens, lengths, lambda lp: ([prefill_graph(m) for m in modules], TorchPrefill(modules)))
+    verification["chunk"] = chunk
+    if verification["max_abs_diff"] > 1e-3:
+        raise ToolkitError(f"the prefill graph differs from transformers by {verification['max_abs_diff']:.2e}.",
+                           fix="convert with --prefill-chunk 0 (the prompt then runs token by token); report it")
+    specs = []
+    report("export", f"{len(modules)} prefill graph(s), T = {chunk}{' and 1 (one model)' if shared else ''}")
+    for index, module in enumerate(modules):
+        name = f"prefill{index}"
+        onnx_file = staging / "onnx" / name / f"{name}.onnx"
+        onnx_file.parent.mkdir(parents=True)
+        example = tuple(torch.zeros(shape) for shape in module.input_shapes(chunk).values())
+        torch.onnx.export(module, example, str(onnx_file), opset_version=17, dynamo=False,
+                          input_names=module.input_names(), output_names=module.output_names(),
+                          dynamic_axes=dynamic_axes(module) if shared else None)
+        specs.append({"name": name, "layers": list(module.layer_ids), "inputs": module.input_names(),
+                      "outputs": module.output_names(),
+                      "shapes": {k: list(v) for k, v in module.input_shapes(chunk).items()}})
+    datasets: dict[int, Path] = {}
+    if dtype == "w8a8":
+        report("calibrate", f"prefill chunks of {chunk} tokens over the prompt set")
+        datasets = capture_calibration(loop, modules, calibration_tokens, chunk, staging / "calibration-prefill")
+    if shared:
+        for spec, module in zip(specs, modules, strict=True):
+            spec["dynamic_input"] = dynamic_input(module, lengths)
+    return PrefillBuild(chunk, lengths, shared, specs, datasets, verification)
+
+
+def graph_dynamic_input(build: PrefillBuild, index: int) -> list[list[list[int]]] | None:
+    """The ``dynamic_input`` shape sets of prefill graph ``index`` (None: a fixed-shape graph)."""
+    sets: list[list[list[int]]] | None = build.specs[index].get("dynamic_input")
+    return sets
+
+
+def capture_calibration(loop: DecodeLoop, modules: Sequence[Any], prompts: Sequence[Sequence[int]], chunk: int,
+                        folder: Path) -> dict[int, Path]:
+    """Real prefill inputs of every graph (torch), from each prompt's full chunks, about CALIBRATION_SAMPLES per
+    graph, one .npy per input and one dataset line per sample (rknn-toolkit2's dataset format)."""
+    import numpy as np
+
+    from rkedge.runtime.rknn.prefill import run_chunk
+
+    graphs = [prefill_graph(m) for m in modules]
+    runner = TorchPrefill(modules)
+    chunks = [(p, start) for p, tokens in enumerate(prompts) for start in range(0, len(tokens) - chunk + 1, chunk)]
+    keep = set(range(0, len(chunks), max(1, len(chunks) // CALIBRATION_SAMPLES)))
+    folder.mkdir(parents=True, exist_ok=True)
+    lines: dict[int, list[str]] = {i: [] for i in range(len(graphs))}
+    number = [0]
+    capturing = [False]
+
+    class Capture:
+        def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
+            if capturing[0]:
+                paths = []
+                for name, array in zip(graphs[index].inputs, inputs, strict=True):
+                    path = folder / f"p{index}_{number[0]}_{name}.npy"
+                    np.save(path, np.asarray(array).astype(np.float32))
+                    paths.append(str(path.resolve()))
+                lines[index].append(" ".join(paths))
+            return runner.run(index, inputs)
+
+    capture = Capture()
+    position = 0
+    for tokens in prompts:
+        loop.reset()
+        for start in range(0, len(tokens) - chunk + 1, chunk):
+            capturing[0] = position in keep
+            run_chunk(loop, graphs, capture, tokens[start:start + chunk])
+            if capturing[0]:
+                number[0] += 1
+            position += 1
+    loop.reset()
+    if not number[0]:
+        from rkedge.errors import InputError
+
+        raise InputError(f"no calibration prompt is {chunk} tokens long: the w8a8 prefill graphs have no data.",
+                         fix="give longer calibration prompts, a smaller --prefill-chunk, or --prefill-chunk 0")
+    datasets = {}
+    for index, graph_lines in lines.items():
+        dataset = folder / f"dataset_{index}.txt"
+        dataset.write_text("\n".join(graph_lines) + "\n")
+        datasets[index] = dataset
+    return datasets
+
+
+def prefill_section(build: PrefillBuild, built: Sequence[Mapping[str, Any]],
+                    decode_graphs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The bundle manifest's ``prefill`` key (read by :class:`rkedge.runtime.rknn.prefill.PrefillSet`): the
+    graphs as built, the chunk lengths, how the weights are held and what that costs in NPU memory (measured: the
+    .rknn sizes, which hold the weights)."""
+    graphs = []
+    for spec, result in zip(build.specs, built, strict=True):
+        graphs.append({**{k: v for k, v in spec.items() if k != "dynamic_input"},
+                       "lengths": list(build.lengths), "rknn": result["rknn"], "dtype": result["dtype"],
+                       "rknn_bytes": result["rknn_bytes"], "simulator": result["simulator"],
+                       "fp16_tensors": result.get("fp16_tensors", []), "build_seconds": result["seconds"]})
+    prefill_bytes = sum(int(g["rknn_bytes"]) for g in graphs)
+    decode_bytes = sum(int(g["rknn_bytes"]) for g in decode_graphs)
+    if build.shared:
+        weights, extra = "shared", prefill_bytes - decode_bytes
+        why = (f"one rknn-toolkit2 model per layer group built for T = {build.chunk} and T = 1 (dynamic_input) "
+               "keeps one copy of the weights; it serves the prompt's chunks and every decode step, so the board "
+               "loads it instead of the decode graphs (extra_bytes: its .rknn files minus the decode graphs')")
+    else:
+        weights, extra = "separate", prefill_bytes
+        why = ("the w8a8 (hybrid) build keeps one input shape, so the prefill graphs are a fixed-T set loaded next "
+               "to the decode graphs: one more copy of the layer weights (extra_bytes: their .rknn files)")
+    return {"chunk": build.chunk, "lengths": list(build.lengths), "serves_decode": build.shared,
+            "weights": weights, "extra_bytes": extra, "why": why, "graphs": graphs,
+            "verification": build.verification}
+
+
+__all__ = ["DYNAMIC_AXES", "FEATURE_INPUTS", "FORMULA", "MASK_VALUE", "PrefillBuild", "PrefillGraph",
+           "PrefillPrediction", "TorchPrefill", "choose_chunk", "chunk_features", "dynamic_axes", "dynamic_input",
+           "plan_prompt", "predict_prefill", "prefill_graph", "prefill_module", "prefill_section", "prepare_prefill",
+           "run_prefill", "torch_prefill", "verify_prefill_against_transformers"]

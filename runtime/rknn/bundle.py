@@ -3,7 +3,9 @@
 ``bundle.json`` (schema ``rkedge-rknn-bundle``, read by :func:`rkedge.manifest.read_manifest` like every manifest)
 lists the graphs in the order a decode step runs them (layer chunks in ``graphs``, then the LM head, split by
 vocabulary rows, in ``heads``), their input and output names and shapes, the host-side tables (embedding,
-tokenizer), the dtype and hybrid layers, and the verification and quality figures. ``<graph>.rknn`` files are what
+tokenizer), the dtype and hybrid layers, and the verification and quality figures. An optional ``prefill`` section
+names the chunked-prefill graphs (:mod:`rkedge.runtime.rknn.prefill`); a bundle without it runs prompts token by
+token. ``<graph>.rknn`` files are what
 the board runs; the ONNX graphs and the hybrid-quantization artifacts (``.model``/``.data``/``.quantization.cfg``)
 let the rknn-toolkit2 simulator rebuild the same graphs on x86 (a ``.rknn`` cannot run in the simulator).
 """
@@ -32,7 +34,8 @@ def read_bundle(path: str | Path) -> tuple[Path, Manifest]:
         raise ModelFileError(f"{path} is not an rkedge RKNN bundle (no {BUNDLE_FILE}).",
                              fix="pass the folder rkedge convert --backend rknn wrote")
     folder = file.parent
-    for graph in [*(manifest.graphs or []), *(manifest.heads or [])]:
+    prefill = (manifest.prefill or {}).get("graphs") or []
+    for graph in [*(manifest.graphs or []), *(manifest.heads or []), *prefill]:
         if not (folder / graph["rknn"]).is_file():
             raise ModelFileError(f"{folder / graph['rknn']} is missing from the bundle.", fix="copy the whole folder")
     return folder, manifest

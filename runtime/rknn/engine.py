@@ -24,7 +24,7 @@ from rkedge.runtime._stderr import capture_native_output
 from rkedge.runtime.abi._common import AbiFeatures
 from rkedge.runtime.backend import EventHandler, RuntimeInfo
 from rkedge.runtime.rknn.bundle import read_bundle
-from rkedge.runtime.rknn.loop import DecodeLoop, Floats
+from rkedge.runtime.rknn.loop import DecodeLoop, Floats, bundle_graphs
 from rkedge.runtime.types import CallState, InferMode, InitParams, PerfStats, RunEvent, RunRequest
 
 FEATURES = AbiFeatures(
@@ -105,7 +105,9 @@ class SimulatorGraphs(_GraphSet):
         sim = graph["simulator"]
         steps: list[tuple[str, Callable[[Any], Any]]]
         if sim["build"] == "float":
-            steps = [("config", lambda r: r.config(target_platform="rk3588")),
+            # a multi-shape graph (a prefill graph that also serves as the decode step) is rebuilt with its shapes
+            shapes = {"dynamic_input": sim["dynamic_input"]} if sim.get("dynamic_input") else {}
+            steps = [("config", lambda r: r.config(target_platform="rk3588", **shapes)),
                      ("load_onnx", lambda r: r.load_onnx(model=str(folder / sim["onnx"]))),
                      ("build", lambda r: r.build(do_quantization=False))]
         else:
@@ -248,12 +250,15 @@ class RknnModel:
         self.warnings: list[str] = []
         self._on_event = on_event
         self.init_rc = -1
-        graphs = [*(self.bundle.graphs or []), *(self.bundle.heads or [])]
+        graphs = bundle_graphs(self.bundle, prefill=True)
         tokenizer_spec = self.bundle.tokenizer or {}
         with capture_native_output(echo=verbose) as captured:  # rknn-toolkit2 logs to stdout and stderr
             self.graphs: _GraphSet | None = self._open_graphs(library, graphs)
-            self.loop = DecodeLoop.from_bundle(self.folder, self.bundle, self.graphs)
-            self.loop.step(tokenizer_spec.get("bos_token_id") or 0)  # warm-up: first runs print
+            self.loop = DecodeLoop.from_bundle(self.folder, self.bundle, self.graphs, prefill=True)
+            warm_up = tokenizer_spec.get("bos_token_id") or 0
+            self.loop.step(warm_up)  # warm-up: first runs print
+            if self.loop.prefill_set is not None:  # and the prefill graphs at their chunk length
+                self.loop.prefill([warm_up] * self.loop.prefill_set.chunk, logits=False)
             self.loop.reset()
         self.init_log = captured.text
         self._kind = self.graphs.kind
@@ -334,11 +339,9 @@ class RknnModel:
             tokens = [int(self.tokenizer.bos), *tokens]
         if not tokens:
             raise InputError("empty prompt")
-        logits: Floats | None = None
-        for index, token in enumerate(tokens):
-            if self._abort:
-                break
-            logits = self.loop.step(token, logits=index == len(tokens) - 1)
+        # full chunks through the prefill graphs when the bundle has them (a chat turn: only its new tokens, from
+        # the kept state), the rest through the decode step
+        logits = None if self._abort else self.loop.prefill(tokens)
         prefill_done = time.perf_counter()
         generated = 0
         paused = False

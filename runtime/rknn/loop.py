@@ -13,6 +13,8 @@ from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
 
+from rkedge.runtime.rknn.prefill import FEATURE_INPUTS, PrefillSet, prefill_with
+
 #: What flows between the graphs: float32 tensors (numpy.typing is not followed by the type checker).
 Floats: TypeAlias = "np.ndarray[Any, np.dtype[np.float32]]"
 
@@ -55,13 +57,23 @@ def position_features(position: int, *, rotary_dim: int, rope_theta: float, wind
             "mask": mask.reshape(1, 1, window)}
 
 
+#: The closed-form scan's matrices for a one-token chunk (``rkedge.runtime.rknn.prefill.chunk_features``): what a
+#: prefill graph serving as the decode step reads besides the decode step's own features.
+ONE_TOKEN_SCAN = {"scan": np.array([[[1.0], [0.0]]], dtype=np.float32),
+                  "causal": np.ones((1, 1, 2), dtype=np.float32)}
+
+
 class DecodeLoop:
     """Feeds tokens through the chunk graphs and the head graphs, keeping every state between steps. The runner
-    numbers the graphs chunks first, then heads; the heads' logits are concatenated in order (vocabulary slices)."""
+    numbers the graphs chunks first, then heads; the heads' logits are concatenated in order (vocabulary slices).
+
+    With ``prefill`` (a bundle's prefill graphs), :meth:`prefill` runs a prompt's full chunks through them."""
 
     def __init__(self, chunks: Sequence[GraphSpec], heads: Sequence[GraphSpec], runner: GraphRunner,
-                 embedding: Floats, *, rotary_dim: int, rope_theta: float, window: int) -> None:
+                 embedding: Floats, *, rotary_dim: int, rope_theta: float, window: int,
+                 prefill: PrefillSet | None = None) -> None:
         self.chunks = list(chunks)
+        self.prefill_set = prefill
         self.heads = list(heads)
         self.runner = runner
         self.embedding = embedding
@@ -73,7 +85,7 @@ class DecodeLoop:
     def reset(self) -> None:
         self.states = {name: np.zeros(spec.shapes[name], dtype=np.float32)
                        for spec in self.chunks for name in spec.inputs
-                       if name not in ("x", "cos", "sin", "mask", "reset")}
+                       if name not in FEATURE_INPUTS}
         self.position = 0
 
     def snapshot(self) -> tuple[int, dict[str, Floats]]:
@@ -95,6 +107,17 @@ class DecodeLoop:
             return None
         parts = [self._run_head(j, x) for j in range(len(self.heads))]
         return _floats((parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32))
+
+    def prefill(self, tokens: Sequence[int], *, logits: bool = True) -> Floats | None:
+        """``tokens`` from the current position (a prompt, or a chat turn's new tokens after the kept state): full
+        chunks through the prefill graphs when the bundle has them, the rest (or everything, without them) through
+        the decode step. Returns the last token's logits [vocab] (None when ``logits`` is False)."""
+        if self.prefill_set is None:
+            last: Floats | None = None
+            for index, token in enumerate(tokens):
+                last = self.step(token, logits=logits and index == len(tokens) - 1)
+            return last
+        return prefill_with(self, self.prefill_set, tokens, logits=logits)
 
     def teacher_forced_logits(self, tokens: Sequence[int],
                               release: Callable[[int], None] | None = None) -> Floats:
@@ -121,8 +144,9 @@ class DecodeLoop:
         return _floats(self.embedding[token].astype(np.float32).reshape(1, 1, -1))
 
     def _features(self, position: int) -> dict[str, Floats]:
-        return position_features(position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
-                                 window=self.window)
+        features = position_features(position, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
+                                     window=self.window)
+        return {**features, **ONE_TOKEN_SCAN} if self.prefill_set and self.prefill_set.serves_decode else features
 
     def _run_chunk(self, index: int, x: Floats, features: dict[str, Floats]) -> Floats:
         """Chunk graph ``index`` on hidden vector ``x``; its states are updated in place."""
@@ -138,10 +162,34 @@ class DecodeLoop:
         return _floats(self.runner.run(len(self.chunks) + j, [x])[0].reshape(-1))
 
     @classmethod
-    def from_bundle(cls, folder: str | Path, bundle: Mapping[str, Any], runner: GraphRunner) -> DecodeLoop:
-        """The loop of a bundle (``bundle.json`` read), its graphs run by ``runner``."""
+    def from_bundle(cls, folder: str | Path, bundle: Mapping[str, Any], runner: GraphRunner, *,
+                    prefill: bool = False) -> DecodeLoop:
+        """The loop of a bundle (``bundle.json`` read), its graphs run by ``runner`` in :func:`bundle_graphs`
+        order. Without ``prefill`` (or without the bundle's ``prefill`` section) the decode graphs run every token."""
         embedding = np.load(Path(folder) / bundle["embedding"]["file"]).astype(np.float32)
         dims = bundle["dims"]
-        return cls([GraphSpec.from_dict(g) for g in bundle["graphs"]],
-                   [GraphSpec.from_dict(g) for g in bundle["heads"]], runner, embedding,
-                   rotary_dim=dims["rotary_dim"], rope_theta=dims["rope_theta"], window=dims["window"])
+        section = bundle.get("prefill") if prefill else None
+        chunks = [GraphSpec.from_dict(g) for g in bundle["graphs"]]
+        prefill_set = None
+        if section:
+            if section.get("serves_decode"):
+                # one multi-shape model per layer group serves both: its T = 1 shape is the decode step
+                chunks = [GraphSpec(g["name"], tuple(g.get("layers", ())), tuple(g["inputs"]), tuple(g["outputs"]),
+                                    spec.shapes) for g, spec in zip(section["graphs"], chunks, strict=True)]
+                prefill_set = PrefillSet.from_manifest(section, 0)
+            else:
+                prefill_set = PrefillSet.from_manifest(section, len(chunks) + len(bundle["heads"]))
+        return cls(chunks, [GraphSpec.from_dict(g) for g in bundle["heads"]], runner, embedding,
+                   rotary_dim=dims["rotary_dim"], rope_theta=dims["rope_theta"], window=dims["window"],
+                   prefill=prefill_set)
+
+
+def bundle_graphs(bundle: Mapping[str, Any], *, prefill: bool = False) -> list[Any]:
+    """The graphs a runner loads for :meth:`DecodeLoop.from_bundle`, in its numbering: decode chunks (or the
+    prefill graphs when they serve as the decode step), heads, then prefill graphs held separately."""
+    section = bundle.get("prefill") if prefill else None
+    if not section:
+        return [*bundle["graphs"], *bundle["heads"]]
+    if section.get("serves_decode"):
+        return [*section["graphs"], *bundle["heads"]]
+    return [*bundle["graphs"], *bundle["heads"], *section["graphs"]]
