@@ -22,6 +22,11 @@ class RknnRules:
     graph_weight_budget: int = 1 << 30
     #: A graph build that runs this long is stuck: builds at 2b widths measured 91-174 s (section 6).
     build_timeout_s: float = 2 * 3600
+    #: rknn-toolkit2's config(quantized_algorithm=..., quantized_method=...) choices (toolkit 2.x docs); measured
+    #: on the tiny fixture in feasibility section 5: mmse ~3x the build time for a small NLL gain, kl_divergence
+    #: worse, so normal + channel is the default.
+    quantized_algorithms: tuple[str, ...] = ("normal", "mmse", "kl_divergence")
+    quantized_methods: tuple[str, ...] = ("channel", "layer")
     source: str = SOURCE
 
 
