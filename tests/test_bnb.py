@@ -9,7 +9,6 @@ to, and the same logits as the quantized model after ``model.dequantize()`` (cos
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
