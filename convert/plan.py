@@ -60,7 +60,8 @@ class PlanReport:
         lines = [f"{self.model}: {self.shape['total_params'] / 1e9:.2f}B parameters, {p['dtype']}, "
                  f"{'RKNN backend' if rknn else 'max_context ' + str(p['max_context'])}",
                  f"  memory   {p['total_bytes'] / GIB:6.2f} GiB = weights {p['weight_bytes'] / GIB:.2f} + "
-                 + (f"host embedding {p['embedding_bytes'] / GIB:.2f} + state {p['kv_cache_bytes'] / GIB:.3f}" if rknn
+                 + (f"host embedding {p['embedding_bytes'] / GIB:.2f} + state {p['kv_cache_bytes'] / GIB:.3f}"
+                    + (f" + prefill graphs {p['prefill_bytes'] / GIB:.2f}" if p.get("prefill_bytes") else "") if rknn
                     else (f"embedding {p['embedding_bytes'] / GIB:.2f}" if p["embedding_bytes"] else "embedding in storage")
                     + f" + KV cache {p['kv_cache_bytes'] / GIB:.2f} + "
                          f"runtime {p['runtime_bytes'] / GIB:.2f}"),
@@ -111,7 +112,11 @@ def shape_of(path: Path) -> tuple[ModelShape, dict[str, Any]]:
     from rkedge.convert.inspect import inspect_checkpoint, read_json
 
     if path.is_dir():
-        info = inspect_checkpoint(path)
+        from rkedge.convert.bnb import dequantized_view
+
+        # a bitsandbytes upload is planned as the float checkpoint rkedge dequantizes it to (packed 4-bit shapes
+        # would undercount the weights)
+        info = dequantized_view(inspect_checkpoint(path))
         config = info.config
         if info.tensors:
             tensors = info.tensors

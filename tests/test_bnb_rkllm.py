@@ -231,3 +231,15 @@ def test_the_disk_check_counts_the_dequantized_checkpoint(quantized: Any, calibr
     first, rerun = asked
     assert plain.weight_bytes > 2 * inspect_checkpoint(folder).weight_bytes, "4-bit: the float copy is far bigger"
     assert first - rerun == plain.weight_bytes, "the dequantized checkpoint, counted only while it is to be written"
+
+
+@pytest.mark.parametrize("scheme", ["nf4-double", "int8"])
+def test_rkedge_plan_sizes_a_bitsandbytes_upload_as_the_float_checkpoint_it_becomes(
+        quantized: Any, float_models: dict[str, Path], scheme: str) -> None:
+    from rkedge.convert.plan import shape_of
+
+    upload, _ = quantized("llama", scheme)
+    planned, _ = shape_of(upload)
+    original, _ = shape_of(float_models["llama"])
+    assert (planned.linear_params, planned.embedding_params, planned.lm_head_params) == \
+        (original.linear_params, original.embedding_params, original.lm_head_params)
