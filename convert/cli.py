@@ -87,7 +87,9 @@ def inspect_command(path: Path, as_json: bool) -> None:
 @click.option("--hybrid-rate", type=float, default=0.0, show_default=True, help="hybrid_rate in [0, 1).")
 @click.option("--optimization-level", type=int, default=0, show_default=True, help="0 (fast runtime) or 1.")
 @click.option("--calibration", default="auto", show_default=True,
-              help="auto (built-in multilingual prompts) or a JSON file of prompts / {input, target} items.")
+              help="auto (built-in multilingual prompts) or a JSON file of prompts / {input, target} items; rknn "
+                   "also takes plain text (FILE.txt, split at blank lines) and holds a fifth of it out for the "
+                   "quality report.")
 @click.option("--lora", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A PEFT LoRA adapter folder.")
 @click.option("--lora-mode", type=click.Choice(["merge", "runtime"]), default="merge", show_default=True,
@@ -114,6 +116,12 @@ def inspect_command(path: Path, as_json: bool) -> None:
 @click.option("--eval-steps", type=click.IntRange(1, 100_000), default=None,
               help="rknn: teacher-forced steps of the quality report (default 256, fewer for models the simulator "
                    "runs slowly: about a minute per step at 2.7B).")
+@click.option("--quality-target", default=None,
+              help="rknn w8a8: what the fp16 parts are chosen to reach against the float model, and what every "
+                   "build is checked against (default top1=0.95,nll=1.0: top-1 >= 95%, |NLL delta| <= 1%).")
+@click.option("--prefill-chunk", type=click.IntRange(0, 1024), default=None,
+              help="rknn: tokens per chunked-prefill graph run (default: chosen per model, 16-64; 0: no prefill "
+                   "graphs, the prompt runs token by token).")
 @click.option("--dry-run", is_flag=True, help="Plan and check only; exit 2 on any error finding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the toolkit's log lines.")
@@ -122,7 +130,7 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
                     optimization_level: int, calibration: str, lora: Path | None, lora_mode: str, board: str | None,
                     toolkit: str | None, load_dtype: str | None, name: str | None, allow_known_failure: bool,
                     allow_base_mismatch: bool, backend: str, no_hybrid: bool, graph_params: int | None, eval_text: Path | None,
-                    eval_steps: int | None,
+                    eval_steps: int | None, prefill_chunk: int | None, quality_target: str | None,
                     dry_run: bool, as_json: bool, verbose: bool) -> None:
     """Convert MODEL_DIR (a Hugging Face checkpoint) into a .rkllm for the NPU, checking it first.
 
@@ -130,8 +138,9 @@ def convert_command(model_dir: Path, out_dir: Path, platform: str, dtype: str, t
     if backend == "rknn":
         _convert_rknn(model_dir, out_dir, platform=platform, dtype=dtype, calibration=calibration, lora=lora,
                       name=name, hybrid=not no_hybrid, graph_params=graph_params, eval_text=eval_text,
-                      eval_steps=eval_steps, dry_run=dry_run, as_json=as_json, verbose=verbose,
-                      ignored=_explicit(click.get_current_context(), RKLLM_ONLY))
+                      eval_steps=eval_steps, prefill_chunk=prefill_chunk, quality_target=quality_target,
+                      dry_run=dry_run, as_json=as_json,
+                      verbose=verbose, ignored=_explicit(click.get_current_context(), RKLLM_ONLY))
         return
     from rkedge.convert.vlm import is_vlm_checkpoint
 
@@ -211,7 +220,7 @@ def _echo_result(summary: dict[str, Any], findings: Sequence[Finding], *, as_jso
 
 def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, calibration: str, lora: Path | None,
                   name: str | None, hybrid: bool, graph_params: int | None, eval_text: Path | None,
-                  eval_steps: int | None,
+                  eval_steps: int | None, prefill_chunk: int | None, quality_target: str | None,
                   dry_run: bool, as_json: bool, verbose: bool, ignored: list[str]) -> None:
     from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn
     from rkedge.errors import InputError
@@ -221,7 +230,8 @@ def _convert_rknn(model_dir: Path, out_dir: Path, *, platform: str, dtype: str, 
                          fix="drop them (see rkedge convert --help for the rknn options)")
     request = RknnRequest(model=model_dir, out=out_dir, dtype=dtype, platform=platform, hybrid=hybrid,
                           calibration=calibration, eval_text=eval_text, eval_steps=eval_steps,
-                          graph_params=graph_params, name=name, lora=lora)
+                          graph_params=graph_params, name=name, lora=lora, prefill_chunk=prefill_chunk,
+                          quality_target=quality_target)
     reporter = StderrReporter(verbose)
     try:
         result = convert_rknn(request, dry_run=dry_run, progress=reporter.step, log=reporter.log)

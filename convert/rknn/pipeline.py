@@ -3,9 +3,10 @@
 Steps: inspect and check -> build the decode-step graphs from the model's own weights (torch) and verify them
 against transformers' forward pass (max logit difference printed) -> split into graphs sized to the NPU limits and
 the build host's RAM -> export ONNX -> calibrate from real decode states of a prompt set -> build each graph in its
-own child process (fp16, or w8a8 with the RG-LRU path and the state I/O kept in fp16) -> measure quality against
-transformers in the simulator (teacher-forced: NLL delta, top-1 agreement, logits cosine) -> write the bundle
-atomically (a staging folder renamed into place) with its manifest and a model card.
+own child process (fp16, or w8a8 keeping in fp16 the fewest parts that reach the quality target, chosen in the
+simulator on text held out of the calibration set: rkedge.convert.rknn.precision) -> measure quality against
+transformers in the simulator (teacher-forced: NLL delta, top-1 agreement, KL, logits cosine) and check it against
+the target -> write the bundle atomically (a staging folder renamed into place) with its manifest and a model card.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rkedge._fs import atomic_dir
 from rkedge.convert.bnb import base_model_name, dequantize_checkpoint, quality_warning, quantization_of
 from rkedge.convert.findings import Finding, raise_on_errors
 from rkedge.convert.inspect import inspect_checkpoint, read_json
+from rkedge.convert.rknn.precision import QualityTarget
 from rkedge.convert.rknn.rules import RKNN_RULES
 from rkedge.convert.toolkit.runner import Event, EventHandler, child_environment, run_worker
 from rkedge.convert.toolkit.worker import PROTOCOL
@@ -32,6 +34,7 @@ from rkedge.errors import InputError, ToolkitError
 from rkedge.manifest import BUNDLE_FILE, BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION, Manifest
 
 if TYPE_CHECKING:
+    from rkedge.convert.rknn.prefill import PrefillBuild
     from rkedge.runtime.rknn.loop import Floats
 
 SOURCE = RKNN_RULES.source
@@ -46,6 +49,10 @@ DEFAULT_EVAL_STEPS = 256
 #: plus ~22 ns per parameter (about a minute per token for the 2.7B model; feasibility section 6).
 SIMULATOR_S_PER_GRAPH, SIMULATOR_S_PER_PARAM = 0.008, 2.2e-8
 QUALITY_BUDGET_S = 1800
+#: The precision search simulates its variants in this process for models up to this size: a child per graph
+#: and run (measure_quality) costs a process start and a toolkit import, ~5 s each, for every one of the search's
+#: dozens of runs, while such a model's simulated graphs take well under 2 GB.
+SEARCH_IN_PROCESS_PARAMS = 50_000_000
 #: A graph build that runs this long is stuck: builds at 2b widths measured 91-174 s (feasibility section 6).
 BUILD_TIMEOUT_S = 2 * 3600  # the default quality report stays within about half an hour
 #: Calibration runs each prompt this many decode steps at most (through the window wrap on small windows); the
@@ -55,7 +62,8 @@ CALIBRATION_MAX_STEPS = 256
 #: only cost time: 20 prompts x 256 steps took ~9 minutes of torch decode at 2b width and 3 layers, and would take
 #: over an hour at full depth. The tiny test models (20 prompts x 80 steps) stay under it.
 CALIBRATION_MAX_TOTAL_STEPS = 2048
-#: Tensors kept in fp16 in the hybrid build: the RG-LRU chain and the conv1d before it, with their recurrent (h,
+#: Tensors kept in fp16 in the hybrid build when they are not chosen by measurement (manual builds leave
+#: fp16_patterns at this; prefill graphs and a search over budget fall back to it): the RG-LRU chain and the conv1d before it, with their recurrent (h,
 #: conv) and attention (k/v) state I/O. Chosen by measurement over many steps, not one (benchmarks/
 #: bench_rknn_hybrid.py: trained tiny RecurrentGemma, 1024 teacher-forced steps on held-out code, KL to
 #: transformers): plain w8a8 0.0072 (top-1 94.7%), + RG-LRU and h/k/v states 0.0044 (96.0%), + conv1d 0.0042
@@ -89,13 +97,34 @@ class RknnRequest:
     name: str | None = None
     template: str | None = None
     lora: Path | None = None  # a PEFT adapter merged into the weights first
-    fp16_patterns: tuple[str, ...] = HYBRID_PATTERNS  # what the hybrid build keeps in fp16 (benchmarks vary it)
+    #: What the hybrid build keeps in fp16: None chooses it (rkedge.convert.rknn.precision: the fewest parts that
+    #: reach quality_target); a tuple of regexes over tensor names is kept as given (benchmarks vary it).
+    fp16_patterns: tuple[str, ...] | None = None
+    quality_target: str | None = None  # "top1=0.95,nll=1.0" (the default); checked on every build
+    quantized_algorithm: str = "normal"  # rknn-toolkit2's: normal, mmse, kl_divergence
+    quantized_method: str = "channel"  # rknn-toolkit2's: channel, layer
+    precision_budget_s: float | None = None  # the search's simulator time (default: precision.SEARCH_BUDGET_S)
+    precision_granularity: str | None = None  # "layer" or "group" parts (default: layer when the budget allows)
     head_dtype: str | None = None  # the LM head graph's dtype (default: dtype)
     build_timeout_s: float | None = BUILD_TIMEOUT_S  # per graph build; the worker's process group is then killed
+    #: Tokens per chunked-prefill graph run (None: rkedge.convert.rknn.prefill.choose_chunk; 0: no prefill graphs,
+    #: the prompt runs token by token through the decode step)
+    prefill_chunk: int | None = None
 
     @property
     def hybrid_patterns(self) -> list[str]:
-        return list(self.fp16_patterns) if self.hybrid and self.dtype == "w8a8" else []
+        """The patterns of a manual hybrid build, and the fixed set graphs outside the search get (prefill)."""
+        patterns = HYBRID_PATTERNS if self.fp16_patterns is None else self.fp16_patterns
+        return list(patterns) if self.hybrid and self.dtype == "w8a8" else []
+
+    @property
+    def auto_precision(self) -> bool:
+        """The decode graphs' fp16 parts are chosen by measurement (w8a8 hybrid without manual patterns)."""
+        return self.fp16_patterns is None and self.hybrid and self.dtype == "w8a8"
+
+    @property
+    def target(self) -> QualityTarget:
+        return QualityTarget.parse(self.quality_target)
 
 
 @dataclass
@@ -112,7 +141,8 @@ class RknnResult:
                 "backend": "rknn", "output": str(self.bundle) if self.bundle else None,
                 "findings": [f.to_dict() for f in self.findings], "steps": self.steps,
                 "verification": self.manifest.verification if self.manifest else None,
-                "quality": self.manifest.quality if self.manifest else None}
+                "quality": self.manifest.quality if self.manifest else None,
+                "precision": self.manifest.get("precision") if self.manifest else None}
 
 
     def render(self) -> list[str]:
@@ -126,12 +156,18 @@ class RknnResult:
         quality = (self.manifest.quality if self.manifest else None) or {}
         lines = [f"decode step vs transformers: max logit difference {verification.get('max_abs_diff', 0):.2e} "
                  f"over {verification.get('tokens')} tokens"]
+        prefill = (self.manifest.prefill if self.manifest else None) or {}
+        if prefill:
+            checked = prefill["verification"]
+            lines.append(f"chunked prefill (T = {prefill['chunk']}, weights {prefill['weights']}) vs transformers: "
+                         f"max logit difference {checked['max_abs_diff']:.2e} over {checked['tokens']} tokens")
         if quality:
             lines.append(f"quality ({quality['steps']} teacher-forced steps, simulator vs transformers): "
                          f"NLL {quality['nll_reference']:.4f} -> {quality['nll_graphs']:.4f} "
                          f"({quality['nll_delta_pct']:+.2f}%), perplexity {quality['perplexity_reference']:.3f} -> "
                          f"{quality['perplexity_graphs']:.3f}, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
                          f"logits cosine {quality['logits_cosine']:.5f}")
+        lines += _precision_lines((self.manifest.get("precision") if self.manifest else None) or {})
         lines.append(f"wrote {self.bundle}")
         return lines
 
@@ -163,12 +199,45 @@ def check(request: RknnRequest) -> tuple[Any, list[Finding]]:
         findings.append(Finding("F-9", "warning", f"{quality_warning(source)}; rkedge dequantizes it first.",
                                 "convert the original checkpoint (google/recurrentgemma-2b-it) when you have it",
                                 "F-9"))
+    if request.prefill_chunk is not None and (request.prefill_chunk < 0 or request.prefill_chunk == 1):
+        findings.append(Finding("rknn.prefill_chunk", "error",
+                                f"--prefill-chunk {request.prefill_chunk}: a prefill chunk holds 2 tokens or more.",
+                                "pass 0 (no prefill graphs) or a chunk length such as 16, 32 or 64", SOURCE))
+    findings += _precision_findings(request, info)
     try:
         import rknn.api  # noqa: F401
     except Exception as exc:  # any import failure means no usable toolkit
         findings.append(Finding("rknn.toolkit", "error", f"rknn-toolkit2 is not importable here ({exc}).",
                                 "install it: scripts/install-rknn-toolkit2.sh (x86_64, Python 3.8-3.12)", SOURCE))
     return info, findings
+
+
+def _precision_findings(request: RknnRequest, info: Any) -> list[Finding]:
+    """The quality target and quantization options as given, and whether the built-in calibration prompts and
+    quality text fit the model (issue 16: a code model measured on them looked 5% worse than it was)."""
+    from rkedge.convert.rknn.precision import domain_findings
+
+    findings = []
+    try:
+        request.target  # noqa: B018 - parsed here so a typo fails before any heavy work
+    except InputError as exc:
+        findings.append(Finding("rknn.quality_target", "error", exc.message, exc.fix or "", SOURCE))
+    if request.quantized_algorithm not in RKNN_RULES.quantized_algorithms:
+        findings.append(Finding("rknn.quantized_algorithm", "error",
+                                f"rknn-toolkit2 quantizes with {', '.join(RKNN_RULES.quantized_algorithms)}, not "
+                                f"{request.quantized_algorithm!r}.", "use normal (the default) or mmse", SOURCE))
+    if request.quantized_method not in RKNN_RULES.quantized_methods:
+        findings.append(Finding("rknn.quantized_method", "error",
+                                f"rknn-toolkit2 quantizes per {' or per '.join(RKNN_RULES.quantized_methods)}, not "
+                                f"{request.quantized_method!r}.", "use channel (the default)", SOURCE))
+    calibration = request.calibration
+    if calibration not in (None, "auto") and not Path(calibration).is_file():
+        findings.append(Finding("rknn.calibration", "error", f"calibration file not found: {calibration}",
+                                "pass a .txt file of plain text or a JSON list of prompts, or --calibration auto",
+                                SOURCE))
+    findings += domain_findings(has_chat_template=bool(info.chat_template), dtype=request.dtype,
+                                calibration=calibration, eval_text=request.eval_text)
+    return findings
 
 
 def convert_rknn(request: RknnRequest, *, dry_run: bool = False,
@@ -216,6 +285,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     from transformers import AutoModelForCausalLM
 
     from rkedge.convert.rknn.decode_step import ChunkStep, HeadStep, layer_param_counts
+    from rkedge.convert.rknn.prefill import graph_dynamic_input, prefill_section
     from rkedge.convert.rknn.torch_graphs import (
         build_torch_graphs,
         graph_names,
@@ -239,7 +309,8 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
     report("verify", "decode step vs transformers' forward pass")
     eval_steps = request.eval_steps or auto_eval_steps(sum(counts) + dims.vocab * dims.hidden,
                                                        len(chunks) + len(heads))
-    eval_tokens = _eval_tokens(request, encode, tokenizer_spec, eval_steps)
+    texts = quality_texts(request)
+    eval_tokens = _text_tokens(texts.report_text, encode, tokenizer_spec, eval_steps)
     verification = verify_against_transformers(model, eval_tokens[:96], loop)
     steps.append({"name": "verify", **verification})
     if verification["max_abs_diff"] > 1e-3:
@@ -257,35 +328,213 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         datasets: dict[int, Path] = {}
         if request.dtype == "w8a8":
             report("calibrate", "decode states of the prompt set")
-            datasets = _calibration(loop, request, encode, tokenizer_spec, staging / "calibration", len(graphs))
+            datasets = _calibration(loop, request, encode, tokenizer_spec, staging / "calibration", len(graphs),
+                                    prompts=texts.calibration)
         quality_tokens = eval_tokens[: eval_steps + 1]
         # The reference side of the quality report, computed now so the float model is gone before the builds:
         # at 2b width the parent held ~9 GB (float32 weights, embedding copies) next to a build needing ~28 bytes
         # per parameter, and the two together outgrew a 24 GB host.
         reference_logits = reference_quality_logits(loop, quality_tokens)
+        search: tuple[list[int], Floats] | None = None  # the precision search's tokens and their float logits
+        if request.auto_precision:
+            search_tokens = _text_tokens(texts.search_text, encode, tokenizer_spec, eval_steps)[: eval_steps + 1]
+            search = (search_tokens, reference_logits if search_tokens == quality_tokens
+                      else reference_quality_logits(loop, search_tokens))
         np.save(staging / "embedding.npy", loop.embedding.astype(np.float16))
         specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
+        prefill = _prepare_prefill(request, model, loop, staging, encode, tokenizer_spec, eval_tokens, report)
+        if prefill is not None:
+            steps.append({"name": "verify_prefill", **prefill.verification})
         del model, loop, chunks, heads, modules, graphs
         gc.collect()
         built = []
         for index, spec in enumerate(specs):
-            report("build", f"{spec.name} ({request.dtype}{', hybrid' if request.hybrid_patterns else ''})")
-            built.append(_build_graph(staging, spec.name, request, datasets.get(index), on_event=on_event))
+            kind = ", plain: the fp16 search starts there" if search is not None else \
+                ", hybrid" if request.hybrid_patterns else ""
+            report("build", f"{spec.name} ({request.dtype}{kind})")
+            built.append(_build_graph(staging, spec.name, request, datasets.get(index), on_event=on_event,
+                                      patterns=[] if search is not None else None))
+        precision = _manual_precision(request)
+        if search is not None:  # plain w8a8 built: now what to keep in fp16, then those graphs rebuilt
+            def draft_of(graphs_built: list[dict[str, Any]]) -> dict[str, Any]:
+                return _manifest(request, info, dims, counts, specs, graphs_built, tokenizer_spec, verification, name)
+
+            precision, built = _choose_precision(request, staging, dims, specs, built, datasets, search, texts,
+                                                 draft_of, report, on_event, findings)
+        prefill_built = []
+        # prefill graph i holds the layers of decode graph i: it keeps the same parts in fp16
+        by_graph = precision["patterns"] if isinstance(precision.get("patterns"), dict) else None
+        for index, graph in enumerate(prefill.specs if prefill is not None else []):
+            assert prefill is not None
+            patterns = None if by_graph is None else list(by_graph.get(specs[index].name, []))
+            report("build", f"{graph['name']} (prefill, {request.dtype}"
+                   f"{', hybrid' if (request.hybrid_patterns if patterns is None else patterns) else ''})")
+            prefill_built.append(_build_graph(staging, graph["name"], request, prefill.datasets.get(index),
+                                              on_event=on_event, dynamic_input=graph_dynamic_input(prefill, index),
+                                              patterns=patterns))
         for file in tokenizer_files:
             shutil.copyfile(file, staging / file.name)
         draft = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
+        draft["precision"] = precision
+        if precision.get("mode") in ("auto", "fixed"):
+            draft["hybrid"] = {**draft["hybrid"], "enabled": any(g.get("fp16_tensors") for g in built),
+                               "patterns": sorted({p for ps in precision["patterns"].values() for p in ps}),
+                               "why": "the fp16 parts were chosen by measurement to reach the quality target "
+                                      "(precision; rkedge.convert.rknn.precision)" if precision["mode"] == "auto"
+                                      else draft["hybrid"]["why"]}
+        if prefill is not None:
+            draft["prefill"] = prefill_section(prefill, prefill_built, draft["graphs"])
+        shutil.rmtree(staging / "calibration-prefill", ignore_errors=True)
         shutil.rmtree(staging / "calibration", ignore_errors=True)
 
         report("quality", f"simulator vs transformers, {eval_steps} teacher-forced steps"
                + ("" if request.eval_steps else " (--eval-steps to change)"))
         from rkedge.convert.rknn.quality import measure_quality
 
-        quality = measure_quality(staging, draft, reference_logits, quality_tokens)
+        quality = {**measure_quality(staging, draft, reference_logits, quality_tokens), "text": texts.report_source}
+        draft["precision"] = {**precision, **_target_verdict(request, quality, findings)}
         manifest = Manifest.from_dict({**draft, "quality": quality,
                                        "wall_time_s": round(time.monotonic() - started, 1)}, backend="rknn")
         (staging / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
         (staging / "README.md").write_text(_card(manifest, name), encoding="utf-8")
     return RknnResult(final, findings, manifest, steps, request=request)
+
+
+def _prepare_prefill(request: RknnRequest, model: Any, loop: Any, staging: Path, encode: Callable[[str], list[int]],
+                     spec: dict[str, Any], eval_tokens: list[int], report: Callable[[str, str], None]
+                     ) -> PrefillBuild | None:
+    """The prefill graphs' export, verification and calibration while the float model is loaded (None with
+    --prefill-chunk 0). Calibration chunks come from the same prompt set as the decode graphs'."""
+    from rkedge.convert.rknn.prefill import choose_chunk, prepare_prefill
+    from rkedge.convert.rknn.shape import GriffinShape
+
+    if request.prefill_chunk == 0:
+        return None
+    dims = GriffinShape.from_transformers(model.config)
+    chunk = request.prefill_chunk or choose_chunk(dims, request.dtype)
+    calibration_tokens: list[list[int]] = []
+    if request.dtype == "w8a8":
+        bos = spec.get("bos_token_id")
+        length = min(max(loop.window + 16, 2 * chunk), CALIBRATION_MAX_STEPS)
+        # calibration_prompts: .txt files too, and without the share the quality report holds out
+        for prompt in calibration_prompts(request)[: max(1, CALIBRATION_MAX_TOTAL_STEPS // length)]:
+            tokens = ([int(bos)] if bos is not None else []) + encode(prompt)
+            while len(tokens) < length:
+                tokens += encode(" " + prompt) or [tokens[-1] if tokens else 0]
+            calibration_tokens.append(tokens[:length])
+    return prepare_prefill(model, loop, staging, chunk=chunk, dtype=request.dtype, hybrid=bool(request.hybrid_patterns),
+                           verify_tokens=eval_tokens, calibration_tokens=calibration_tokens, report=report)
+
+
+def _manual_precision(request: RknnRequest) -> dict[str, Any]:
+    """The manifest's "precision" of a build whose fp16 set was not searched."""
+    mode = "fp16" if request.dtype == "fp16" else "manual" if request.hybrid_patterns else "plain"
+    return {"mode": mode, "target": request.target.to_dict(), "patterns": request.hybrid_patterns,
+            "quantized_algorithm": request.quantized_algorithm, "quantized_method": request.quantized_method}
+
+
+def _choose_precision(request: RknnRequest, staging: Path, dims: Any, specs: list[Any], built: list[dict[str, Any]],
+                      datasets: dict[int, Path], search: tuple[list[int], Floats], texts: QualityTexts,
+                      draft_of: Callable[[list[dict[str, Any]]], dict[str, Any]], report: Callable[[str, str], None],
+                      on_event: EventHandler | None, findings: list[Finding]
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The fp16 parts of the decode graphs, chosen on the simulator from the plain-w8a8 builds (each variant is
+    the same step-1 files with another cfg: no build), then the graphs that keep any part rebuilt with them.
+    Returns the manifest's "precision" and the graphs as built."""
+    import copy
+
+    from rkedge.convert.rknn import precision as prec
+    from rkedge.convert.rknn.build_worker import edit_cfg
+    from rkedge.convert.rknn.quality import compare, measure_quality, simulator_loop
+
+    tokens, reference = search
+    names = [spec.name for spec in specs]
+    hybrid = {b["name"]: b for b in built if b["simulator"].get("build") == "hybrid"}
+    graphs = [prec.GraphLayers(s.name, tuple(s.layers)) for s in specs if not s.name.startswith("head")]
+    parts = [part for part in prec.layer_parts(dims, graphs, [n for n in names if n.startswith("head")])
+             if all(g in hybrid for g in part.graphs)]  # an fp16-built head (--head-dtype) is not a part
+    costs = prec.cost_model(dims)
+    params = dims.layer_params + dims.vocab * dims.hidden
+    # one variant: every graph's step 2 (measured: about its build) and the teacher-forced steps
+    per_run = sum(b["seconds"] for b in built) + (len(tokens) - 1) * (
+        SIMULATOR_S_PER_GRAPH * len(specs) + SIMULATOR_S_PER_PARAM * params)
+    plan = prec.search_plan(parts, per_run, budget_s=request.precision_budget_s or prec.SEARCH_BUDGET_S,
+                            granularity=request.precision_granularity)
+    target = request.target
+    base: dict[str, Any] = {"mode": "auto", "target": target.to_dict(), "searched_on": texts.search_source,
+                            "steps": len(tokens) - 1, "quantized_algorithm": request.quantized_algorithm,
+                            "quantized_method": request.quantized_method,
+                            "parts": {p.name: {"group": p.group, "layers": list(p.layers), "graphs": list(p.graphs),
+                                               "patterns": list(p.patterns), "fp16_weights": p.weights,
+                                               "extra_ms_per_token": round(costs.ms(p), 4)} for p in plan.parts}}
+    if plan.granularity == "none":
+        findings.append(Finding(
+            "rknn.precision_search", "warning",
+            f"the fp16 search would take ~{per_run:.0f} s per simulator run, {plan.max_evaluations} run(s) within "
+            f"its budget of {request.precision_budget_s or prec.SEARCH_BUDGET_S:.0f} s: kept the fixed set "
+            "(RG-LRU, conv1d, state I/O in fp16) instead.",
+            "pass fewer --eval-steps (the search's runs are that many steps), or check this build's quality figures",
+            prec.SOURCE))
+        chosen = {name: request.hybrid_patterns if name in hybrid and not name.startswith("head") else []
+                  for name in names}
+        base = {**base, "mode": "fixed", "granularity": "none", "chosen": [], "table": []}
+    else:
+        draft = draft_of(built)
+        folder = staging / "precision"
+        runs = [0]
+
+        def evaluate(kept: list[prec.Part] | Any) -> dict[str, Any]:
+            runs[0] += 1
+            report("precision", f"run {runs[0]}: fp16 {', '.join(p.name for p in kept) or 'nothing (plain w8a8)'}")
+            by_graph = prec.patterns_by_graph(kept, names)
+            bundle = copy.deepcopy(draft)
+            for graph in [*bundle["graphs"], *bundle["heads"]]:
+                if by_graph.get(graph["name"]):
+                    cfg = staging / graph["simulator"]["cfg"]
+                    variant = folder / str(runs[0]) / cfg.name
+                    variant.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(cfg, variant)
+                    edit_cfg(variant, by_graph[graph["name"]])
+                    graph["simulator"] = {**graph["simulator"], "cfg": variant.relative_to(staging).as_posix()}
+            if params > SEARCH_IN_PROCESS_PARAMS:
+                return measure_quality(staging, bundle, reference, tokens)
+            candidate = simulator_loop(staging, bundle, lazy=True)
+            try:
+                return compare(reference, candidate, tokens)
+            finally:
+                release = getattr(candidate.runner, "release", None)  # SimulatorGraphs: what simulator_loop runs
+                if release is not None:
+                    release()
+
+        try:
+            choice = prec.choose(plan.parts, evaluate, target, costs, max_evaluations=plan.max_evaluations,
+                                 granularity=plan.granularity)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        chosen = prec.patterns_by_graph(choice.chosen, names)
+        base = {**base, **choice.to_dict(), "search_quality": dict(choice.quality)}
+        for line in prec.render_table(choice.table, [p.name for p in choice.chosen]):
+            report("precision", line)
+    built = list(built)
+    for index, spec in enumerate(specs):
+        if chosen.get(spec.name):
+            report("build", f"{spec.name} (w8a8, {len(chosen[spec.name])} fp16 pattern(s))")
+            built[index] = _build_graph(staging, spec.name, request, datasets.get(index), on_event=on_event,
+                                        patterns=chosen[spec.name])
+    return {**base, "patterns": {name: list(chosen.get(name, [])) for name in names}}, built
+
+
+def _target_verdict(request: RknnRequest, quality: dict[str, Any], findings: list[Finding]) -> dict[str, Any]:
+    """The quality report against the target: the manifest's verdict, and a warning finding when below it."""
+    from rkedge.convert.rknn.precision import below_target_finding
+
+    target = request.target
+    finding = below_target_finding(quality, target, dtype=request.dtype, searched=request.auto_precision,
+                                   calibration_given=request.calibration not in (None, "auto"))
+    if finding is None:
+        return {"met": True}
+    findings.append(finding)
+    return {"met": False, "below_target": {"shortfalls": target.shortfalls(quality), "try": finding.fix}}
 
 
 def graph_param_budget(dtype: str, *, available: int, held: int = 0) -> int:
@@ -333,10 +582,76 @@ def auto_eval_steps(params: int, graphs: int) -> int:
     return int(max(16, min(DEFAULT_EVAL_STEPS, QUALITY_BUDGET_S // per_step)))
 
 
+@dataclass(frozen=True)
+class QualityTexts:
+    """Where the calibration prompts, the search's text and the quality report's text come from: a calibration
+    file gives up a held-out share (precision.hold_out) that the search reads, and the report too unless
+    --eval-text is given; without either, the built-in chat prompts and English paragraph."""
+
+    calibration: list[str]  # the prompts calibration runs
+    search_text: str
+    search_source: str
+    report_text: str
+    report_source: str
+
+
+def _file_prompts(source: str) -> list[str]:
+    """A calibration file's prompts: plain text (.txt, split by precision.text_prompts) or JSON (prompts or
+    {input, target} items, rkedge.convert.calibration)."""
+    from rkedge.convert import calibration as calib
+    from rkedge.convert.rknn.precision import text_prompts
+
+    path = Path(source)
+    if path.suffix.lower() in (".txt", ".text", ".md", ".rst", ".py"):
+        try:
+            prompts = text_prompts(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            raise InputError(f"cannot read the calibration file {path} ({exc}).", fix="pass a readable text file") \
+                from exc
+        if not prompts:
+            raise InputError(f"{path} holds no text to calibrate on.", fix="pass a file of the model's kind of text")
+        return prompts
+    return [item.get("prompt") or item.get("input") or "" for item in calib.load_prompts(source)]
+
+
+def quality_texts(request: RknnRequest) -> QualityTexts:
+    from rkedge.convert import calibration as calib
+    from rkedge.convert.rknn.precision import hold_out
+
+    eval_text = Path(request.eval_text).read_text(encoding="utf-8", errors="replace") if request.eval_text \
+        else None
+    if request.calibration in (None, "auto"):
+        prompts = [item["prompt"] for item in calib.load_prompts(None)]
+        held: list[str] = []
+    else:
+        prompts, held = hold_out(_file_prompts(str(request.calibration)))
+    if held:
+        search_text, search_source = "\n".join(held), f"{len(held)} prompt(s) held out of {request.calibration}"
+    elif eval_text is not None:
+        search_text, search_source = eval_text, f"--eval-text {request.eval_text}"
+    else:
+        search_text, search_source = DEFAULT_EVAL_TEXT, "the built-in English paragraph"
+    if eval_text is not None:
+        report_text, report_source = eval_text, f"--eval-text {request.eval_text}"
+    else:
+        report_text, report_source = search_text, search_source
+    return QualityTexts(prompts, search_text, search_source, report_text, report_source)
+
+
+def calibration_prompts(request: RknnRequest) -> list[str]:
+    """The prompts calibration runs (a calibration file's held-out share excluded)."""
+    return quality_texts(request).calibration
+
+
 def _eval_tokens(request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
                  steps: int) -> list[int]:
     text = Path(request.eval_text).read_text(encoding="utf-8", errors="replace") if request.eval_text \
         else DEFAULT_EVAL_TEXT
+    return _text_tokens(text, encode, spec, steps)
+
+
+def _text_tokens(text: str, encode: Callable[[str], list[int]], spec: dict[str, Any], steps: int) -> list[int]:
+    """BOS + the text's tokens, repeated to cover the verification (96) and ``steps`` + 1 quality tokens."""
     tokens = encode(text)
     bos = spec.get("bos_token_id")
     tokens = ([int(bos)] if bos is not None else []) + tokens
@@ -352,7 +667,7 @@ def calibration_sample_steps(total: int) -> list[int]:
 
 
 def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
-                 folder: Path, graph_count: int) -> dict[int, Path]:
+                 folder: Path, graph_count: int, prompts: list[str] | None = None) -> dict[int, Path]:
     """Real decode-step inputs of every graph, captured from torch trajectories over a prompt set (positions from 0,
     through the attention window wrap), written as one .npy per input and one dataset line per sample.
 
@@ -364,8 +679,8 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
 
     from rkedge.convert import calibration as calib
 
-    items = calib.load_prompts(request.calibration)
-    prompts = [item.get("prompt") or item.get("input") or "" for item in items]
+    if prompts is None:  # the request's whole prompt set
+        prompts = [item.get("prompt") or item.get("input") or "" for item in calib.load_prompts(request.calibration)]
     bos = spec.get("bos_token_id")
     steps = min(loop.window + 16, CALIBRATION_MAX_STEPS)
     prompts = prompts[: max(1, CALIBRATION_MAX_TOTAL_STEPS // steps)]
@@ -457,12 +772,17 @@ def _build_events(log: Callable[[str], None] | None) -> EventHandler | None:
 
 
 def _build_graph(staging: Path, name: str, request: RknnRequest, dataset: Path | None, *,
-                 on_event: EventHandler | None = None) -> dict[str, Any]:
-    """Builds one graph in a build worker on the toolkit seam's runner (timeout, process-group kill, events)."""
+                 on_event: EventHandler | None = None, dynamic_input: list[Any] | None = None,
+                 patterns: list[str] | None = None) -> dict[str, Any]:
+    """Builds one graph in a build worker on the toolkit seam's runner (timeout, process-group kill, events);
+    ``dynamic_input``: the shape sets of a multi-shape (fp16) graph; ``patterns``: what this graph keeps in fp16
+    (default: the request's hybrid patterns)."""
     dtype = (request.head_dtype or request.dtype) if name.startswith("head") else request.dtype
     job = {"protocol": PROTOCOL, "onnx": str(_onnx_path(staging, name).resolve()), "out_dir": str(staging.resolve()),
            "name": name, "dtype": dtype, "dataset": str(dataset) if dataset else None,
-           "hybrid_patterns": request.hybrid_patterns}
+           "hybrid_patterns": request.hybrid_patterns if patterns is None else patterns,
+           "dynamic_input": dynamic_input, "algorithm": request.quantized_algorithm,
+           "method": request.quantized_method}
     run = run_worker([sys.executable, "-m", "rkedge.convert.rknn.build_worker", "--job"], job, what="rknn-toolkit2",
                      env=child_environment(), on_event=on_event, timeout=request.build_timeout_s, cwd=staging)
     result = run.result_event
@@ -533,6 +853,36 @@ def _manifest(request: RknnRequest, info: Any, dims: Any, counts: list[int], spe
     }
 
 
+def _hybrid_note(manifest: Manifest) -> str:
+    if not manifest["hybrid"]["enabled"]:
+        return ""
+    precision = manifest.get("precision") or {}
+    if precision.get("mode") == "auto":
+        return f" (hybrid: {', '.join(precision.get('chosen') or [])} in fp16, chosen by measurement)"
+    return " (hybrid: RG-LRU, conv1d and state I/O in fp16)"
+
+
+def _precision_lines(precision: dict[str, Any]) -> list[str]:
+    """The precision choice and its verdict, as the CLI prints them (the finding carries the warning too)."""
+    from rkedge.convert.rknn.precision import QualityTarget, render_table
+
+    if not precision:
+        return []
+    target = precision.get("target") or {}
+    goal = QualityTarget(target.get("top1", 0.95), target.get("nll_delta_pct", 1.0)).describe()
+    lines = []
+    if precision.get("mode") == "auto":
+        chosen = precision.get("chosen") or []
+        lines.append(f"fp16 parts chosen for {goal} on {precision.get('searched_on')} "
+                     f"({precision.get('evaluations')} simulator runs, by {precision.get('granularity')}): "
+                     f"{', '.join(chosen) or 'none (plain w8a8)'}")
+        lines += ["  " + line for line in render_table(precision.get("table") or [], chosen)]
+    below = precision.get("below_target")
+    if below:
+        lines.append(f"WARNING: below the quality target ({goal}): {'; '.join(below['shortfalls'])}; {below['try']}")
+    return lines
+
+
 def _card(manifest: Manifest, name: str) -> str:
     from rkedge.convert.modelcard import with_front_matter
 
@@ -543,12 +893,31 @@ def _card(manifest: Manifest, name: str) -> str:
              "LM head graph(s), chained through their states; the embedding is looked up on the host.", "",
              "| | |", "|---|---|",
              f"| dtype | {manifest['dtype']}"
-             f"{' (hybrid: RG-LRU, conv1d and state I/O in fp16)' if manifest['hybrid']['enabled'] else ''} |",
+             f"{_hybrid_note(manifest)} |",
              f"| decode step vs transformers | max logit difference {manifest['verification']['max_abs_diff']:.2e} |"]
     if quality:
         lines += [f"| quality ({quality['steps']} teacher-forced steps, simulator) | NLL delta "
                   f"{quality['nll_delta_pct']:+.2f}%, top-1 agreement {quality['top1_agreement'] * 100:.1f}%, "
                   f"logits cosine {quality['logits_cosine']:.4f} |"]
+    prefill = manifest.get("prefill")
+    if prefill:
+        lines += [f"| chunked prefill | {prefill['chunk']} tokens per graph run, weights {prefill['weights']} "
+                  f"(+{prefill['extra_bytes'] / 1e6:.1f} MB); max logit difference "
+                  f"{prefill['verification']['max_abs_diff']:.2e} vs transformers |"]
+    precision = manifest.get("precision") or {}
+    below = precision.get("below_target")
+    if precision.get("mode") == "auto":
+        from rkedge.convert.rknn.precision import render_table
+
+        chosen = precision.get("chosen") or []
+        lines += ["", "## Precision", "",
+                  f"Kept in fp16 to reach the quality target (top-1 >= {precision['target']['top1'] * 100:g}%, "
+                  f"|NLL delta| <= {precision['target']['nll_delta_pct']:g}%), chosen on "
+                  f"{precision.get('searched_on')}: {', '.join(chosen) or 'nothing (plain w8a8)'}.", "",
+                  "```", *render_table(precision.get("table") or [], chosen), "```"]
+    if below:
+        lines += ["", f"> **Warning**: this build is below its quality target: {'; '.join(below['shortfalls'])}. "
+                      f"{below['try'][0].upper()}{below['try'][1:]}."]
     source = (manifest.get("inputs") or {}).get("source_quantization")
     if source:
         lines += ["", f"> **Warning**: {source['warning']}."]
