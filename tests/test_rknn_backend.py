@@ -432,9 +432,52 @@ def test_w8a8_hybrid_meets_the_acceptance_bar(w8a8_bundle):
     assert manifest["hybrid"]["enabled"] and manifest["quality"] == quality
     kept = manifest["graphs"][0]["fp16_tensors"]
     assert any("/rg_lru/" in t for t in kept) and any("/conv1d/" in t for t in kept)
-    assert {"h0_rs", "new_h0-rs", "k2_rs", "new_v2-rs"} <= set(kept), "the state I/O stays in fp16"
+    # the fp16 parts are chosen by measurement (rkedge.convert.rknn.precision; tests/test_rknn_precision.py)
+    assert manifest["precision"]["mode"] == "auto" and manifest["precision"]["met"]
     assert manifest["heads"][0]["fp16_tensors"] == [], "the LM head is plain w8a8"
     assert manifest["tokenizer"]["type"] == "bytes"
+
+
+@needs_simulator
+def test_w8a8_prefill_graphs_are_a_separate_fixed_chunk_set_keeping_the_decode_graphs_fp16_parts(w8a8_bundle,
+                                                                                                 tiny_model):
+    from rkedge.runtime._stderr import capture_native_output
+    from rkedge.runtime.rknn.bundle import read_bundle
+    from rkedge.runtime.rknn.engine import SimulatorGraphs
+    from rkedge.runtime.rknn.loop import DecodeLoop, bundle_graphs
+    from rkedge.runtime.rknn.prefill import prefill_with
+
+    _, summary = w8a8_bundle
+    folder, manifest = read_bundle(summary["output"])
+    prefill = manifest.prefill
+    assert prefill is not None and prefill["weights"] == "separate" and not prefill["serves_decode"]
+    assert prefill["lengths"] == [prefill["chunk"]] and 16 <= prefill["chunk"] <= 64  # choose_chunk's
+    assert prefill["extra_bytes"] == sum(g["rknn_bytes"] for g in prefill["graphs"]) > 0
+    assert prefill["verification"]["max_abs_diff"] < 1e-4
+    for graph, decode in zip(prefill["graphs"], manifest.graphs or [], strict=True):
+        assert graph["layers"] == decode["layers"] and graph["dtype"] == "w8a8"
+        assert graph["simulator"]["build"] == "hybrid"
+        assert bool(graph["fp16_tensors"]) == bool(decode["fp16_tensors"]), "the same parts kept in fp16"
+    # the chunked path (prefill graphs, then decode steps for the rest) in the simulator against transformers
+    tokens = held_out_tokens(2 * prefill["chunk"] + 5)
+    with capture_native_output():
+        runner = SimulatorGraphs(folder, bundle_graphs(manifest, prefill=True))
+        try:
+            loop = DecodeLoop.from_bundle(folder, manifest, runner, prefill=True)
+            assert loop.prefill_set is not None
+            assert loop.prefill_set.first_index == len(manifest.graphs or []) + len(manifest.heads or [])
+            ours = []
+            for length in (prefill["chunk"], len(tokens)):  # one chunk; two chunks and five decode steps
+                loop.reset()
+                ours.append(prefill_with(loop, loop.prefill_set, tokens[:length]))
+        finally:
+            runner.release()
+    with torch.no_grad():
+        reference = tiny_model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float().numpy()
+    for logits, row in zip(ours, (prefill["chunk"] - 1, len(tokens) - 1), strict=True):
+        assert logits is not None and int(np.argmax(logits)) in np.argsort(reference[row])[-3:]  # int8 noise
+        cosine = float(np.dot(logits, reference[row]) / (np.linalg.norm(logits) * np.linalg.norm(reference[row])))
+        assert cosine > 0.99
 
 
 @needs_simulator
