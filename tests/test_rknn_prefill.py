@@ -130,6 +130,71 @@ def test_a_chat_turn_after_decode_steps_prefills_from_the_current_position(tiny_
     assert np.abs(last - reference).max() < 1e-4
 
 
+def test_an_abort_stops_the_prefill_between_chunks(tiny_model):
+    from rkedge.convert.rknn.prefill import torch_prefill
+    from rkedge.convert.rknn.torch_graphs import torch_loop
+    from rkedge.runtime.rknn.prefill import run_prefill
+
+    loop = torch_loop(tiny_model)
+    graphs, runner = torch_prefill(tiny_model, loop)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(loop.position)
+        return loop.position >= 32
+
+    assert run_prefill(loop, graphs, runner, held_out_tokens(100), (16,), stop=stop) is None
+    assert loop.position == 32 and asked == [0, 16, 32]
+
+
+class _Recorder:
+    """A runner that records which graph ran with which inputs and answers with outputs of the right shapes."""
+
+    def __init__(self, hidden: int, vocab: int) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.hidden, self.vocab = hidden, vocab
+
+    def run(self, index, inputs):
+        np = pytest.importorskip("numpy")
+        self.calls.append((index, len(inputs)))
+        x = inputs[0]
+        if len(inputs) == 1:  # a head graph: logits
+            return [np.zeros((1, self.vocab), dtype=np.float32)]
+        return [x + 1, inputs[-1] + 1]  # x_out, new_h0
+
+
+def _fake_bundle(folder: Path, *, serves_decode: bool) -> dict:
+    np = pytest.importorskip("numpy")
+    np.save(folder / "embedding.npy", np.zeros((8, 4), dtype=np.float16))
+    decode = {"name": "chunk0", "layers": [0], "inputs": ["x", "reset", "h0"], "outputs": ["x_out", "new_h0"],
+              "shapes": {"x": [1, 1, 4], "reset": [1, 1, 1], "h0": [1, 4]}, "rknn": "chunk0.rknn"}
+    head = {"name": "head", "inputs": ["x"], "outputs": ["logits"], "shapes": {"x": [1, 1, 4]}, "rknn": "head.rknn"}
+    prefill = {"name": "prefill0", "layers": [0], "inputs": ["x", "reset", "scan", "causal", "h0"],
+               "outputs": ["x_out", "new_h0"], "shapes": {"x": [1, 4, 4], "h0": [1, 4]}, "rknn": "prefill0.rknn"}
+    return {"graphs": [decode], "heads": [head], "embedding": {"file": "embedding.npy"},
+            "dims": {"rotary_dim": 2, "rope_theta": 10000.0, "window": 4},
+            "prefill": {"chunk": 4, "lengths": [4, 1] if serves_decode else [4], "serves_decode": serves_decode,
+                        "graphs": [prefill]}}
+
+
+@pytest.mark.parametrize("serves_decode", [False, True], ids=["separate", "shared"])
+def test_a_bundle_loop_numbers_the_prefill_graphs_after_what_it_loads(tmp_path, serves_decode):
+    from rkedge.runtime.rknn.loop import DecodeLoop, bundle_graphs
+
+    bundle = _fake_bundle(tmp_path, serves_decode=serves_decode)
+    names = [g["name"] for g in bundle_graphs(bundle, prefill=True)]
+    assert names == (["prefill0", "head"] if serves_decode else ["chunk0", "head", "prefill0"])
+    assert [g["name"] for g in bundle_graphs(bundle)] == ["chunk0", "head"], "without prefill: as before"
+    runner = _Recorder(hidden=4, vocab=8)
+    loop = DecodeLoop.from_bundle(tmp_path, bundle, runner, prefill=True)
+    assert loop.prefill(list(range(6))) is not None  # one chunk of 4, then two single tokens
+    chunk_graph = 0 if serves_decode else 2
+    single = (0, 5) if serves_decode else (0, 3)  # the one-token step: through the prefill graph when shared
+    assert runner.calls == [(chunk_graph, 5), single, single, (1, 1)]
+    assert loop.position == 6 and float(loop.states["h0"][0, 0]) == 3.0
+    assert DecodeLoop.from_bundle(tmp_path, bundle, runner).prefill_set is None, "opt-in: the quality report"
+
+
 # --- the TTFT prediction -----------------------------------------------------------------------------------
 
 def test_prefill_ttft_of_recurrentgemma_2b_meets_the_bar_and_follows_its_formula():

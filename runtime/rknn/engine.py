@@ -341,7 +341,7 @@ class RknnModel:
             raise InputError("empty prompt")
         # full chunks through the prefill graphs when the bundle has them (a chat turn: only its new tokens, from
         # the kept state), the rest through the decode step
-        logits = None if self._abort else self.loop.prefill(tokens)
+        logits = self.loop.prefill(tokens, stop=lambda: self._abort)
         prefill_done = time.perf_counter()
         generated = 0
         paused = False

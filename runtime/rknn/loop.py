@@ -108,16 +108,20 @@ class DecodeLoop:
         parts = [self._run_head(j, x) for j in range(len(self.heads))]
         return _floats((parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32))
 
-    def prefill(self, tokens: Sequence[int], *, logits: bool = True) -> Floats | None:
+    def prefill(self, tokens: Sequence[int], *, logits: bool = True, stop: Callable[[], bool] | None = None
+                ) -> Floats | None:
         """``tokens`` from the current position (a prompt, or a chat turn's new tokens after the kept state): full
         chunks through the prefill graphs when the bundle has them, the rest (or everything, without them) through
-        the decode step. Returns the last token's logits [vocab] (None when ``logits`` is False)."""
+        the decode step. Returns the last token's logits [vocab] (None when ``logits`` is False, or when ``stop()``,
+        asked before each chunk or token, said to stop)."""
         if self.prefill_set is None:
             last: Floats | None = None
             for index, token in enumerate(tokens):
+                if stop is not None and stop():
+                    return None
                 last = self.step(token, logits=logits and index == len(tokens) - 1)
             return last
-        return prefill_with(self, self.prefill_set, tokens, logits=logits)
+        return prefill_with(self, self.prefill_set, tokens, logits=logits, stop=stop)
 
     def teacher_forced_logits(self, tokens: Sequence[int],
                               release: Callable[[int], None] | None = None) -> Floats:

@@ -16,7 +16,7 @@ numpy is imported inside the functions (``rkedge plan`` and the import guard loa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,22 +114,24 @@ class _Offset:
         return self.inner.run(self.first + index, inputs)
 
 
-def prefill_with(loop: DecodeLoop, prefill: PrefillSet, tokens: Sequence[int], *, logits: bool = True
-                 ) -> Floats | None:
+def prefill_with(loop: DecodeLoop, prefill: PrefillSet, tokens: Sequence[int], *, logits: bool = True,
+                 stop: Callable[[], bool] | None = None) -> Floats | None:
     """``tokens`` through ``loop`` from its current position: full chunks through the prefill graphs, the rest
-    through the decode step. Returns the last token's logits [vocab] (None when ``logits`` is False)."""
+    through the decode step. Returns the last token's logits [vocab] (None when ``logits`` is False, or when
+    ``stop()`` said to stop before the last chunk)."""
     runner = _Offset(loop.runner, prefill.first_index)
-    return run_prefill(loop, prefill.graphs, runner, tokens, prefill.lengths, logits=logits)
+    return run_prefill(loop, prefill.graphs, runner, tokens, prefill.lengths, logits=logits, stop=stop)
 
 
 def run_prefill(loop: DecodeLoop, graphs: Sequence[PrefillGraph], runner: GraphRunner, tokens: Sequence[int],
-                chunks: Sequence[int], *, all_logits: bool = False, logits: bool = True) -> Floats | None:
+                chunks: Sequence[int], *, all_logits: bool = False, logits: bool = True,
+                stop: Callable[[], bool] | None = None) -> Floats | None:
     """Feeds ``tokens`` from the loop's current position: chunks through the prefill graphs (run by ``runner``,
     numbered like ``graphs``), the rest through the loop's decode step, states shared with the loop; when
     ``chunks`` holds 1, the rest goes through the prefill graph at T = 1 instead (one multi-shape model serving as
     the decode step too). Returns the last token's logits [vocab] (the head graphs of the loop; None when
     ``logits`` is False), or with ``all_logits`` every token's [len, vocab] (for verification: the head runs once
-    per token)."""
+    per token). ``stop`` is asked before each chunk or token (an aborted run): when it says so, None."""
     import numpy as np
 
     if not tokens:
@@ -139,6 +141,8 @@ def run_prefill(loop: DecodeLoop, graphs: Sequence[PrefillGraph], runner: GraphR
     rows: list[Floats] = []
     done = 0
     for length in plan_prompt(len(tokens), chunks):
+        if stop is not None and stop():
+            return None
         part = tokens[done:done + length]
         done += length
         wanted_last = logits and done == len(tokens)
