@@ -197,6 +197,12 @@ def test_quality_texts_hold_out_calibration_text(tmp_path):
     with_eval = quality_texts(RknnRequest(model=TINY, out=tmp_path, calibration=str(calibration),
                                           eval_text=HELD_OUT))
     assert with_eval.report_text == HELD_OUT.read_text() and "held out of" in with_eval.search_source
+    assert with_eval.search_texts == [with_eval.search_text, HELD_OUT.read_text()], \
+        "the search also reads the user's own text: a choice must hold on both"
+    worst = prec.worst([{"top1_agreement": 0.97, "nll_delta_pct": 0.2, "kl_divergence": 0.01, "steps": 10},
+                        {"top1_agreement": 0.94, "nll_delta_pct": -1.5, "kl_divergence": 0.03, "steps": 10}])
+    assert (worst["top1_agreement"], worst["nll_delta_pct"], worst["kl_divergence"], worst["steps"]) == \
+        (0.94, -1.5, 0.02, 20)
     builtin = quality_texts(RknnRequest(model=TINY, out=tmp_path))
     assert "built-in" in builtin.report_source and len(builtin.calibration) == 20
 
@@ -304,3 +310,25 @@ def test_merged_parts_keep_each_layers_patterns_in_its_own_graph():
     mlp = next(p for p in prec.group_parts(parts) if p.group == "mlp")
     assert prec.patterns_by_graph([mlp], ["chunk0", "chunk1"]) == {
         "chunk0": [r"^/blocks\.0/mlp/", r"^/blocks\.1/mlp/"], "chunk1": [r"^/blocks\.0/mlp/"]}
+
+
+def test_a_search_over_its_budget_builds_the_fixed_set_and_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from rkedge.convert.rknn import pipeline
+
+    dims = GriffinShape.from_dict(json.loads((TINY / "config.json").read_text()))
+    specs = [SimpleNamespace(name="chunk0", layers=(0, 1, 2)), SimpleNamespace(name="head", layers=())]
+    findings: list = []
+    plan = pipeline._precision_plan(RknnRequest(model=TINY, out=tmp_path), dims, specs, 256, findings)
+    assert plan is not None and plan.granularity == "layer" and not findings, "a tiny model searches per layer"
+    assert [p.name for p in plan.parts][-1] == "head"
+    no_head = pipeline._precision_plan(RknnRequest(model=TINY, out=tmp_path, head_dtype="fp16"), dims, specs, 256,
+                                       findings)
+    assert no_head is not None and "head" not in [p.name for p in no_head.parts], "an fp16 head is no part"
+    tight = RknnRequest(model=TINY, out=tmp_path, precision_budget_s=20)
+    assert pipeline._precision_plan(tight, dims, specs, 256, findings) is None
+    assert [f.id for f in findings] == ["rknn.precision_search"] and "fixed set" in findings[0].message
+    assert RknnRequest(model=TINY, out=tmp_path).auto_precision
+    assert not RknnRequest(model=TINY, out=tmp_path, fp16_patterns=(r"/rg_lru/",)).auto_precision
+    assert RknnRequest(model=TINY, out=tmp_path, fp16_patterns=(r"/rg_lru/",)).hybrid_patterns == [r"/rg_lru/"]

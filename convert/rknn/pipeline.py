@@ -53,6 +53,9 @@ QUALITY_BUDGET_S = 1800
 #: and run (measure_quality) costs a process start and a toolkit import, ~5 s each, for every one of the search's
 #: dozens of runs, while such a model's simulated graphs take well under 2 GB.
 SEARCH_IN_PROCESS_PARAMS = 50_000_000
+#: A search run's hybrid step 2 per graph: ~5 s for a tiny graph, 91-174 s for ~1e9 parameters (feasibility
+#: section 6; measured builds, which step 2 is most of).
+SEARCH_STEP2_S_PER_GRAPH, SEARCH_STEP2_S_PER_PARAM = 5.0, 1.5e-7
 #: A graph build that runs this long is stuck: builds at 2b widths measured 91-174 s (feasibility section 6).
 BUILD_TIMEOUT_S = 2 * 3600  # the default quality report stays within about half an hour
 #: Calibration runs each prompt this many decode steps at most (through the window wrap on small windows); the
@@ -335,11 +338,13 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
         # at 2b width the parent held ~9 GB (float32 weights, embedding copies) next to a build needing ~28 bytes
         # per parameter, and the two together outgrew a 24 GB host.
         reference_logits = reference_quality_logits(loop, quality_tokens)
-        search: tuple[list[int], Floats] | None = None  # the precision search's tokens and their float logits
+        search: list[tuple[list[int], Floats]] | None = None  # the search's texts' tokens and their float logits
         if request.auto_precision:
-            search_tokens = _text_tokens(texts.search_text, encode, tokenizer_spec, eval_steps)[: eval_steps + 1]
-            search = (search_tokens, reference_logits if search_tokens == quality_tokens
-                      else reference_quality_logits(loop, search_tokens))
+            search = []
+            for text in texts.search_texts:
+                search_tokens = _text_tokens(text, encode, tokenizer_spec, eval_steps)[: eval_steps + 1]
+                search.append((search_tokens, reference_logits if search_tokens == quality_tokens
+                               else reference_quality_logits(loop, search_tokens)))
         np.save(staging / "embedding.npy", loop.embedding.astype(np.float16))
         specs = [graph_spec(module, graph_name) for graph_name, module in graphs]
         prefill = _prepare_prefill(request, model, loop, staging, encode, tokenizer_spec, eval_tokens, report)
@@ -347,6 +352,9 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
             steps.append({"name": "verify_prefill", **prefill.verification})
         del model, loop, chunks, heads, modules, graphs
         gc.collect()
+        plan = _precision_plan(request, dims, specs, eval_steps * len(search), findings) if search else None
+        if plan is None:
+            search = None  # no search (or one over budget: the fixed set is built at once)
         built = []
         for index, spec in enumerate(specs):
             kind = ", plain: the fp16 search starts there" if search is not None else \
@@ -359,7 +367,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
             def draft_of(graphs_built: list[dict[str, Any]]) -> dict[str, Any]:
                 return _manifest(request, info, dims, counts, specs, graphs_built, tokenizer_spec, verification, name)
 
-            precision, built = _choose_precision(request, staging, dims, specs, built, datasets, search, texts,
+            precision, built = _choose_precision(request, staging, dims, specs, built, plan, datasets, search, texts,
                                                  draft_of, report, on_event, findings)
         prefill_built = []
         # prefill graph i holds the layers of decode graph i: it keeps the same parts in fp16
@@ -376,7 +384,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
             shutil.copyfile(file, staging / file.name)
         draft = _manifest(request, info, dims, counts, specs, built, tokenizer_spec, verification, name)
         draft["precision"] = precision
-        if precision.get("mode") in ("auto", "fixed"):
+        if precision.get("mode") == "auto":
             draft["hybrid"] = {**draft["hybrid"], "enabled": any(g.get("fp16_tensors") for g in built),
                                "patterns": sorted({p for ps in precision["patterns"].values() for p in ps}),
                                "why": "the fp16 parts were chosen by measurement to reach the quality target "
@@ -428,13 +436,41 @@ def _prepare_prefill(request: RknnRequest, model: Any, loop: Any, staging: Path,
 
 def _manual_precision(request: RknnRequest) -> dict[str, Any]:
     """The manifest's "precision" of a build whose fp16 set was not searched."""
-    mode = "fp16" if request.dtype == "fp16" else "manual" if request.hybrid_patterns else "plain"
+    mode = "fp16" if request.dtype == "fp16" else "fixed" if request.auto_precision else \
+        "manual" if request.hybrid_patterns else "plain"
     return {"mode": mode, "target": request.target.to_dict(), "patterns": request.hybrid_patterns,
             "quantized_algorithm": request.quantized_algorithm, "quantized_method": request.quantized_method}
 
 
+def _precision_plan(request: RknnRequest, dims: Any, specs: list[Any], steps: int, findings: list[Finding]) -> Any:
+    """The search's parts and its cap, decided before any build (a search over budget builds the fixed set at
+    once). A run's time is predicted: every graph's hybrid step 2 (about its build: ~5 s for a tiny graph, 91-174
+    s for a ~1 GB graph at 2b width) and the teacher-forced steps. Returns None when there is no search."""
+    from rkedge.convert.rknn import precision as prec
+
+    names = [spec.name for spec in specs]
+    graphs = [prec.GraphLayers(s.name, tuple(s.layers)) for s in specs if not s.name.startswith("head")]
+    heads = [] if request.head_dtype == "fp16" else [n for n in names if n.startswith("head")]
+    parts = prec.layer_parts(dims, graphs, heads)  # an fp16-built head (head_dtype) is not a part
+    params = dims.layer_params + dims.vocab * dims.hidden
+    per_run = len(specs) * SEARCH_STEP2_S_PER_GRAPH + params * SEARCH_STEP2_S_PER_PARAM + steps * (
+        SIMULATOR_S_PER_GRAPH * len(specs) + SIMULATOR_S_PER_PARAM * params)
+    budget = request.precision_budget_s or prec.SEARCH_BUDGET_S
+    plan = prec.search_plan(parts, per_run, budget_s=budget, granularity=request.precision_granularity)
+    if plan.granularity != "none":
+        return plan
+    findings.append(Finding(
+        "rknn.precision_search", "warning",
+        f"the fp16 search would take ~{per_run:.0f} s per simulator run, {plan.max_evaluations} run(s) within its "
+        f"budget of {budget:.0f} s: this build keeps the fixed set (RG-LRU, conv1d, state I/O in fp16) instead, "
+        "and its quality report says whether that reaches the target.",
+        "pass fewer --eval-steps (each run of the search teacher-forces that many steps)", prec.SOURCE))
+    return None
+
+
 def _choose_precision(request: RknnRequest, staging: Path, dims: Any, specs: list[Any], built: list[dict[str, Any]],
-                      datasets: dict[int, Path], search: tuple[list[int], Floats], texts: QualityTexts,
+                      plan: Any, datasets: dict[int, Path], search: list[tuple[list[int], Floats]],
+                      texts: QualityTexts,
                       draft_of: Callable[[list[dict[str, Any]]], dict[str, Any]], report: Callable[[str, str], None],
                       on_event: EventHandler | None, findings: list[Finding]
                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -447,74 +483,52 @@ def _choose_precision(request: RknnRequest, staging: Path, dims: Any, specs: lis
     from rkedge.convert.rknn.build_worker import edit_cfg
     from rkedge.convert.rknn.quality import compare, measure_quality, simulator_loop
 
-    tokens, reference = search
     names = [spec.name for spec in specs]
-    hybrid = {b["name"]: b for b in built if b["simulator"].get("build") == "hybrid"}
-    graphs = [prec.GraphLayers(s.name, tuple(s.layers)) for s in specs if not s.name.startswith("head")]
-    parts = [part for part in prec.layer_parts(dims, graphs, [n for n in names if n.startswith("head")])
-             if all(g in hybrid for g in part.graphs)]  # an fp16-built head (--head-dtype) is not a part
     costs = prec.cost_model(dims)
     params = dims.layer_params + dims.vocab * dims.hidden
-    # one variant: every graph's step 2 (measured: about its build) and the teacher-forced steps
-    per_run = sum(b["seconds"] for b in built) + (len(tokens) - 1) * (
-        SIMULATOR_S_PER_GRAPH * len(specs) + SIMULATOR_S_PER_PARAM * params)
-    plan = prec.search_plan(parts, per_run, budget_s=request.precision_budget_s or prec.SEARCH_BUDGET_S,
-                            granularity=request.precision_granularity)
     target = request.target
     base: dict[str, Any] = {"mode": "auto", "target": target.to_dict(), "searched_on": texts.search_source,
-                            "steps": len(tokens) - 1, "quantized_algorithm": request.quantized_algorithm,
+                            "steps": sum(len(tokens) - 1 for tokens, _ in search), "quantized_algorithm": request.quantized_algorithm,
                             "quantized_method": request.quantized_method,
                             "parts": {p.name: {"group": p.group, "layers": list(p.layers), "graphs": list(p.graphs),
                                                "patterns": list(p.patterns), "fp16_weights": p.weights,
                                                "extra_ms_per_token": round(costs.ms(p), 4)} for p in plan.parts}}
-    if plan.granularity == "none":
-        findings.append(Finding(
-            "rknn.precision_search", "warning",
-            f"the fp16 search would take ~{per_run:.0f} s per simulator run, {plan.max_evaluations} run(s) within "
-            f"its budget of {request.precision_budget_s or prec.SEARCH_BUDGET_S:.0f} s: kept the fixed set "
-            "(RG-LRU, conv1d, state I/O in fp16) instead.",
-            "pass fewer --eval-steps (the search's runs are that many steps), or check this build's quality figures",
-            prec.SOURCE))
-        chosen = {name: request.hybrid_patterns if name in hybrid and not name.startswith("head") else []
-                  for name in names}
-        base = {**base, "mode": "fixed", "granularity": "none", "chosen": [], "table": []}
-    else:
-        draft = draft_of(built)
-        folder = staging / "precision"
-        runs = [0]
+    draft = draft_of(built)
+    folder = staging / "precision"
+    runs = [0]
 
-        def evaluate(kept: list[prec.Part] | Any) -> dict[str, Any]:
-            runs[0] += 1
-            report("precision", f"run {runs[0]}: fp16 {', '.join(p.name for p in kept) or 'nothing (plain w8a8)'}")
-            by_graph = prec.patterns_by_graph(kept, names)
-            bundle = copy.deepcopy(draft)
-            for graph in [*bundle["graphs"], *bundle["heads"]]:
-                if by_graph.get(graph["name"]):
-                    cfg = staging / graph["simulator"]["cfg"]
-                    variant = folder / str(runs[0]) / cfg.name
-                    variant.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(cfg, variant)
-                    edit_cfg(variant, by_graph[graph["name"]])
-                    graph["simulator"] = {**graph["simulator"], "cfg": variant.relative_to(staging).as_posix()}
-            if params > SEARCH_IN_PROCESS_PARAMS:
-                return measure_quality(staging, bundle, reference, tokens)
-            candidate = simulator_loop(staging, bundle, lazy=True)
-            try:
-                return compare(reference, candidate, tokens)
-            finally:
-                release = getattr(candidate.runner, "release", None)  # SimulatorGraphs: what simulator_loop runs
-                if release is not None:
-                    release()
-
+    def evaluate(kept: list[prec.Part] | Any) -> dict[str, Any]:
+        runs[0] += 1
+        report("precision", f"run {runs[0]}: fp16 {', '.join(p.name for p in kept) or 'nothing (plain w8a8)'}")
+        by_graph = prec.patterns_by_graph(kept, names)
+        bundle = copy.deepcopy(draft)
+        for graph in [*bundle["graphs"], *bundle["heads"]]:
+            if by_graph.get(graph["name"]):
+                cfg = staging / graph["simulator"]["cfg"]
+                variant = folder / str(runs[0]) / cfg.name
+                variant.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cfg, variant)
+                edit_cfg(variant, by_graph[graph["name"]])
+                graph["simulator"] = {**graph["simulator"], "cfg": variant.relative_to(staging).as_posix()}
+        if params > SEARCH_IN_PROCESS_PARAMS:
+            return prec.worst([measure_quality(staging, bundle, reference, tokens) for tokens, reference in search])
+        candidate = simulator_loop(staging, bundle, lazy=True)
         try:
-            choice = prec.choose(plan.parts, evaluate, target, costs, max_evaluations=plan.max_evaluations,
-                                 granularity=plan.granularity)
+            return prec.worst([compare(reference, candidate, tokens) for tokens, reference in search])
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        chosen = prec.patterns_by_graph(choice.chosen, names)
-        base = {**base, **choice.to_dict(), "search_quality": dict(choice.quality)}
-        for line in prec.render_table(choice.table, [p.name for p in choice.chosen]):
-            report("precision", line)
+            release = getattr(candidate.runner, "release", None)  # SimulatorGraphs: what simulator_loop runs
+            if release is not None:
+                release()
+
+    try:
+        choice = prec.choose(plan.parts, evaluate, target, costs, max_evaluations=plan.max_evaluations,
+                             granularity=plan.granularity)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    chosen = prec.patterns_by_graph(choice.chosen, names)
+    base = {**base, **choice.to_dict(), "search_quality": dict(choice.quality)}
+    for line in prec.render_table(choice.table, [p.name for p in choice.chosen]):
+        report("precision", line)
     built = list(built)
     for index, spec in enumerate(specs):
         if chosen.get(spec.name):
@@ -593,6 +607,14 @@ class QualityTexts:
     search_source: str
     report_text: str
     report_source: str
+    #: More text the search reads (--eval-text next to a held-out split: a held-out share of a small calibration
+    #: set can miss the domain, as a 6-layer code model's plain w8a8 showed: 97.7% top-1 on the split, 94.9% and
+    #: NLL +3.2% on its held-out file)
+    search_also: list[str] = field(default_factory=list)
+
+    @property
+    def search_texts(self) -> list[str]:
+        return [self.search_text, *self.search_also]
 
 
 def _file_prompts(source: str) -> list[str]:
@@ -625,8 +647,12 @@ def quality_texts(request: RknnRequest) -> QualityTexts:
         held: list[str] = []
     else:
         prompts, held = hold_out(_file_prompts(str(request.calibration)))
+    also: list[str] = []
     if held:
         search_text, search_source = "\n".join(held), f"{len(held)} prompt(s) held out of {request.calibration}"
+        if eval_text is not None:  # the user's own text says what the domain is: a choice must hold on both
+            also = [eval_text]
+            search_source += f" and --eval-text {request.eval_text}"
     elif eval_text is not None:
         search_text, search_source = eval_text, f"--eval-text {request.eval_text}"
     else:
@@ -635,7 +661,7 @@ def quality_texts(request: RknnRequest) -> QualityTexts:
         report_text, report_source = eval_text, f"--eval-text {request.eval_text}"
     else:
         report_text, report_source = search_text, search_source
-    return QualityTexts(prompts, search_text, search_source, report_text, report_source)
+    return QualityTexts(prompts, search_text, search_source, report_text, report_source, also)
 
 
 def calibration_prompts(request: RknnRequest) -> list[str]:

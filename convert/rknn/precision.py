@@ -237,6 +237,17 @@ Quality = Mapping[str, Any]
 Evaluate = Callable[[Sequence[Part]], Quality]
 
 
+def worst(qualities: Sequence[Quality]) -> dict[str, Any]:
+    """One verdict over several texts: the lowest top-1, the NLL delta farthest from 0, the mean KL (which ranks
+    the parts)."""
+    if len(qualities) == 1:
+        return dict(qualities[0])
+    return {**qualities[0], "top1_agreement": min(q["top1_agreement"] for q in qualities),
+            "nll_delta_pct": max((q["nll_delta_pct"] for q in qualities), key=abs),
+            "kl_divergence": round(sum(q["kl_divergence"] for q in qualities) / len(qualities), 5),
+            "steps": sum(q["steps"] for q in qualities), "texts": len(qualities)}
+
+
 @dataclass
 class Choice:
     """The search's outcome: the parts kept in fp16, their quality on the search text, and every variant run."""
