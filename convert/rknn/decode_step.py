@@ -27,6 +27,7 @@ from torch import nn
 from rkedge.convert.rknn.shape import GriffinShape
 
 MASK_VALUE = -30.0  # additive mask for empty window slots (exp(-30) ~ 1e-13; stays representable in fp16)
+RESET_LOG_A = -30.0  # log_a at the reset (position 0): a = exp(-30) ~ 1e-13, i.e. 0 next to 1 in fp16 and fp32
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,23 +55,31 @@ class RgLru(nn.Module):
         super().__init__()
         self.heads = heads
         self.recurrent_param = source.recurrent_param
-        self.input_gate_weight, self.input_gate_bias = source.input_gate_weight, source.input_gate_bias
-        self.recurrent_gate_weight, self.recurrent_gate_bias = source.recurrent_gate_weight, source.recurrent_gate_bias
+        # both block-diagonal gates as one batched MatMul [heads, block, 2 * block] (one op and one Sigmoid less)
+        self.gate_weight = nn.Parameter(torch.cat([source.input_gate_weight, source.recurrent_gate_weight], dim=-1)
+                                        .detach(), requires_grad=False)
+        self.gate_bias = nn.Parameter(torch.cat([source.input_gate_bias, source.recurrent_gate_bias], dim=-1)
+                                      .detach()[:, None, :], requires_grad=False)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
-        blocks = x.reshape(self.heads, 1, width // self.heads)  # block-diagonal gates as one batched MatMul
-        input_gate = torch.sigmoid(torch.matmul(blocks, self.input_gate_weight) + self.input_gate_bias[:, None, :])
-        recurrent_gate = torch.sigmoid(torch.matmul(blocks, self.recurrent_gate_weight)
-                                       + self.recurrent_gate_bias[:, None, :])
-        input_gate = input_gate.reshape(1, width)
-        recurrent_gate = recurrent_gate.reshape(1, width)
-        log_a = -8.0 * recurrent_gate * nn.functional.softplus(self.recurrent_param)
-        a = torch.exp(log_a)
-        multiplier = torch.sqrt(1.0 - torch.exp(2.0 * log_a))
-        keep = 1.0 - reset.reshape(1, 1)
-        multiplier = reset.reshape(1, 1) + keep * multiplier
-        return (a * keep) * h + x * input_gate * multiplier
+        block = width // self.heads
+        blocks = x.reshape(self.heads, 1, block)
+        gates = torch.sigmoid(torch.matmul(blocks, self.gate_weight) + self.gate_bias)
+        input_gate, recurrent_gate = gates[..., :block], gates[..., block:]
+        decay = -8.0 * nn.functional.softplus(self.recurrent_param).reshape(self.heads, 1, block)
+        # transformers: a = exp(log_a), multiplier = sqrt(1 - a^2), and at position 0 a = 0, multiplier = 1.
+        # Pushing log_a to RESET_LOG_A at the reset does both (exp(-30) rounds to 0 next to 1, 1 - exp(-60) is 1)
+        # in 2 ops instead of the 4 that blended by the reset flag.
+        log_a = recurrent_gate * decay + RESET_LOG_A * reset.reshape(1, 1, 1)
+        # Exp falls back to the CPU on rk3588 (2 ops per layer in the toolkit's layer table); Elu runs on the NPU.
+        # For y <= 0, elu(y) = alpha * (exp(y) - 1): a = 1 + elu(log_a), and 1 - a^2 = elu(2 log_a) with alpha -1,
+        # which also keeps the multiplier's precision where a -> 1 (no 1 - exp cancellation).
+        a = 1.0 + nn.functional.elu(log_a)
+        multiplier = torch.sqrt(nn.functional.elu(2.0 * log_a, alpha=-1.0))
+        # all in the gates' [heads, 1, block] layout: reshaping each gate back to [1, width] cost a layer each
+        new_h = a * h.reshape(self.heads, 1, block) + blocks * input_gate * multiplier
+        return new_h.reshape(1, width)
 
 
 class ShortConv(nn.Module):
@@ -120,13 +129,15 @@ class AttentionLayer(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = block.q_proj, block.k_proj, block.v_proj, block.o_proj
         self.mlp = _Mlp(source.mlp_block)
         self.dims = dims
+        half, rot = dims.rotary_dim // 2, dims.rotary_dim
+        order = [*range(half, rot), *range(half), *range(rot, dims.head_dim)]  # rotate-half, then the rest
+        self.register_buffer("rotate_half", torch.tensor(order), persistent=False)
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot = self.dims.rotary_dim
-        t_rot, t_pass = t[..., :rot], t[..., rot:]
-        half = rot // 2
-        rotated = torch.cat([-t_rot[..., half:], t_rot[..., :half]], dim=-1)
-        return torch.cat([t_rot * cos + rotated * sin, t_pass], dim=-1)
+        """RoPE on the first rotary_dim channels, over the whole head: ``cos``/``sin`` are :func:`rope_tables`'
+        (1 and 0 on the channels RoPE leaves alone, rotate-half's signs in ``sin``), so the rotation is a gather
+        and two multiplies (4 RKNN layers where slicing, negating and concatenating took 7)."""
+        return t * cos + torch.index_select(t, -1, self.rotate_half) * sin
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,9 +146,8 @@ class AttentionLayer(nn.Module):
         q = self.q_proj(normed).reshape(1, d.heads, 1, d.head_dim)
         k = self.k_proj(normed).reshape(1, 1, d.kv_heads * d.head_dim)
         v = self.v_proj(normed).reshape(1, 1, d.kv_heads * d.head_dim)
-        cos4, sin4 = cos.reshape(1, 1, 1, -1), sin.reshape(1, 1, 1, -1)
-        q = self._rope(q, cos4, sin4)
-        k = self._rope(k.reshape(1, d.kv_heads, 1, d.head_dim), cos4, sin4).reshape(1, 1, d.kv_heads * d.head_dim)
+        q = self._rope(q, cos, sin)
+        k = self._rope(k.reshape(1, d.kv_heads, 1, d.head_dim), cos, sin).reshape(1, 1, d.kv_heads * d.head_dim)
         keys = torch.cat([k_cache, k], dim=1)  # [1, W, D]
         values = torch.cat([v_cache, v], dim=1)
         keys_h = keys.reshape(1, d.window, d.kv_heads, d.head_dim).permute(0, 2, 3, 1)  # [1, kvH, hd, W]
@@ -150,6 +160,15 @@ class AttentionLayer(nn.Module):
         residual = out + x
         result = self.mlp(_rms_norm(residual, self.channel_pre_norm.weight, d.eps)) + residual
         return result, keys[:, 1:, :], values[:, 1:, :]
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, dims: GriffinShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host's cos/sin [1, 1, rotary_dim] widened to the head [1, 1, 1, head_dim]: cos 1 and sin 0 where RoPE
+    leaves the channels alone, and sin carrying rotate-half's sign (its first half rotates in negated)."""
+    half, rest = dims.rotary_dim // 2, dims.head_dim - dims.rotary_dim
+    sign = torch.cat([-torch.ones(half), torch.ones(half)])
+    return (torch.cat([cos.reshape(1, 1, 1, -1), torch.ones(1, 1, 1, rest)], dim=-1),
+            torch.cat([(sin * sign).reshape(1, 1, 1, -1), torch.zeros(1, 1, 1, rest)], dim=-1))
 
 
 class ChunkStep(nn.Module):
@@ -197,6 +216,8 @@ class ChunkStep(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         named = dict(zip(self.input_names(), inputs, strict=True))
         x = named["x"]
+        if self.has_attention:  # once per graph, for every attention layer in it
+            named["cos"], named["sin"] = rope_tables(named["cos"], named["sin"], self.dims)
         outputs: list[torch.Tensor] = []
         for i, block in zip(self.layer_ids, self.blocks, strict=True):
             if isinstance(block, RecurrentLayer):
@@ -236,7 +257,10 @@ class HeadStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = _rms_norm(x, self.final_norm.weight, self.dims.eps)
-        logits = nn.functional.linear(normed, self.weight).reshape(1, self.stop - self.start)
+        # [1, rows, 1, 1]: the NPU's own layout, so the toolkit adds no reshape after the head. To [1, rows] (or
+        # [1, 1, rows]) it adds one, which it put on the CPU for 250 and 259 rows, not for 240 or 256 (its layer table;
+        # 259 is the tiny test model's vocabulary). NCHW and NHWC flatten alike here; the host flattens the logits.
+        logits = nn.functional.linear(normed, self.weight).reshape(1, -1, 1, 1)
         cap = self.dims.logits_soft_cap
         return torch.tanh(logits / cap) * cap
 
