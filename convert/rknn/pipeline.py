@@ -368,7 +368,7 @@ def _convert(request: RknnRequest, info: Any, source: Path, findings: list[Findi
                 return _manifest(request, info, dims, counts, specs, graphs_built, tokenizer_spec, verification, name)
 
             precision, built = _choose_precision(request, staging, dims, specs, built, plan, datasets, search, texts,
-                                                 draft_of, report, on_event, findings)
+                                                 draft_of, report, on_event)
         prefill_built = []
         # prefill graph i holds the layers of decode graph i: it keeps the same parts in fp16
         by_graph = precision["patterns"] if isinstance(precision.get("patterns"), dict) else None
@@ -472,8 +472,7 @@ def _choose_precision(request: RknnRequest, staging: Path, dims: Any, specs: lis
                       plan: Any, datasets: dict[int, Path], search: list[tuple[list[int], Floats]],
                       texts: QualityTexts,
                       draft_of: Callable[[list[dict[str, Any]]], dict[str, Any]], report: Callable[[str, str], None],
-                      on_event: EventHandler | None, findings: list[Finding]
-                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      on_event: EventHandler | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The fp16 parts of the decode graphs, chosen on the simulator from the plain-w8a8 builds (each variant is
     the same step-1 files with another cfg: no build), then the graphs that keep any part rebuilt with them.
     Returns the manifest's "precision" and the graphs as built."""
