@@ -131,7 +131,7 @@ def count_layers(text: str) -> LayerCount | None:
     return reader.count()
 
 
-_SYNC = b"\x00rkedge-layers-sync\n"
+_SYNC = b"\x00rkedge-layers-sync "
 
 
 class ToolkitStdout:
@@ -148,38 +148,51 @@ class ToolkitStdout:
         self.reader = LayerTableReader()
         self._forward = forward_fd
         self._stream = os.fdopen(read_fd, "rb")
-        self._synced = threading.Event()
-        self._lock = threading.Lock()  # the reader's tables are read by the main thread after a sync
+        self._seen = threading.Condition()  # guards _last_sync and the reader's tables
+        self._last_sync = 0
+        self._sent = 0
         self._thread = threading.Thread(target=self._pump, name="toolkit-stdout", daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
         for raw in iter(self._stream.readline, b""):
-            if raw.endswith(_SYNC):  # possibly after a line the toolkit left open (progress bars end in \r)
-                raw = raw[:-len(_SYNC)]
-                self._synced.set()
-                if not raw:
-                    continue
-                raw += b"\n"
-            # a progress bar ends its updates in \r, so what follows it shares its line: each part on its own
-            parts = raw.decode("utf-8", "replace").rstrip("\n").split("\r")
-            with self._lock:
-                for part in parts:
-                    self.reader.feed(part)
-            kept = [part for part in parts if not is_raised_level_line(part)]
-            if kept == parts:
+            try:
+                self._line(raw)
+            except Exception:  # never stop reading: a full pipe would block the toolkit on its next print
                 os.write(self._forward, raw)
-            elif any(part.strip() for part in kept):
-                os.write(self._forward, ("\r".join(kept) + "\n").encode("utf-8"))
 
-    def sync(self, timeout: float = 30.0) -> None:
-        """Returns once everything printed on fd 1 so far has been read (and forwarded)."""
+    def _line(self, raw: bytes) -> None:
+        at = raw.find(_SYNC)
+        if at >= 0:  # possibly after a line the toolkit left open (progress bars end in \r)
+            number = int(raw[at + len(_SYNC):].strip() or 0)
+            with self._seen:
+                self._last_sync = max(self._last_sync, number)
+                self._seen.notify_all()
+            raw = raw[:at]
+            if not raw:
+                return
+            raw += b"\n"
+        # a progress bar ends its updates in \r, so what follows it shares its line: each part on its own
+        parts = raw.decode("utf-8", "replace").rstrip("\n").split("\r")
+        with self._seen:
+            for part in parts:
+                self.reader.feed(part)
+        kept = [part for part in parts if not is_raised_level_line(part)]
+        if kept == parts:
+            os.write(self._forward, raw)
+        elif any(part.strip() for part in kept):
+            os.write(self._forward, ("\r".join(kept) + "\n").encode("utf-8"))
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Returns once everything printed on fd 1 so far has been read and forwarded (or after ``timeout``)."""
         sys.stdout.flush()
-        self._synced.clear()
-        os.write(1, _SYNC)
-        self._synced.wait(timeout)
+        self._sent += 1
+        number = self._sent
+        os.write(1, _SYNC + str(number).encode() + b"\n")
+        with self._seen:
+            self._seen.wait_for(lambda: self._last_sync >= number, timeout)
 
     def count(self) -> LayerCount | None:
         self.sync()
-        with self._lock:
+        with self._seen:
             return self.reader.count()
