@@ -431,7 +431,7 @@ def test_w8a8_hybrid_meets_the_acceptance_bar(w8a8_bundle):
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["hybrid"]["enabled"] and manifest["quality"] == quality
     kept = manifest["graphs"][0]["fp16_tensors"]
-    assert any("/rg_lru/" in t for t in kept) and any("/conv1d/" in t for t in kept)
+    assert any("/rg_lru/" in t for t in kept), "the search keeps the RG-LRU chain of this model in fp16"
     # the fp16 parts are chosen by measurement (rkedge.convert.rknn.precision; tests/test_rknn_precision.py)
     assert manifest["precision"]["mode"] == "auto" and manifest["precision"]["met"]
     assert manifest["heads"][0]["fp16_tensors"] == [], "the LM head is plain w8a8"
