@@ -439,6 +439,7 @@ def test_w8a8_hybrid_meets_the_acceptance_bar(w8a8_bundle):
 
 
 @needs_simulator
+@pytest.mark.timeout(900)  # run alone, it pays for the w8a8 fixture's conversion and precision search
 def test_w8a8_prefill_graphs_are_a_separate_fixed_chunk_set_keeping_the_decode_graphs_fp16_parts(w8a8_bundle,
                                                                                                  tiny_model):
     from rkedge.runtime._stderr import capture_native_output

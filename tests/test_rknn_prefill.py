@@ -377,6 +377,7 @@ def _prompt(length: int, skip: int = 0) -> str:
 
 
 @needs_simulator
+@pytest.mark.timeout(900)  # a conversion: ~1 minute on an idle 2-core host
 def test_the_bundle_holds_verified_prefill_graphs_that_share_the_decode_weights(prefill_bundle):
     manifest = json.loads((prefill_bundle / "bundle.json").read_text())
     prefill = manifest["prefill"]
@@ -463,6 +464,7 @@ def test_the_chunked_path_in_the_simulator_matches_transformers_on_a_100_token_p
 
 
 @needs_simulator
+@pytest.mark.timeout(900)  # a conversion: ~1 minute on an idle 2-core host
 def test_prefill_chunk_0_converts_a_bundle_without_prefill_that_still_runs(tmp_path, old_bundle):
     from rkedge.runtime import LLM
 

@@ -229,6 +229,64 @@ def _prefill_class() -> Any:
                 out = out + window[:, k:end if end else None, :] * self.weight[:, 0, k]
             return out, window[:, -(taps - 1):, :]
 
+    class RecurrentBlock(nn.Module):
+        """One recurrent layer over the chunk. A called module (as the decode step's blocks), so the ONNX names
+        are scoped ``/blocks.<n>/rg_lru/...`` like the decode graph's and its fp16 patterns find them."""
+
+        def __init__(self, source: Any, dims: GriffinShape) -> None:
+            super().__init__()
+            self.eps = dims.eps
+            self.temporal_pre_norm, self.channel_pre_norm = source.temporal_pre_norm, source.channel_pre_norm
+            self.mlp = _Mlp(source.mlp_block)
+            temporal = source.temporal_block
+            self.linear_x, self.linear_y, self.linear_out = temporal.linear_x, temporal.linear_y, temporal.linear_out
+            self.conv1d = ShortConvChunk(temporal.conv_1d)
+            self.rg_lru = RgLruScan(temporal.rg_lru, dims.heads)
+
+        def forward(self, x: Any, conv: Any, h: Any, reset: Any, scan: Any, causal: Any) -> tuple[Any, ...]:
+            normed = _rms_norm(x, self.temporal_pre_norm.weight, self.eps)
+            y = _gelu_tanh(self.linear_y(normed))
+            xc, new_conv = self.conv1d(conv, self.linear_x(normed))
+            hs, new_h = self.rg_lru(xc, h, reset, scan, causal)
+            residual = self.linear_out(hs * y) + x
+            return self.mlp(_rms_norm(residual, self.channel_pre_norm.weight, self.eps)) + residual, new_conv, new_h
+
+    class AttentionBlock(nn.Module):
+        """One local-attention layer over the window's cached slots plus the chunk (a called module, as above)."""
+
+        def __init__(self, source: Any, dims: GriffinShape) -> None:
+            super().__init__()
+            self.dims = dims
+            self.temporal_pre_norm, self.channel_pre_norm = source.temporal_pre_norm, source.channel_pre_norm
+            self.mlp = _Mlp(source.mlp_block)
+            temporal = source.temporal_block
+            self.q_proj, self.k_proj = temporal.q_proj, temporal.k_proj
+            self.v_proj, self.o_proj = temporal.v_proj, temporal.o_proj
+
+        def forward(self, x: Any, k_cache: Any, v_cache: Any, cos: Any, sin: Any, mask: Any) -> tuple[Any, ...]:
+            d = self.dims
+            normed = _rms_norm(x, self.temporal_pre_norm.weight, d.eps)
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [1, T, 1, rot]
+            q = rope(self.q_proj(normed).reshape(1, -1, d.heads, d.head_dim), cos, sin, d.rotary_dim)
+            k = rope(self.k_proj(normed).reshape(1, -1, d.kv_heads, d.head_dim), cos, sin, d.rotary_dim)
+            v = self.v_proj(normed)
+            keys = torch.cat([k_cache, k.reshape(1, -1, d.kv_heads * d.head_dim)], dim=1)  # [1, W-1+T, D]
+            values = torch.cat([v_cache, v], dim=1)
+            keys_h = keys.reshape(1, -1, d.kv_heads, d.head_dim).permute(0, 2, 3, 1)  # [1, kvH, hd, S]
+            values_h = values.reshape(1, -1, d.kv_heads, d.head_dim).permute(0, 2, 1, 3)  # [1, kvH, S, hd]
+            # heads h = kv * group + g share kv head kv (transformers' repeat_kv): rows (g, t) per kv head
+            q = q.permute(0, 2, 1, 3).reshape(1, d.kv_heads, -1, d.head_dim)  # [1, kvH, group*T, hd]
+            scores = torch.matmul(q, keys_h) * (d.head_dim ** -0.5)
+            slots = keys.shape[1]
+            scores = scores.reshape(1, d.heads, -1, slots) + mask[:, None, :, :]
+            probs = torch.softmax(scores, dim=-1).reshape(1, d.kv_heads, -1, slots)
+            attention = torch.matmul(probs, values_h).reshape(1, d.heads, -1, d.head_dim)
+            out = self.o_proj(attention.permute(0, 2, 1, 3).reshape(1, -1, d.heads * d.head_dim))
+            residual = out + x
+            tail = d.window - 1
+            return self.mlp(_rms_norm(residual, self.channel_pre_norm.weight, d.eps)) + residual, \
+                keys[:, -tail:, :], values[:, -tail:, :]
+
     class PrefillChunk(nn.Module):
         """Layers ``layers`` over T tokens: x + the states in, x + the new states out (names as the decode step)."""
 
@@ -237,22 +295,8 @@ def _prefill_class() -> Any:
             self.dims = dims
             self.layer_ids = layers
             decoder = model.model.layers
-            self.blocks = nn.ModuleList()
-            for i in layers:
-                source = decoder[i]
-                block = nn.Module()
-                block.temporal_pre_norm, block.channel_pre_norm = source.temporal_pre_norm, source.channel_pre_norm
-                block.mlp = _Mlp(source.mlp_block)
-                temporal = source.temporal_block
-                if dims.kinds[i] == "recurrent":
-                    block.linear_x, block.linear_y = temporal.linear_x, temporal.linear_y
-                    block.linear_out = temporal.linear_out
-                    block.conv1d = ShortConvChunk(temporal.conv_1d)
-                    block.rg_lru = RgLruScan(temporal.rg_lru, dims.heads)
-                else:
-                    block.q_proj, block.k_proj = temporal.q_proj, temporal.k_proj
-                    block.v_proj, block.o_proj = temporal.v_proj, temporal.o_proj
-                self.blocks.append(block)
+            self.blocks = nn.ModuleList(RecurrentBlock(decoder[i], dims) if dims.kinds[i] == "recurrent"
+                                        else AttentionBlock(decoder[i], dims) for i in layers)
 
         def input_names(self) -> list[str]:
             kinds = {self.dims.kinds[i] for i in self.layer_ids}
@@ -275,50 +319,17 @@ def _prefill_class() -> Any:
                 shapes.update(d.state_shapes(i))
             return {name: shapes[name] for name in self.input_names()}
 
-        def _recurrent(self, block: Any, x: Any, conv: Any, h: Any, named: dict[str, Any]) -> tuple[Any, ...]:
-            normed = _rms_norm(x, block.temporal_pre_norm.weight, self.dims.eps)
-            y = _gelu_tanh(block.linear_y(normed))
-            xc, new_conv = block.conv1d(conv, block.linear_x(normed))
-            hs, new_h = block.rg_lru(xc, h, named["reset"], named["scan"], named["causal"])
-            residual = block.linear_out(hs * y) + x
-            return block.mlp(_rms_norm(residual, block.channel_pre_norm.weight, self.dims.eps)) + residual, \
-                new_conv, new_h
-
-        def _attention(self, block: Any, x: Any, k_cache: Any, v_cache: Any, named: dict[str, Any]
-                       ) -> tuple[Any, ...]:
-            d = self.dims
-            normed = _rms_norm(x, block.temporal_pre_norm.weight, d.eps)
-            cos, sin = named["cos"][:, :, None, :], named["sin"][:, :, None, :]  # [1, T, 1, rot]
-            q = rope(block.q_proj(normed).reshape(1, -1, d.heads, d.head_dim), cos, sin, d.rotary_dim)
-            k = rope(block.k_proj(normed).reshape(1, -1, d.kv_heads, d.head_dim), cos, sin, d.rotary_dim)
-            v = block.v_proj(normed)
-            keys = torch.cat([k_cache, k.reshape(1, -1, d.kv_heads * d.head_dim)], dim=1)  # [1, W-1+T, D]
-            values = torch.cat([v_cache, v], dim=1)
-            keys_h = keys.reshape(1, -1, d.kv_heads, d.head_dim).permute(0, 2, 3, 1)  # [1, kvH, hd, S]
-            values_h = values.reshape(1, -1, d.kv_heads, d.head_dim).permute(0, 2, 1, 3)  # [1, kvH, S, hd]
-            # heads h = kv * group + g share kv head kv (transformers' repeat_kv): rows (g, t) per kv head
-            q = q.permute(0, 2, 1, 3).reshape(1, d.kv_heads, -1, d.head_dim)  # [1, kvH, group*T, hd]
-            scores = torch.matmul(q, keys_h) * (d.head_dim ** -0.5)
-            slots = keys.shape[1]
-            scores = scores.reshape(1, d.heads, -1, slots) + named["mask"][:, None, :, :]
-            probs = torch.softmax(scores, dim=-1).reshape(1, d.kv_heads, -1, slots)
-            attention = torch.matmul(probs, values_h).reshape(1, d.heads, -1, d.head_dim)
-            out = block.o_proj(attention.permute(0, 2, 1, 3).reshape(1, -1, d.heads * d.head_dim))
-            residual = out + x
-            tail = d.window - 1
-            return block.mlp(_rms_norm(residual, block.channel_pre_norm.weight, d.eps)) + residual, \
-                keys[:, -tail:, :], values[:, -tail:, :]
-
         def forward(self, *inputs: Any) -> tuple[Any, ...]:
             named = dict(zip(self.input_names(), inputs, strict=True))
             x = named["x"]
             outputs: list[Any] = []
             for i, block in zip(self.layer_ids, self.blocks, strict=True):
                 if self.dims.kinds[i] == "recurrent":
-                    x, conv, h = self._recurrent(block, x, named[f"conv{i}"], named[f"h{i}"], named)
+                    x, conv, h = block(x, named[f"conv{i}"], named[f"h{i}"], named["reset"], named["scan"],
+                                       named["causal"])
                     outputs += [conv, h]
                 else:
-                    x, k, v = self._attention(block, x, named[f"k{i}"], named[f"v{i}"], named)
+                    x, k, v = block(x, named[f"k{i}"], named[f"v{i}"], named["cos"], named["sin"], named["mask"])
                     outputs += [k, v]
             return (x, *outputs)
 

@@ -125,7 +125,11 @@ class SimulatorGraphs(_GraphSet):
 
 
 class LiteGraphs(_GraphSet):
-    """RKNNLite (rknn-toolkit-lite2) on the board, one context per graph on all three NPU cores."""
+    """RKNNLite (rknn-toolkit-lite2) on the board, one context per graph on all three NPU cores.
+
+    A multi-shape prefill graph (fp16 bundles) gets inputs of either of its shapes; that RKNNLite's ``inference``
+    switches between the shapes of a ``dynamic_input`` model by itself (rknn_set_input_shapes underneath) is what
+    rknn-toolkit2's documentation describes, NOT verified on a board here."""
 
     kind = "rknnlite"
 
