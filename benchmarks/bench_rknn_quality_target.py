@@ -17,7 +17,8 @@ figures (on the held-out text) are not independent of the choice; the split alon
 trade-off table (worst of the two texts) and a summary.
 
 Usage: python benchmarks/bench_rknn_quality_target.py [--model NAME ...] [--steps 256] [--target top1=0.95,nll=1.0]
-       [--algorithm normal|mmse|kl_divergence] [--method channel|layer] [--manual] (the fixed fp16 set, no search)
+       [--algorithm normal|mmse|kl_divergence] [--method channel|layer] [--granularity layer|group]
+       [--manual] (the fixed fp16 set, no search)
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--algorithm", default="normal")
     parser.add_argument("--method", default="channel")
     parser.add_argument("--manual", action="store_true", help="the fixed fp16 set (HYBRID_PATTERNS), no search")
+    parser.add_argument("--granularity", choices=["layer", "group"], default=None,
+                        help="parts per layer or per op group over all layers (default: layer when it fits)")
     args = parser.parse_args()
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +63,7 @@ def main() -> None:
                 model=model, out=Path(tmp) / str(index), dtype="w8a8", calibration=str(calibration),
                 eval_text=held_out, eval_steps=args.steps, quality_target=args.target, prefill_chunk=0,
                 quantized_algorithm=args.algorithm, quantized_method=args.method,
+                precision_granularity=args.granularity,
                 fp16_patterns=HYBRID_PATTERNS if args.manual else None))
             seconds = time.perf_counter() - started
             manifest = result.manifest
