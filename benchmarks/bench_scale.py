@@ -188,7 +188,13 @@ def run_convert(args: list[str]) -> dict[str, Any]:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    """Bytes on disk under ``folder``, a hard-linked file counted once (the export links an unchanged checkpoint)."""
+    seen: dict[tuple[int, int], int] = {}
+    for f in folder.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def copy_time(folder: Path, into: Path) -> float:
@@ -242,7 +248,7 @@ def report(result: dict[str, Any]) -> None:
         print(f"| {step['name']} | {step.get('seconds', 0):.1f} | {step['peak_seen'] / gb:.2f} |")
     print(f"| **total** (rc {result['rc']}) | {result['seconds']:.1f} | {result['peak'] / gb:.2f} |")
     print(f"peak RSS / checkpoint: {result['peak'] / result['checkpoint_bytes']:.2f}x; disk written by the tree: "
-          f"{result['written'] / gb:.2f} GB; output {result['output_bytes'] / gb:.2f} GB; I/O floor (copying the "
+          f"{result['written'] / gb:.2f} GB; output folder with its .rkedge-work cache {result['output_bytes'] / gb:.2f} GB; I/O floor (copying the "
           f"checkpoint once): {result['copy_s']:.1f} s")
     if result["rc"] != 0:
         print("last lines:\n  " + "\n  ".join(result["tail"]))
