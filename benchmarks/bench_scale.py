@@ -189,13 +189,9 @@ def run_convert(args: list[str]) -> dict[str, Any]:
 
 def folder_bytes(folder: Path) -> int:
     """Bytes on disk under ``folder``, a hard-linked file counted once (the export links an unchanged checkpoint)."""
-    seen: dict[tuple[int, int], int] = {}
-    for f in folder.rglob("*"):
-        if f.is_file():
-            st = f.stat()
-            seen[(st.st_dev, st.st_ino)] = st.st_size
-    return sum(seen.values())
+    from rkedge._fs import folder_size
 
+    return folder_size(folder)
 
 def copy_time(folder: Path, into: Path) -> float:
     started = time.monotonic()

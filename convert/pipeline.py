@@ -38,6 +38,7 @@ from rkedge._fs import (
     atomic_write_text,
     check_free_space,
     folder_lock,
+    folder_size,
     format_size,
     free_space,
     sha256_file,
@@ -105,6 +106,7 @@ class ConversionResult:
     manifest: Manifest | None = None
     calls: dict[str, dict[str, Any]] | None = None  # the toolkit calls as made (paths bound)
     extra_findings: list[Finding] = field(default_factory=list)  # found while running (generated calibration)
+    work_bytes: int | None = None  # what OUT/.rkedge-work keeps after the run (the finished steps, reused on a rerun)
 
     @property
     def findings(self) -> list[Finding]:
@@ -122,6 +124,7 @@ class ConversionResult:
             "build_kwargs": {k: str(v) if isinstance(v, Input) else v for k, v in calls.get("build", {}).items()},
             "findings": [f.to_dict() for f in self.findings],
             "steps": [s.__dict__ for s in self.steps],
+            "work_cache_bytes": self.work_bytes,
         }
 
     def render(self) -> list[str]:
@@ -131,7 +134,13 @@ class ConversionResult:
                     f"build({', '.join(f'{k}={v!r}' for k, v in self.plan.build_kwargs.items())})",
                     f"steps: {' -> '.join(s.name for s in self.steps)}",
                     *(f"  {line}" for line in self.plan.job.render().splitlines())]
-        return [f"wrote {f}" for f in (self.model_file, self.lora_file, self.manifest_file, self.card_file) if f]
+        lines = [f"wrote {f}" for f in (self.model_file, self.lora_file, self.manifest_file, self.card_file) if f]
+        if self.work_bytes and self.model_file:
+            # kept on purpose (a rerun with other toolkit settings skips the merge and the export), but a 9B merge
+            # is 18.5 GB: say so rather than leave it to be found
+            lines.append(f"kept {self.model_file.parent / WORK} ({format_size(self.work_bytes)}: the finished "
+                         "steps, reused by a rerun with the same inputs; delete it to free the space)")
+        return lines
 
 
 def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Reporter | None = None) -> ConversionResult:
@@ -169,6 +178,7 @@ def convert(request: ConversionRequest, *, dry_run: bool = False, reporter: Repo
             known = {f.id for f in the_plan.findings}
             result.extra_findings = [f for f in calib.check_targets(calibration.data) if f.id not in known]
             _quantize_and_publish(result, env, info, export, calibration, reporter, started)
+            result.work_bytes = folder_size(out / WORK)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

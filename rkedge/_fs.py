@@ -148,6 +148,17 @@ def format_size(size: float) -> str:
     return f"{size:.0f} B"
 
 
+def folder_size(folder: str | os.PathLike[str]) -> int:
+    """Bytes of the files under ``folder``, a hard-linked file counted once (exports link unchanged checkpoints)."""
+    sizes: dict[tuple[int, int], int] = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                st = os.lstat(os.path.join(root, name))
+                sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
+
+
 def free_space(path: str | os.PathLike[str]) -> tuple[Path, int]:
     """The nearest existing folder at or above ``path`` and the bytes free on its filesystem."""
     folder = Path(path).absolute()

@@ -121,6 +121,19 @@ def test_rerun_skips_finished_steps(tiny, calibration_file, tmp_path):
     assert second.manifest["sha256"] == first.manifest["sha256"]
 
 
+def test_the_result_says_what_the_work_cache_keeps(tiny, calibration_file, tmp_path):
+    """The finished steps stay for reruns; at 9B the merge alone is 18.5 GB, so the size is printed (hard links to
+    the merged checkpoint counted once)."""
+    result = convert(ConversionRequest(model=tiny["llama"], out=tmp_path / "o", toolkit="mock",
+                                       calibration=str(calibration_file), load_dtype="float16"))
+    work = tmp_path / "o" / ".rkedge-work"
+    inodes = {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in work.rglob("*") if f.is_file()}
+    assert result.work_bytes == sum(inodes.values()) > 0
+    assert result.summary()["work_cache_bytes"] == result.work_bytes
+    kept = [line for line in result.render() if line.startswith("kept ")]
+    assert kept and str(work) in kept[0] and "delete it" in kept[0]
+
+
 def test_known_failure_reproduced_on_the_simulated_board_when_forced(tiny, calibration_file, tmp_path):
     result = convert(ConversionRequest(model=tiny["gemma2"], out=tmp_path / "o", toolkit="mock", toolkit_version="1.1.1",
                                        dtype="w8a8_g128", allow_known_failure=True, calibration=str(calibration_file)))
