@@ -47,7 +47,7 @@ _REQUIRED: dict[Backend, tuple[str, ...]] = {"rkllm": REQUIRED, "rknn": BUNDLE_R
 _FIX = "reconvert the model (rkedge convert), or restore its manifest from the conversion's output"
 
 #: The keys each writer produces, in the order it writes them (convert/pipeline.py, convert/rknn/pipeline.py:
-#: the bundle gets ``quality`` and ``wall_time_s`` after the quality report). ``schema`` follows from the
+#: the bundle gets ``precision``, ``quality`` and ``wall_time_s`` after the quality report). ``schema`` follows from the
 #: backend; the rkllm manifest has no ``backend`` key (it predates the RKNN backend).
 KEYS: dict[Backend, tuple[str, ...]] = {
     "rkllm": ("schema", "schema_version", "simulated", "name", "model_file", "sha256", "size", "lora_file",
@@ -58,7 +58,7 @@ KEYS: dict[Backend, tuple[str, ...]] = {
               "wall_time_s"),
     "rknn": ("schema", "schema_version", "backend", "name", "architecture", "platform", "dtype", "hybrid", "graphs",
              "heads", "prefill", "dims", "parameters", "embedding", "lm_head", "tokenizer", "chat_family",
-             "verification", "versions", "inputs", "created_at", "quality", "wall_time_s"),
+             "verification", "versions", "inputs", "created_at", "precision", "quality", "wall_time_s"),
 }
 
 
@@ -171,6 +171,9 @@ class Manifest(Mapping[str, Any]):
     tokenizer: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
     versions: dict[str, str] | None = None
+    #: What the w8a8 build keeps in fp16 and why: the quality target, the parts chosen, the trade-off table and the
+    #: verdict (rkedge.convert.rknn.precision); absent from older bundles
+    precision: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
     # -- bookkeeping -------------------------------------------------------------------------------------
     omitted: frozenset[str] = field(default=frozenset(), repr=False)
