@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from rkedge.convert.rknn.layers import LOG_LEVEL_ENV, ToolkitStdout
 from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_OK, PROTOCOL, exit_with_parent
@@ -132,10 +132,18 @@ def read_job(path: str) -> dict[str, Any]:
     return job
 
 
-def main(argv: list[str]) -> int:
-    events = Events()
+class JobEvents(Protocol):
+    step: str | None
+
+    def emit(self, event: dict[str, Any]) -> None: ...
+
+
+def serve_job(argv: list[str], worker: str, events: JobEvents,
+              work: Callable[[dict[str, Any], Any], dict[str, Any]]) -> int:
+    """The job protocol of both RKNN workers (this one and the quality worker): read the job file named by
+    ``--job``, run ``work(job, events)``, report one error event or one result event; the exit code says which."""
     if len(argv) != 2 or argv[0] != "--job":
-        events.emit({"type": "error", "step": "job", "message": "usage: build_worker --job JOB.json"})
+        events.emit({"type": "error", "step": "job", "message": f"usage: {worker} --job JOB.json"})
         return EXIT_BAD_JOB
     try:
         job = read_job(argv[1])
@@ -144,13 +152,17 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_JOB
     exit_with_parent()
     try:
-        result = build(job, events)
+        result = work(job, events)
     except Exception as exc:  # any failure is reported to the parent as an event
         events.emit({"type": "error", "step": events.step, "message": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc()})
         return EXIT_FAILED
     events.emit({"type": "result", "ok": True, **result})
     return EXIT_OK
+
+
+def main(argv: list[str]) -> int:
+    return serve_job(argv, "build_worker", Events(), build)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from rkedge.convert.rknn.build_worker import read_job
+from rkedge.convert.rknn.build_worker import serve_job
 from rkedge.convert.toolkit.runner import child_environment, run_worker
-from rkedge.convert.toolkit.worker import EXIT_BAD_JOB, EXIT_FAILED, EXIT_OK, PROTOCOL, exit_with_parent
+from rkedge.convert.toolkit.worker import PROTOCOL
 from rkedge.errors import ToolkitError
 
 #: The command that runs a job file (appended); tests point it at a child that crashes.
@@ -100,24 +99,7 @@ def simulate(job: Mapping[str, Any], events: Events) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     faulthandler.enable()  # a native crash prints the Python stack to stderr: the parent shows its last lines
-    events = Events()
-    if len(argv) != 2 or argv[0] != "--job":
-        events.emit({"type": "error", "step": "job", "message": "usage: quality_worker --job JOB.json"})
-        return EXIT_BAD_JOB
-    try:
-        job = read_job(argv[1])
-    except (OSError, ValueError) as exc:
-        events.emit({"type": "error", "step": "job", "message": f"cannot read job file {argv[1]}: {exc}"})
-        return EXIT_BAD_JOB
-    exit_with_parent()
-    try:
-        result = simulate(job, events)
-    except Exception as exc:  # any failure is reported to the parent as an event
-        events.emit({"type": "error", "step": events.step, "message": f"{type(exc).__name__}: {exc}",
-                     "traceback": traceback.format_exc()})
-        return EXIT_FAILED
-    events.emit({"type": "result", "ok": True, **result})
-    return EXIT_OK
+    return serve_job(argv, "quality_worker", Events(), simulate)
 
 
 def run_graph(folder: Path, graph: Mapping[str, Any], kind: str, dims: Mapping[str, Any], inputs: Path,
