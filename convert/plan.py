@@ -65,7 +65,7 @@ class PlanReport:
                     else (f"embedding {p['embedding_bytes'] / GIB:.2f}" if p["embedding_bytes"] else "embedding in storage")
                     + f" + KV cache {p['kv_cache_bytes'] / GIB:.2f} + "
                          f"runtime {p['runtime_bytes'] / GIB:.2f}"),
-                 f"  decode   {p['decode_tokens_per_s']:6.2f} tokens/s (RK3588, memory-bandwidth bound)",
+                 f"  decode   {p['decode_tokens_per_s']:6.2f} tokens/s (RK3588: weights read per token at the fitted bandwidth, plus a per-layer cost)",
                  f"  TTFT     {p['ttft_ms']:6.0f} ms for a {p['prompt_tokens']}-token prompt"]
         if self.vision is not None:
             v = self.vision
