@@ -691,6 +691,34 @@ def calibration_sample_steps(total: int) -> list[int]:
     return sorted({*range(min(4, total)), *range(4, total, max(1, total // 96))})
 
 
+class CalibrationSamples:
+    """Calibration inputs of each graph in rknn-toolkit2's dataset format: one .npy per input of a sample, and per
+    graph a dataset file with one line per sample (its inputs' files). Used for the decode and the prefill graphs."""
+
+    def __init__(self, folder: Path, input_names: list[list[str]], *, prefix: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.input_names, self.prefix = folder, input_names, prefix
+        self.lines: dict[int, list[str]] = {i: [] for i in range(len(input_names))}
+
+    def save(self, index: int, number: int, inputs: list[Floats]) -> None:
+        import numpy as np
+
+        paths = []
+        for input_name, array in zip(self.input_names[index], inputs, strict=True):
+            path = self.folder / f"{self.prefix}{index}_{number}_{input_name}.npy"
+            np.save(path, np.asarray(array).astype(np.float32))
+            paths.append(str(path.resolve()))
+        self.lines[index].append(" ".join(paths))
+
+    def datasets(self) -> dict[int, Path]:
+        datasets = {}
+        for index, graph_lines in self.lines.items():
+            dataset = self.folder / f"dataset_{index}.txt"
+            dataset.write_text("\n".join(graph_lines) + "\n")
+            datasets[index] = dataset
+        return datasets
+
+
 def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[int]], spec: dict[str, Any],
                  folder: Path, graph_count: int, prompts: list[str] | None = None) -> dict[int, Path]:
     """Real decode-step inputs of every graph, captured from torch trajectories over a prompt set (positions from 0,
@@ -712,16 +740,8 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
     sample_of = {step: number for number, step in enumerate(calibration_sample_steps(len(prompts) * steps))}
     specs = [*loop.chunks, *loop.heads]
     last_chunk = len(loop.chunks) - 1
-    folder.mkdir(parents=True, exist_ok=True)
-    lines: dict[int, list[str]] = {i: [] for i in range(graph_count)}
-
-    def save(index: int, number: int, inputs: list[Floats]) -> None:
-        paths = []
-        for input_name, array in zip(specs[index].inputs, inputs, strict=True):
-            path = folder / f"g{index}_{number}_{input_name}.npy"
-            np.save(path, np.asarray(array).astype(np.float32))
-            paths.append(str(path.resolve()))
-        lines[index].append(" ".join(paths))
+    samples = CalibrationSamples(folder, [spec.inputs for spec in specs][:graph_count], prefix="g")
+    save = samples.save
 
     inner = loop.runner
     step_counter = [0]
@@ -751,12 +771,7 @@ def _calibration(loop: Any, request: RknnRequest, encode: Callable[[str], list[i
                 loop.step(token, logits=False)
     finally:
         loop.runner = inner
-    datasets = {}
-    for index, graph_lines in lines.items():
-        dataset = folder / f"dataset_{index}.txt"
-        dataset.write_text("\n".join(graph_lines) + "\n")
-        datasets[index] = dataset
-    return datasets
+    return samples.datasets()
 
 
 def reference_quality_logits(loop: Any, tokens: list[int]) -> Floats:

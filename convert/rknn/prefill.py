@@ -490,7 +490,6 @@ def capture_calibration(loop: DecodeLoop, modules: Sequence[Any], prompts: Seque
                         folder: Path) -> dict[int, Path]:
     """Real prefill inputs of every graph (torch), from each prompt's full chunks, about CALIBRATION_SAMPLES per
     graph, one .npy per input and one dataset line per sample (rknn-toolkit2's dataset format)."""
-    import numpy as np
 
     from rkedge.runtime.rknn.prefill import run_chunk
 
@@ -498,20 +497,16 @@ def capture_calibration(loop: DecodeLoop, modules: Sequence[Any], prompts: Seque
     runner = TorchPrefill(modules)
     chunks = [(p, start) for p, tokens in enumerate(prompts) for start in range(0, len(tokens) - chunk + 1, chunk)]
     keep = set(range(0, len(chunks), max(1, len(chunks) // CALIBRATION_SAMPLES)))
-    folder.mkdir(parents=True, exist_ok=True)
-    lines: dict[int, list[str]] = {i: [] for i in range(len(graphs))}
+    from rkedge.convert.rknn.pipeline import CalibrationSamples  # here: the pipeline imports this module
+
+    samples = CalibrationSamples(folder, [list(g.inputs) for g in graphs], prefix="p")
     number = [0]
     capturing = [False]
 
     class Capture:
         def run(self, index: int, inputs: list[Floats]) -> list[Floats]:
             if capturing[0]:
-                paths = []
-                for name, array in zip(graphs[index].inputs, inputs, strict=True):
-                    path = folder / f"p{index}_{number[0]}_{name}.npy"
-                    np.save(path, np.asarray(array).astype(np.float32))
-                    paths.append(str(path.resolve()))
-                lines[index].append(" ".join(paths))
+                samples.save(index, number[0], inputs)
             return runner.run(index, inputs)
 
     capture = Capture()
@@ -530,12 +525,7 @@ def capture_calibration(loop: DecodeLoop, modules: Sequence[Any], prompts: Seque
 
         raise InputError(f"no calibration prompt is {chunk} tokens long: the w8a8 prefill graphs have no data.",
                          fix="give longer calibration prompts, a smaller --prefill-chunk, or --prefill-chunk 0")
-    datasets = {}
-    for index, graph_lines in lines.items():
-        dataset = folder / f"dataset_{index}.txt"
-        dataset.write_text("\n".join(graph_lines) + "\n")
-        datasets[index] = dataset
-    return datasets
+    return samples.datasets()
 
 
 def prefill_section(build: PrefillBuild, built: Sequence[Mapping[str, Any]],
