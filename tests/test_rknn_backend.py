@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 np = pytest.importorskip("numpy")
 
+from rknn_helpers import BYTE_OFFSET, CALIBRATION, HELD_OUT, TINY, held_out_tokens, needs_simulator  # noqa: E402
+
 from rkedge.convert.rknn import pipeline  # noqa: E402
 from rkedge.convert.rknn.build_worker import edit_cfg, hybrid_keys  # noqa: E402
 from rkedge.convert.rknn.decode_step import plan_chunks, plan_head_rows  # noqa: E402
@@ -31,35 +33,12 @@ from rkedge.errors import InputError, ModelFileError, ToolkitError  # noqa: E402
 from rkedge.runtime import LLM  # noqa: E402
 from rkedge.runtime.rknn.engine import _sample  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
-TINY = DATA / "tiny-recurrentgemma"
-HELD_OUT = DATA / "rknn" / "heldout.txt"
-CALIBRATION = DATA / "rknn" / "calibration.json"
-BYTE_OFFSET = 3
-
-
-def _has_rknn_toolkit() -> bool:
-    try:
-        import rknn.api  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_simulator = pytest.mark.skipif(not _has_rknn_toolkit(),
-                                     reason="rknn-toolkit2 is not installed (x86_64, CPython 3.6-3.12 only; "
-                                            "scripts/install-rknn-toolkit2.sh)")
-
 
 @pytest.fixture(scope="module")
 def tiny_model():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
-
-
-def held_out_tokens(count: int) -> list[int]:
-    return [2] + [b + BYTE_OFFSET for b in HELD_OUT.read_bytes()[:count - 1]]
 
 
 # --- the decode step against transformers (no toolkit needed) ----------------------------------------------

@@ -8,9 +8,9 @@ builds of the tiny RecurrentGemma and of a graph with an op rk3588 runs on the C
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from rknn_helpers import DATA, HELD_OUT, TINY, needs_simulator
 
 from rkedge.convert import rknn_plan
 from rkedge.convert.rknn.layers import count_layers, is_raised_level_line, rows_by_layer
@@ -22,9 +22,6 @@ from rkedge.convert.rknn_plan import (
     predict_griffin,
 )
 
-DATA = Path(__file__).parent / "data"
-TINY = DATA / "tiny-recurrentgemma"
-HELD_OUT = DATA / "rknn" / "heldout.txt"
 CONFIG_2B = DATA / "configs" / "recurrentgemma-2b-it.json"
 
 # The table as librknnc prints it at RKNN_LOG_LEVEL=3 (rknn-toolkit2 2.5.0; rows of a tiny decode step's build,
@@ -51,16 +48,6 @@ D RKNN: [12:18:38.972] 11  Reshape        x               FLOAT16   UNDEFINED   
 """
 
 
-def _has_rknn_toolkit() -> bool:
-    try:
-        import rknn.api  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_simulator = pytest.mark.skipif(not _has_rknn_toolkit(), reason="rknn-toolkit2 is not installed "
-                                     "(x86_64, CPython 3.6-3.12 only; scripts/install-rknn-toolkit2.sh)")
 
 
 # --- the table ------------------------------------------------------------------------------------------------

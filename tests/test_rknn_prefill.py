@@ -16,19 +16,13 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
+from rknn_helpers import DATA, HELD_OUT, TINY, has_rknn_toolkit, held_out_tokens, needs_simulator
 
 from rkedge.convert.rknn.prefill import choose_chunk, predict_prefill
 from rkedge.convert.rknn.shape import GriffinShape
 from rkedge.runtime.rknn.prefill import plan_prompt
 
-DATA = Path(__file__).parent / "data"
-TINY = DATA / "tiny-recurrentgemma"
-HELD_OUT = DATA / "rknn" / "heldout.txt"
 CONFIG_2B = DATA / "configs" / "recurrentgemma-2b-it.json"
-
-
-def held_out_tokens(count: int, skip: int = 0) -> list[int]:
-    return [2] + [b + 3 for b in HELD_OUT.read_bytes()[skip:skip + count - 1]]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +32,6 @@ def tiny_model():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
-
-
-def _has_rknn_toolkit() -> bool:
-    try:
-        import rknn.api  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 # --- host side ---------------------------------------------------------------------------------------------
@@ -224,10 +210,6 @@ def test_prefill_ttft_of_recurrentgemma_2b_meets_the_bar_and_follows_its_formula
 
 # --- compiled by rknn-toolkit2, in the simulator -----------------------------------------------------------
 
-needs_simulator = pytest.mark.skipif(not _has_rknn_toolkit(),
-                                     reason="rknn-toolkit2 is not installed (x86_64, CPython 3.6-3.12 only; "
-                                            "scripts/install-rknn-toolkit2.sh)")
-
 SHAPES = (1, 16, 32)  # the decode step and two chunk lengths, in one model
 
 
@@ -340,13 +322,12 @@ def test_a_one_token_prefill_chunk_is_refused(tmp_path):
 # --- a converted bundle with prefill graphs, through LLM (simulator) ----------------------------------------
 
 CHUNK = 16  # several chunk boundaries and the 64-token window wrap within a short prompt
-BYTE_OFFSET = 3
 
 
 @pytest.fixture(scope="module")
 def prefill_bundle(tmp_path_factory) -> Path:
     """fp16, two layer graphs (layers 0 and 1-2: two prefill graphs sharing the decode graphs' weights), one head."""
-    if not _has_rknn_toolkit():
+    if not has_rknn_toolkit():
         pytest.skip("rknn-toolkit2 is not installed")
     from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,33 +15,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 np = pytest.importorskip("numpy")
 
+from rknn_helpers import HELD_OUT, TINY, has_rknn_toolkit, held_out_tokens  # noqa: E402
+
 from rkedge.convert.rknn import quality_worker  # noqa: E402
 from rkedge.convert.rknn.pipeline import RknnRequest, convert_rknn  # noqa: E402
 from rkedge.convert.rknn.quality import compare, measure_quality, simulator_loop  # noqa: E402
 from rkedge.convert.rknn.torch_graphs import torch_loop  # noqa: E402
 from rkedge.errors import ToolkitError  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
-TINY = DATA / "tiny-recurrentgemma"
-HELD_OUT = DATA / "rknn" / "heldout.txt"
-BYTE_OFFSET = 3
-
-
-def _has_rknn_toolkit() -> bool:
-    try:
-        import rknn.api  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _has_rknn_toolkit(),
+pytestmark = pytest.mark.skipif(not has_rknn_toolkit(),
                                 reason="rknn-toolkit2 is not installed (x86_64, CPython 3.6-3.12 only; "
                                        "scripts/install-rknn-toolkit2.sh)")
-
-
-def held_out_tokens(count: int) -> list[int]:
-    return [2] + [b + BYTE_OFFSET for b in HELD_OUT.read_bytes()[:count - 1]]
 
 
 def test_child_process_quality_equals_the_in_process_simulation(tmp_path):
